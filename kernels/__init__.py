@@ -1,0 +1,1 @@
+"""Triton kernels of lynx-sglang (importable as ``lynx_sglang.kernels``)."""

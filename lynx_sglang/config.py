@@ -1,0 +1,197 @@
+"""Configuration of expert selection: what the router looks like and which policy runs.
+
+Everything here is validated once, at configuration time, so that a bad value
+stops start-up with a clear message instead of failing inside a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Union
+
+SCORING_FUNCS = ("softmax", "sigmoid")
+
+# Kernel tiles hold one row of logits and one row of picks; these bound them.
+MAX_EXPERTS = 1024
+MAX_ROUTED_TOP_K = 16
+MAX_BETA = 7
+# Integer scores of the lynx policy must fit in int64: see LynxPolicy.validate.
+_INT64_BITS = 62
+
+
+class ConfigError(ValueError):
+    """A configuration that expert selection cannot serve; raised before any kernel runs."""
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """The shape and semantics of one MoE layer's router.
+
+    num_experts: routed experts E (width of the router logits).
+    top_k: routed picks per token (not counting fused shared-expert slots).
+    num_shared_slots: trailing columns of ``topk_ids`` that hold fused shared
+        experts; selection never reads or changes them.
+    scoring_func: ``softmax`` or ``sigmoid`` (how logits become gate weights).
+    has_correction_bias: the router ranks experts by ``score + bias``
+        (DeepSeek-V3 style) while gate weights use the unbiased score.
+
+    Whether the router renormalises its top-k weights does not enter: every
+    rewritten row keeps its original routed weight sum, which is 1 (times any
+    routed scaling factor) for renormalising routers and the picked probability
+    mass for the others.
+    """
+
+    num_experts: int
+    top_k: int
+    num_shared_slots: int = 0
+    scoring_func: str = "softmax"
+    has_correction_bias: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.num_experts, int) or not 1 <= self.num_experts <= MAX_EXPERTS:
+            raise ConfigError(f"num_experts must be an int in [1, {MAX_EXPERTS}], got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ConfigError(f"top_k must be a positive int, got {self.top_k!r}")
+        if self.top_k > self.num_experts:
+            raise ConfigError(f"top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.top_k > MAX_ROUTED_TOP_K:
+            raise ConfigError(f"top_k={self.top_k} exceeds the supported maximum {MAX_ROUTED_TOP_K}")
+        if not isinstance(self.num_shared_slots, int) or self.num_shared_slots < 0:
+            raise ConfigError(f"num_shared_slots must be a non-negative int, got {self.num_shared_slots!r}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ConfigError(
+                f"scoring_func {self.scoring_func!r} is not supported by expert selection "
+                f"(supported: {', '.join(SCORING_FUNCS)})"
+            )
+
+    @property
+    def total_slots(self) -> int:
+        """Width of ``topk_ids``: routed picks plus shared-expert slots."""
+        return self.top_k + self.num_shared_slots
+
+
+def _check_number(name: str, value, lo: float, hi: float, integer: bool):
+    ok_type = isinstance(value, int) and not isinstance(value, bool) if integer else isinstance(value, (int, float))
+    if not ok_type or (not integer and not math.isfinite(value)) or not lo <= value <= hi:
+        kind = "an int" if integer else "a finite number"
+        raise ConfigError(f"{name} must be {kind} in [{lo}, {hi}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class OffPolicy:
+    """Return the router's choice unchanged (statistics are still collected)."""
+
+    name = "off"
+
+    def validate(self, router: RouterSpec, max_tokens: int) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class LynxPolicy:
+    """AffinityBinning (Lynx). See docs/policies.md for the rule and its reasoning.
+
+    alpha: bins per logit of affinity (bin width 1/alpha logits).
+    beta: number of bins below the top one; affinities further away share bin -beta.
+    keep_level: an expert clears the threshold with ``min_votes`` votes at bin
+        >= -keep_level (or the equal score in lower bins).
+    min_votes: votes needed at that level.
+    min_keep: the threshold is lowered until at least this many experts clear it
+        (None: top_k, so every token can still fill all its slots).
+    confidence_margin: a token whose top-two logits differ by at least this is
+        confident and always keeps its rank-0 expert (None: 1/alpha, one bin).
+    """
+
+    name = "lynx"
+    alpha: float = 1.0
+    beta: int = 3
+    keep_level: int = 1
+    min_votes: int = 1
+    min_keep: Optional[int] = None
+    confidence_margin: Optional[float] = None
+
+    def validate(self, router: RouterSpec, max_tokens: int) -> None:
+        _check_number("lynx alpha", self.alpha, 1e-3, 1e3, integer=False)
+        _check_number("lynx beta", self.beta, 0, MAX_BETA, integer=True)
+        _check_number("lynx keep_level", self.keep_level, 0, self.beta, integer=True)
+        _check_number("lynx min_votes", self.min_votes, 1, max(1, max_tokens), integer=True)
+        if self.min_keep is not None:
+            # >= 1 keeps the kept set non-empty, so every re-routed row still holds an expert.
+            _check_number("lynx min_keep", self.min_keep, 1, router.num_experts, integer=True)
+        if self.confidence_margin is not None:
+            _check_number("lynx confidence_margin", self.confidence_margin, 0.0, 1e6, integer=False)
+        # Scores are exact integers sum_j votes[e, j] * B**(beta - j) <= B**(beta + 1).
+        bits = (self.beta + 1) * math.log2(max(2, max_tokens)) + math.log2(max(1, self.min_votes))
+        if bits > _INT64_BITS:
+            raise ConfigError(
+                f"lynx beta={self.beta} with up to {max_tokens} tokens per batch overflows the "
+                f"exact integer expert score; lower beta or the maximum batch size"
+            )
+
+    @property
+    def margin(self) -> float:
+        """Logit margin that makes a token confident."""
+        return 1.0 / self.alpha if self.confidence_margin is None else float(self.confidence_margin)
+
+    def resolved_min_keep(self, router: RouterSpec) -> int:
+        """Minimum number of kept experts per batch."""
+        return router.top_k if self.min_keep is None else self.min_keep
+
+
+@dataclass(frozen=True)
+class OeaPolicy:
+    """Opportunistic Expert Activation: keep each token's top-k0, fill from the batch's union.
+
+    k0: picks every token keeps (None: ceil(top_k / 2)).
+    """
+
+    name = "oea"
+    k0: Optional[int] = None
+
+    def validate(self, router: RouterSpec, max_tokens: int) -> None:
+        if self.k0 is not None:
+            _check_number("oea k0", self.k0, 1, router.top_k, integer=True)
+
+    def resolved_k0(self, router: RouterSpec) -> int:
+        """Picks each token always keeps."""
+        return (router.top_k + 1) // 2 if self.k0 is None else self.k0
+
+
+@dataclass(frozen=True)
+class BudgetPolicy:
+    """At most ``max_experts`` distinct experts per batch, chosen by total gate weight."""
+
+    name = "budget"
+    max_experts: Optional[int] = None
+
+    def validate(self, router: RouterSpec, max_tokens: int) -> None:
+        if self.max_experts is None:
+            raise ConfigError("budget policy needs max_experts (the per-batch expert budget)")
+        _check_number("budget max_experts", self.max_experts, 1, router.num_experts, integer=True)
+
+
+Policy = Union[OffPolicy, LynxPolicy, OeaPolicy, BudgetPolicy]
+POLICIES = {cls.name: cls for cls in (OffPolicy, LynxPolicy, OeaPolicy, BudgetPolicy)}
+# Stable small integers for the kernels.
+POLICY_IDS = {"off": 0, "lynx": 1, "oea": 2, "budget": 3}
+
+
+def make_policy(name: str, **params) -> Policy:
+    """Build a policy by name; unknown names or parameters raise ConfigError."""
+    if name not in POLICIES:
+        raise ConfigError(f"unknown expert-selection policy {name!r} (choose from {', '.join(POLICIES)})")
+    cls = POLICIES[name]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(
+            f"policy {name!r} has no parameter(s) {', '.join(unknown)}"
+            + (f" (it takes: {', '.join(sorted(known))})" if known else " (it takes none)")
+        )
+    return cls(**params)
+
+
+def policy_params(policy: Policy) -> dict:
+    """The policy's parameters as a plain dict (for logs and result files)."""
+    return {"name": policy.name, **asdict(policy)}

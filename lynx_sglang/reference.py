@@ -1,0 +1,267 @@
+"""Pure-torch reference of every expert-selection policy: this file is the spec.
+
+One batch (one MoE layer, one decode step) goes through three stages, which
+the Triton kernels in ``lynx_sglang.kernels.expert_selection`` fuse into three
+launches:
+
+1. ``vote``:    check each row, rank its picks, and let every valid row vote for
+                the experts it picked (policy-specific votes).
+2. ``keep``:    turn the votes into the batch's kept expert set.
+3. ``reroute``: rows whose picks are all kept stay bit for bit; the others keep
+                their surviving picks and fill the freed slots with their
+                best-scoring kept experts; weights are recomputed from the logits
+                and rescaled to the row's original routed weight sum.
+
+Every comparison that decides an expert id is exact (integer votes and scores,
+logits compared as they are), so the kernels can match this file id for id.
+Ties between experts always go to the lower expert id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from .config import BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
+
+# Gate weights are quantised to 1/65536 for the budget policy's integer scores.
+BUDGET_WEIGHT_SCALE = 65536.0
+# A row whose routed weights are negative, non-finite or above this is malformed and passes through.
+MAX_GATE_WEIGHT = 1.0e6
+
+
+@dataclass
+class Votes:
+    """What stage 1 hands to stage 2 (all exact integers, order-independent)."""
+
+    row_ok: torch.Tensor  # [T] bool: row is valid, well formed, and votes
+    rank: torch.Tensor  # [T, k] int64: rank of each pick inside its row (0 = best)
+    picks: torch.Tensor  # [E] int64: voting rows that picked each expert
+    lynx_votes: Optional[torch.Tensor] = None  # [E, beta+1] int64: votes per affinity bin
+    mandatory: Optional[torch.Tensor] = None  # [E] bool: rank-0 of a confident row
+    oea_core: Optional[torch.Tensor] = None  # [E] bool: in some row's top-k0
+    budget_score: Optional[torch.Tensor] = None  # [E] int64: quantised total gate weight
+
+
+@dataclass
+class SelectionInfo:
+    """Per-batch facts the statistics are made of."""
+
+    keep: torch.Tensor  # [E] bool
+    experts_before: torch.Tensor  # scalar int64: distinct experts picked by voting rows
+    experts_after: torch.Tensor  # scalar int64: distinct experts after selection
+    rows_changed: torch.Tensor  # scalar int64
+    rows_voting: torch.Tensor  # scalar int64
+
+
+def selection_score(router: RouterSpec, logits: torch.Tensor, correction_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The quantity the router ranks experts by, fp32 [T, E].
+
+    Without a correction bias softmax and sigmoid are monotone, so the logits
+    themselves rank exactly; with one, the router ranks ``score + bias``.
+    """
+    z = logits.float()
+    if correction_bias is None:
+        return z
+    score = z.softmax(dim=-1) if router.scoring_func == "softmax" else z.sigmoid()
+    return score + correction_bias.float()
+
+
+def _fp32(x: float, like: torch.Tensor) -> torch.Tensor:
+    # Python floats would be applied in double on some paths; the kernels use fp32.
+    return torch.tensor(x, dtype=torch.float32, device=like.device)
+
+
+def vote(
+    policy: Policy,
+    router: RouterSpec,
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_valid: int | torch.Tensor,
+    sel: torch.Tensor,
+) -> Votes:
+    """Stage 1: validate rows, rank picks, collect the policy's votes."""
+    T, E = logits.shape
+    k = router.top_k
+    dev = logits.device
+    ids = topk_ids[:, :k].long()
+    w = topk_weights[:, :k].float()
+    z = logits.float()
+
+    # A row votes only if it is real (not padding) and well formed; any other
+    # row passes through unchanged (docs/policies.md, "Rows that pass through").
+    rows = torch.arange(T, device=dev)
+    in_range = ((ids >= 0) & (ids < E)).all(dim=1)
+    same = ids[:, :, None] == ids[:, None, :]
+    dup = (same & ~torch.eye(k, dtype=torch.bool, device=dev)).any(dim=(1, 2))
+    row_ok = (
+        (rows < num_valid)
+        & in_range
+        & ~dup
+        & torch.isfinite(z).all(dim=1)
+        & ((w >= 0) & (w <= MAX_GATE_WEIGHT)).all(dim=1)  # NaN fails both
+    )
+    ids_c = ids.clamp(0, E - 1)
+
+    # rank[t, s] = number of picks of row t that beat pick s (higher score, then lower id).
+    sel_p = sel.gather(1, ids_c)
+    beats = (sel_p[:, None, :] > sel_p[:, :, None]) | (
+        (sel_p[:, None, :] == sel_p[:, :, None]) & (ids_c[:, None, :] < ids_c[:, :, None])
+    )
+    rank = beats.sum(dim=-1)
+
+    # Votes are scatter-adds of 0/1 (or integer weights) masked by row_ok: exact and sync-free.
+    voting = row_ok[:, None].expand(T, k).long()
+    out = Votes(row_ok=row_ok, rank=rank, picks=_count(ids_c, voting, E))
+
+    if isinstance(policy, LynxPolicy):
+        z_p = z.gather(1, ids_c)
+        z_r0 = (z_p * (rank == 0)).sum(dim=1)
+        affinity = (z_p - z_r0[:, None]).clamp(max=0.0)
+        bins = torch.floor(affinity * _fp32(policy.alpha, z)).clamp(min=-policy.beta)
+        level = (-bins).long()  # 0 = as close as the token's best expert
+        nb = policy.beta + 1
+        out.lynx_votes = _count(ids_c * nb + level, voting, E * nb).view(E, nb)
+
+        if k >= 2:
+            z_r1 = (z_p * (rank == 1)).sum(dim=1)
+            confident = (z_r0 - z_r1) >= _fp32(policy.margin, z)
+        else:
+            confident = torch.ones(T, dtype=torch.bool, device=dev)
+        r0 = (ids_c * (rank == 0)).sum(dim=1)
+        out.mandatory = _count(r0, (row_ok & confident).long(), E) > 0
+    elif isinstance(policy, OeaPolicy):
+        core = voting * (rank < policy.resolved_k0(router))
+        out.oea_core = _count(ids_c, core, E) > 0
+    elif isinstance(policy, BudgetPolicy):
+        q = torch.floor(w * BUDGET_WEIGHT_SCALE + 0.5).long()
+        out.budget_score = _count(ids_c, q * voting, E)
+    return out
+
+
+def _count(index: torch.Tensor, amount: torch.Tensor, size: int) -> torch.Tensor:
+    """int64 histogram: out[i] = sum of amount where index == i."""
+    out = torch.zeros(size, dtype=torch.int64, device=index.device)
+    return out.scatter_add_(0, index.reshape(-1), amount.reshape(-1))
+
+
+def lynx_scores(votes: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """score[e] = sum_j votes[e, j] * B**(beta - j), exact in int64.
+
+    This is the paper's sum of B**bin over the votes (bin = -j), multiplied by
+    B**beta so that it stays an integer; B is the number of voting rows.
+    """
+    score = torch.zeros_like(votes[:, 0])
+    for j in range(votes.shape[1]):  # Horner: highest bin first
+        score = score * batch + votes[:, j]
+    return score
+
+
+def keep_set(policy: Policy, router: RouterSpec, votes: Votes) -> torch.Tensor:
+    """Stage 2: the batch's kept experts, [E] bool (always a subset of the picked ones)."""
+    active = votes.picks > 0
+    if isinstance(policy, OffPolicy):
+        return active
+    if isinstance(policy, OeaPolicy):
+        return votes.oea_core
+    if isinstance(policy, BudgetPolicy):
+        # Greedy by total gate weight, ties to the lower id (stable sort), only picked experts.
+        score = torch.where(active, votes.budget_score, torch.full_like(votes.budget_score, -1))
+        order = torch.sort(score, descending=True, stable=True).indices
+        position = torch.empty_like(order)
+        position[order] = torch.arange(order.numel(), device=order.device)
+        return active & (position < policy.max_experts)
+    assert isinstance(policy, LynxPolicy)
+    batch = votes.row_ok.sum()
+    score = lynx_scores(votes.lynx_votes, batch)
+    # Level threshold: min_votes votes at bin >= -keep_level, in the same integer units.
+    theta = policy.min_votes * batch.pow(policy.beta - policy.keep_level)
+    # Dynamic part: lower the threshold to the min_keep-th largest score.
+    m = policy.resolved_min_keep(router)
+    theta = torch.minimum(theta, torch.sort(score, descending=True).values[m - 1])
+    theta = theta.clamp(min=1)  # never keep an expert nobody picked
+    return (score >= theta) | votes.mandatory
+
+
+def reroute(
+    router: RouterSpec,
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    sel: torch.Tensor,
+    row_ok: torch.Tensor,
+    keep: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stage 3: rewrite the rows that lost a pick; returns (ids, weights, rows_changed)."""
+    T, E = logits.shape
+    k = router.top_k
+    ids = topk_ids[:, :k].long()
+    ids_c = ids.clamp(0, E - 1)
+    survive = keep[ids_c]
+    changed = row_ok & ~survive.all(dim=1)
+    freed = ~survive
+
+    # Candidates: kept experts the row does not hold yet, best score first, ties to the lower id.
+    in_row = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    in_row.scatter_(1, ids_c, True)
+    cand = keep[None, :] & ~in_row
+    cand_score = torch.where(cand, sel, torch.full_like(sel, float("-inf")))
+    order = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
+    # The j-th freed slot (in slot order) takes the j-th best candidate, or -1 if none is left.
+    free_rank = torch.cumsum(freed.long(), dim=1) - 1
+    fill = order.gather(1, free_rank.clamp(0, E - 1))
+    fill = torch.where(free_rank < cand.sum(dim=1, keepdim=True), fill, torch.full_like(fill, -1))
+    new_ids = torch.where(freed, fill, ids)
+
+    # Gate weights of the new set from the logits, rescaled to the row's original sum.
+    z = logits.float()
+    held = new_ids >= 0
+    z_new = z.gather(1, new_ids.clamp(min=0))
+    if router.scoring_func == "softmax":
+        z_max = torch.where(held, z_new, torch.full_like(z_new, float("-inf"))).max(dim=1, keepdim=True).values
+        gate = torch.exp(z_new - z_max)
+    else:
+        gate = torch.sigmoid(z_new)
+    gate = torch.where(held, gate, torch.zeros_like(gate))
+    row_sum = topk_weights[:, :k].float().sum(dim=1, keepdim=True)
+    new_w = row_sum * gate / gate.sum(dim=1, keepdim=True)
+
+    out_ids = topk_ids.clone()
+    out_w = topk_weights.clone()
+    out_ids[:, :k] = torch.where(changed[:, None], new_ids, ids).to(topk_ids.dtype)
+    out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
+    return out_ids, out_w, changed
+
+
+def select(
+    policy: Policy,
+    router: RouterSpec,
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    num_valid: Optional[int | torch.Tensor] = None,
+    correction_bias: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
+    """Run one policy on one batch; returns new (topk_ids, topk_weights) and the batch's facts.
+
+    Inputs are not modified. ``num_valid`` (int or 0-d tensor) marks rows at and
+    after it as padding: they pass through unchanged and do not vote.
+    """
+    T = logits.shape[0]
+    if num_valid is None:
+        num_valid = T
+    sel = selection_score(router, logits, correction_bias)
+    votes = vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel)
+    keep = keep_set(policy, router, votes)
+    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep)
+    info = SelectionInfo(
+        keep=keep,
+        experts_before=(votes.picks > 0).sum(),
+        experts_after=keep.sum(),
+        rows_changed=changed.sum(),
+        rows_voting=votes.row_ok.sum(),
+    )
+    return out_ids, out_w, info
