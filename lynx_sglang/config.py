@@ -115,7 +115,7 @@ class LynxPolicy:
         _check_number("lynx alpha", self.alpha, 1e-3, 1e3, integer=False)
         _check_number("lynx beta", self.beta, 0, MAX_BETA, integer=True)
         _check_number("lynx keep_level", self.keep_level, 0, self.beta, integer=True)
-        _check_number("lynx min_votes", self.min_votes, 1, max(1, max_tokens), integer=True)
+        _check_number("lynx min_votes", self.min_votes, 1, 1 << 16, integer=True)
         if self.min_keep is not None:
             # >= 1 keeps the kept set non-empty, so every re-routed row still holds an expert.
             _check_number("lynx min_keep", self.min_keep, 1, router.num_experts, integer=True)

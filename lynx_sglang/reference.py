@@ -122,7 +122,8 @@ def vote(
         z_r0 = (z_p * (rank == 0)).sum(dim=1)
         affinity = (z_p - z_r0[:, None]).clamp(max=0.0)
         bins = torch.floor(affinity * _fp32(policy.alpha, z)).clamp(min=-policy.beta)
-        level = (-bins).long()  # 0 = as close as the token's best expert
+        # Level 0 = as close as the row's best expert; rows that do not vote may hold NaN.
+        level = torch.where(voting > 0, -bins, torch.zeros_like(bins)).long()
         nb = policy.beta + 1
         out.lynx_votes = _count(ids_c * nb + level, voting, E * nb).view(E, nb)
 
@@ -131,7 +132,7 @@ def vote(
             confident = (z_r0 - z_r1) >= _fp32(policy.margin, z)
         else:
             confident = torch.ones(T, dtype=torch.bool, device=dev)
-        r0 = (ids_c * (rank == 0)).sum(dim=1)
+        r0 = ids_c.gather(1, rank.argmin(dim=1, keepdim=True))[:, 0]
         out.mandatory = _count(r0, (row_ok & confident).long(), E) > 0
     elif isinstance(policy, OeaPolicy):
         core = voting * (rank < policy.resolved_k0(router))
@@ -214,7 +215,7 @@ def reroute(
     free_rank = torch.cumsum(freed.long(), dim=1) - 1
     fill = order.gather(1, free_rank.clamp(0, E - 1))
     fill = torch.where(free_rank < cand.sum(dim=1, keepdim=True), fill, torch.full_like(fill, -1))
-    new_ids = torch.where(freed, fill, ids)
+    new_ids = torch.where(freed, fill, ids_c)  # only changed rows (all ids in range) use it
 
     # Gate weights of the new set from the logits, rescaled to the row's original sum.
     z = logits.float()
@@ -231,7 +232,7 @@ def reroute(
 
     out_ids = topk_ids.clone()
     out_w = topk_weights.clone()
-    out_ids[:, :k] = torch.where(changed[:, None], new_ids, ids).to(topk_ids.dtype)
+    out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
     out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
     return out_ids, out_w, changed
 

@@ -1,0 +1,67 @@
+"""Synthetic router outputs shaped exactly like SGLang's, for tests and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .config import RouterSpec
+from .reference import selection_score
+
+
+@dataclass
+class RouterBatch:
+    """One batch of router output: what ``TopK.forward`` hands to the MoE layer."""
+
+    logits: torch.Tensor  # [T, E]
+    topk_ids: torch.Tensor  # [T, k + shared]
+    topk_weights: torch.Tensor  # [T, k + shared]
+    correction_bias: Optional[torch.Tensor]
+
+
+def route(
+    router: RouterSpec,
+    logits: torch.Tensor,
+    correction_bias: Optional[torch.Tensor] = None,
+    renormalize: bool = True,
+    scaling: float = 1.0,
+    ids_dtype: torch.dtype = torch.int32,
+    weights_dtype: torch.dtype = torch.float32,
+) -> RouterBatch:
+    """Top-k the way SGLang's router does (ids by score [+ bias], weights from the unbiased score).
+
+    Fused shared experts take ids E, E+1, ... with weight 1 in the trailing slots.
+    """
+    T, E = logits.shape
+    k, ns = router.top_k, router.num_shared_slots
+    sel = selection_score(router, logits, correction_bias)
+    ids = sel.topk(k, dim=1).indices
+    z = logits.float()
+    gate = z.softmax(dim=1) if router.scoring_func == "softmax" else z.sigmoid()
+    w = gate.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=1, keepdim=True)
+    w = w * scaling
+    shared_ids = torch.arange(E, E + ns, device=logits.device).expand(T, ns)
+    ids = torch.cat([ids, shared_ids], dim=1).to(ids_dtype)
+    w = torch.cat([w, torch.ones(T, ns, device=logits.device)], dim=1).to(weights_dtype)
+    return RouterBatch(logits, ids, w, correction_bias)
+
+
+def random_logits(
+    num_tokens: int,
+    num_experts: int,
+    scale: float = 2.0,
+    skew: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+) -> torch.Tensor:
+    """Gaussian router logits; ``skew`` > 0 adds a per-batch preference shared by all tokens."""
+    g = generator
+    z = torch.randn(num_tokens, num_experts, generator=g) * scale
+    if skew:
+        z = z + skew * torch.randn(1, num_experts, generator=g)
+    return z.to(dtype=dtype, device=device)
