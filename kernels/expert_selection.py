@@ -18,7 +18,6 @@ reference exactly; weights match to float rounding.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -313,8 +312,14 @@ class Workspace:
 
 
 def interpreting() -> bool:
-    """True when Triton runs in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when these kernels run in Triton's CPU interpreter.
+
+    Triton decides at decoration time (``TRITON_INTERPRET=1`` when this module
+    was first imported), so ask the kernel object rather than the environment.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_vote_kernel, InterpretedFunction)
 
 
 def default_block_t(num_experts: int) -> int:

@@ -62,7 +62,9 @@ def test_bias_must_match_the_router():
 
 
 def test_triton_backend_refuses_plain_cpu(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    import lynx_sglang.kernels.expert_selection as ks
+
+    monkeypatch.setattr(ks, "interpreting", lambda: False)
     with pytest.raises(ConfigError, match="CUDA"):
         ExpertSelector(RouterSpec(8, 2), make_policy("lynx"), 4, "cpu", backend="triton")
 
