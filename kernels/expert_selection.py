@@ -385,6 +385,7 @@ def select_triton(
         MIN_VOTES=lynx.min_votes if lynx else 1,
         MIN_KEEP=lynx.resolved_min_keep(router) if lynx else 0,
         BUDGET=policy.max_experts if isinstance(policy, BudgetPolicy) else 0,
+        num_warps=8,  # one program: more threads keep the [CHUNK, E] comparison tile out of local memory
     )
     _reroute_kernel[grid](
         logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
@@ -392,5 +393,6 @@ def select_triton(
         ws.row_ok, ws.keep, stats, T,
         E=E, K=K, KT=KT, E_PAD=E_PAD, KT_PAD=triton.next_power_of_2(KT),
         SOFTMAX=softmax, HAS_BIAS=has_bias, BLOCK_T=BT,
+        num_warps=4 if E_PAD <= 64 else 8,
     )
 

@@ -60,6 +60,7 @@ class ExpertSelector:
         correction_bias: the router's [E] bias if it ranks by ``score + bias``.
         backend: ``triton`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``torch`` (the reference, any device), or ``auto`` (triton on CUDA, else torch).
+        block_t: rows per Triton program (None: a per-device default; results do not depend on it).
     """
 
     def __init__(

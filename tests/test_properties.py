@@ -90,7 +90,7 @@ def _run(backend, router, policy, z, ids, w, b, nv, nv_kind, device):
     return out_ids.cpu().clone(), out_w.cpu().clone(), sel.stats()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=cases())
 def test_reference_keeps_the_contract(case):
     router, policy, z, ids, w, b, nv, nv_kind = case
@@ -98,7 +98,7 @@ def test_reference_keeps_the_contract(case):
     assert_contract(router, policy, z, ids, w, nv, b, out_ids, out_w, stats)
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=cases())
 def test_kernels_match_reference(case, device):
     router, policy, z, ids, w, b, nv, nv_kind = case
