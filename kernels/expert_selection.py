@@ -106,6 +106,7 @@ def _vote_kernel(
     # Rank of each pick inside its row: higher score first, ties to the lower id.
     ids_c = tl.minimum(tl.maximum(ids, 0), E - 1)
     z_p = tl.load(logits_ptr + rows[:, None] * stride_l + ids_c, mask=m2, other=0.0).to(tl.float32)
+    z_p = tl.where(row_finite[:, None], z_p, 0.0)  # rows with NaN/inf do not vote; keep their math quiet
     b_p = tl.load(bias_ptr + ids_c, mask=m2, other=0.0).to(tl.float32) if HAS_BIAS else 0.0
     sel_p = _score_at(z_p, zmax[:, None], zsum[:, None], b_p, SOFTMAX, HAS_BIAS)
     a = sel_p[:, None, :]  # other pick s'
