@@ -1,9 +1,7 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``).
 
-SGLang calls ``register()`` in every process before it parses arguments. The
-hooks that add ``--moe-backend lynx`` and rewrite top-k are the SGLang
-integration's work (issue 3); until they land, loading the plugin changes
-nothing, so a server started without our flags behaves exactly as stock SGLang.
+SGLang calls ``register()`` in every process (launcher, scheduler, TP workers)
+before it parses arguments or imports its kernels.
 """
 
 import logging
@@ -19,4 +17,8 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    logger.debug("lynx-sglang plugin loaded (no hooks registered yet)")
+    from . import cpu_support
+
+    # Inert on machines with a GPU; on CPU-only machines it stands in for sgl-kernel's missing CPU build.
+    cpu_support.install()
+    logger.debug("lynx-sglang plugin loaded")
