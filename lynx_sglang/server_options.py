@@ -1,0 +1,146 @@
+"""Lynx's server options: the flags we add to ``sglang.launch_server`` and how they reach every worker.
+
+The launcher parses them with SGLang's own parser (we add an argument group);
+``ServerArgs.from_cli_args`` drops fields it does not know, so we carry ours in
+the environment variable ``LYNX_SGLANG_OPTIONS`` (JSON), which the scheduler,
+TP/EP workers and any process they spawn inherit. Users of the Python
+``sglang.Engine`` API, which has no CLI, set that variable themselves
+(``LynxOptions(...).to_env()``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .config import MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy
+
+ENV_VAR = "LYNX_SGLANG_OPTIONS"
+MOE_BACKENDS = ("default", "lynx")
+
+# Flag name -> (policy parameter, type). One flag per parameter keeps `--help` self-explanatory.
+_POLICY_FLAGS = {
+    "lynx_alpha": ("alpha", float),
+    "lynx_beta": ("beta", int),
+    "lynx_keep_level": ("keep_level", int),
+    "lynx_min_votes": ("min_votes", int),
+    "lynx_min_keep": ("min_keep", int),
+    "lynx_confidence_margin": ("confidence_margin", float),
+    "lynx_oea_k0": ("k0", int),
+    "lynx_budget_experts": ("max_experts", int),
+}
+_PARAMS_OF = {"lynx": {"alpha", "beta", "keep_level", "min_votes", "min_keep", "confidence_margin"},
+              "oea": {"k0"}, "budget": {"max_experts"}, "off": set()}
+
+
+@dataclass
+class LynxOptions:
+    """Everything the plugin needs in a worker process."""
+
+    moe_backend: str = "default"
+    policy: str = "lynx"
+    params: dict = field(default_factory=dict)
+    layers: Optional[list[int]] = None  # None: every MoE layer
+    max_batch: int = 1024  # largest decode batch a selector is planned for
+
+    @property
+    def enabled(self) -> bool:
+        """True when ``--moe-backend lynx`` is in effect."""
+        return self.moe_backend == "lynx"
+
+    def make_policy(self):
+        """The configured policy object (raises ConfigError on bad names or parameters)."""
+        return make_policy(self.policy, **self.params)
+
+    def layer_enabled(self, layer_id: Optional[int]) -> bool:
+        """Whether selection runs on this MoE layer."""
+        return self.layers is None or layer_id in self.layers
+
+    def validate(self) -> None:
+        """Checks that need no model: names, parameter ranges, batch bound."""
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ConfigError(f"--moe-backend must be one of {MOE_BACKENDS}, got {self.moe_backend!r}")
+        if not isinstance(self.max_batch, int) or self.max_batch < 1:
+            raise ConfigError(f"--lynx-max-batch must be a positive int, got {self.max_batch!r}")
+        if self.layers is not None and any((not isinstance(i, int)) or i < 0 for i in self.layers):
+            raise ConfigError(f"--lynx-layers must list non-negative layer ids, got {self.layers!r}")
+        policy = self.make_policy()
+        # Model-dependent bounds (k0 <= k, min_keep <= E, ...) are checked again per layer at load.
+        policy.validate(RouterSpec(MAX_EXPERTS, MAX_ROUTED_TOP_K), self.max_batch)
+
+    def to_env(self) -> None:
+        """Publish these options to this process and every process it starts."""
+        os.environ[ENV_VAR] = json.dumps(asdict(self))
+
+    @classmethod
+    def from_env(cls) -> "LynxOptions":
+        """The options in effect in this process (defaults: stock SGLang)."""
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return cls()
+        try:
+            opts = cls(**json.loads(raw))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{ENV_VAR} is not valid lynx-sglang options JSON: {e}") from e
+        opts.validate()
+        return opts
+
+    @classmethod
+    def from_file(cls, path: str) -> "LynxOptions":
+        """Options from a JSON file with the same keys as this dataclass."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"cannot read --lynx-config {path}: {e}") from e
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"--lynx-config {path}: unknown key(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add ``--moe-backend`` and the ``--lynx-*`` options to SGLang's parser."""
+    g = parser.add_argument_group("lynx-sglang (batch-aware expert selection)")
+    g.add_argument("--moe-backend", choices=MOE_BACKENDS, default="default",
+                   help="'lynx' rewrites each decode batch's top-k expert choice (lynx-sglang plugin)")
+    g.add_argument("--lynx-policy", choices=sorted(POLICIES), default=None,
+                   help="expert-selection policy (default: lynx); see docs/policies.md")
+    for flag, (param, typ) in _POLICY_FLAGS.items():
+        g.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, help=f"policy parameter {param}")
+    g.add_argument("--lynx-layers", type=str, default=None,
+                   help="comma-separated MoE layer ids to run selection on (default: all)")
+    g.add_argument("--lynx-max-batch", type=int, default=None,
+                   help="largest decode batch (tokens) to select on; larger ones pass through (default 1024)")
+    g.add_argument("--lynx-config", type=str, default=None,
+                   help="JSON file with lynx options (keys of LynxOptions); flags override it")
+
+
+def options_from_args(args: argparse.Namespace) -> LynxOptions:
+    """Combine ``--lynx-config`` and the flags (flags win) and validate."""
+    opts = LynxOptions.from_file(args.lynx_config) if getattr(args, "lynx_config", None) else LynxOptions()
+    if args.moe_backend != "default" or not getattr(args, "lynx_config", None):
+        opts.moe_backend = args.moe_backend
+    if args.lynx_policy is not None:
+        if args.lynx_policy != opts.policy:
+            opts.params = {}  # parameters of another policy do not carry over
+        opts.policy = args.lynx_policy
+    for flag, (param, _) in _POLICY_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if param not in _PARAMS_OF[opts.policy]:
+            raise ConfigError(f"--{flag.replace('_', '-')} does not apply to --lynx-policy {opts.policy}")
+        opts.params[param] = value
+    if args.lynx_layers is not None:
+        try:
+            opts.layers = [int(x) for x in args.lynx_layers.split(",") if x.strip()]
+        except ValueError as e:
+            raise ConfigError(f"--lynx-layers must be comma-separated ints, got {args.lynx_layers!r}") from e
+    if args.lynx_max_batch is not None:
+        opts.max_batch = args.lynx_max_batch
+    opts.validate()
+    return opts

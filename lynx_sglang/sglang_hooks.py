@@ -1,0 +1,295 @@
+"""Where lynx-sglang enters SGLang 0.5.23: the hooks and the per-layer selection stage.
+
+Data path (docs/architecture.md): ``TopK.forward`` -> [our AROUND hook:
+``TopKSelectionStage``] -> dispatcher -> MoE runner. The stage rewrites the
+router's ``StandardTopKOutput`` for decode rows only; the phase comes from the
+``ForwardBatch`` published through SGLang's ``forward_context``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, RouterSpec
+from .selector import ExpertSelector
+from .server_options import LynxOptions, add_cli_args, options_from_args
+
+logger = logging.getLogger(__name__)
+
+_TOPK = "sglang.srt.layers.moe.topk.TopK"
+_FORWARD_CONTEXT = "sglang.srt.model_executor.forward_context.forward_context"
+_FORWARD_BATCH_INIT = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+_PREPARE_MOE_TOPK = "sglang.srt.model_executor.model_runner_components.moe_ep_setup.prepare_moe_topk"
+_SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
+
+# Attribute names we put on SGLang objects.
+_STAGE_ATTR = "_lynx_stage"
+_DECODE_TOKENS_ATTR = "_lynx_decode_tokens"
+
+# Expert-count fields of the HF configs SGLang's MoE models use.
+_EXPERT_COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+
+
+# ----------------------------------------------------------------------------- phase
+
+class Phase:
+    """Which rows of the current forward are decode tokens (set per forward by the hooks)."""
+
+    NONE = None  # extend/prefill, idle, or unknown: never rewrite
+
+    current: Optional[tuple] = None  # ("decode",) or ("mixed", n_decode_tokens)
+
+
+def phase_of(forward_batch) -> Optional[tuple]:
+    """Decode-row description of a ForwardBatch, or None where nothing may be rewritten.
+
+    Decided from ``forward_mode`` (not ``get_is_extend_in_batch``, which was seen
+    to report a prefill as decode under plain TP). In a mixed chunked-prefill
+    batch SGLang appends the running decode requests, one token each, after the
+    extend tokens; speculative batches are left alone.
+    """
+    mode = getattr(forward_batch, "forward_mode", None)
+    if mode is None:
+        return None
+    if getattr(forward_batch, "spec_info", None) is not None:
+        return None
+    if mode.is_decode():
+        return ("decode",)
+    if mode.is_mixed():
+        n = getattr(forward_batch, _DECODE_TOKENS_ATTR, 0)
+        return ("mixed", n) if n > 0 else None
+    return None
+
+
+def _forward_context_around(original, ctx, *args, forward_batch=None, **kwargs):
+    """Publish the phase of ``forward_batch`` for exactly the scope SGLang publishes it."""
+    inner = original(ctx, *args, forward_batch=forward_batch, **kwargs)
+    if forward_batch is None:
+        return inner  # a nested override without a batch keeps the outer phase
+
+    @contextlib.contextmanager
+    def scope():
+        with inner as value:
+            prev, Phase.current = Phase.current, phase_of(forward_batch)
+            try:
+                yield value
+            finally:
+                Phase.current = prev
+
+    return scope()
+
+
+def _forward_batch_init_after(result, *args, **kwargs):
+    """Remember how many decode tokens a mixed batch carries (its ScheduleBatch knows, ForwardBatch does not)."""
+    batch = args[1] if len(args) > 1 else kwargs.get("batch")
+    mode = getattr(result, "forward_mode", None)
+    if batch is not None and mode is not None and mode.is_mixed():
+        setattr(result, _DECODE_TOKENS_ATTR, len(getattr(batch, "decoding_reqs", None) or ()))
+    return result
+
+
+# ----------------------------------------------------------------------------- the stage
+
+class TopKSelectionStage:
+    """One MoE layer's selection stage: owns the layer's ``ExpertSelector``."""
+
+    def __init__(self, layer_id: int, router: RouterSpec, options: LynxOptions, device: torch.device,
+                 correction_bias: Optional[torch.Tensor]):
+        self.layer_id, self.router, self.options = layer_id, router, options
+        self.device, self.correction_bias = device, correction_bias
+        self.selector = self._plan(torch.int32, torch.float32)
+        self._warned = set()
+
+    def _plan(self, ids_dtype, weights_dtype) -> ExpertSelector:
+        policy = self.options.make_policy()
+        return ExpertSelector(self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype,
+                              correction_bias=self.correction_bias)
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning("lynx-sglang layer %s: %s", self.layer_id, msg)
+
+    def __call__(self, topk_output, num_token_non_padded: Optional[torch.Tensor]):
+        """Rewrite ``topk_output`` for the decode rows of the current batch."""
+        from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+        phase = Phase.current
+        if phase is None:
+            return topk_output
+        if not isinstance(topk_output, StandardTopKOutput):
+            self._warn_once("format", f"top-k output {type(topk_output).__name__} is not rewritten (passes through)")
+            return topk_output
+        w, ids, logits = topk_output.topk_weights, topk_output.topk_ids, topk_output.router_logits
+        T = ids.shape[0]
+        if phase[0] == "mixed":
+            n = phase[1]
+            if n > T:
+                self._warn_once("mixed", f"mixed batch reports {n} decode tokens of {T}; passes through")
+                return topk_output
+            first, num_valid = T - n, None
+        else:
+            first, num_valid = 0, num_token_non_padded
+        n_rows = T - first
+        if n_rows == 0:
+            return topk_output
+        if n_rows > self.options.max_batch:
+            self._warn_once("size", f"decode batch of {n_rows} tokens exceeds --lynx-max-batch "
+                                    f"{self.options.max_batch}; such batches pass through")
+            return topk_output
+        if (ids.dtype, w.dtype) != (self.selector.ids_dtype, self.selector.weights_dtype):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("lynx-sglang: top-k dtypes changed during CUDA-graph capture")
+            self.selector = self._plan(ids.dtype, w.dtype)
+        new_ids, new_w = self.selector.run(logits[first:], ids[first:], w[first:], num_valid)
+        if first:
+            new_ids = torch.cat([ids[:first], new_ids])
+            new_w = torch.cat([w[:first], new_w])
+        return StandardTopKOutput(topk_weights=new_w, topk_ids=new_ids, router_logits=logits)
+
+
+def _topk_forward_around(original, self, hidden_states, router_logits, *args, **kwargs):
+    out = original(self, hidden_states, router_logits, *args, **kwargs)
+    stage = self.__dict__.get(_STAGE_ATTR)
+    if stage is None:
+        return out
+    num_valid = kwargs.get("num_token_non_padded")
+    if num_valid is None:
+        # SGLang resolves the bound from the forward context when the caller does not pass it.
+        num_valid, _ = self._resolve_routing_inputs(None, kwargs.get("expert_location_dispatch_info"))
+    return stage(out, num_valid)
+
+
+# ----------------------------------------------------------------------------- plan after load
+
+def num_routed_experts(hf_config) -> int:
+    """E from a Hugging Face MoE config (clear error when the model has no such field)."""
+    for name in _EXPERT_COUNT_FIELDS:
+        value = getattr(hf_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    text_config = getattr(hf_config, "text_config", None)
+    if text_config is not None and text_config is not hf_config:
+        return num_routed_experts(text_config)
+    raise ConfigError(f"--moe-backend lynx: cannot find the expert count in the model config "
+                      f"(looked for {', '.join(_EXPERT_COUNT_FIELDS)})")
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def build_stages(model, hf_config, options: LynxOptions) -> list[TopKSelectionStage]:
+    """Attach a selection stage to every TopK layer ``options`` enables; refuse what we cannot serve."""
+    from sglang.srt.layers.moe.hash_topk import HashTopK
+    from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
+
+    if not _hooks_applied():
+        raise RuntimeError("--moe-backend lynx: SGLang did not apply lynx-sglang's TopK hook "
+                           "(see the log for 'Failed to apply hooks'); refusing to run without it")
+    E = num_routed_experts(hf_config)
+    device = _model_device(model)
+    stages, hashed = [], 0
+    for module in model.modules():
+        if isinstance(module, HashTopK):
+            hashed += 1
+            continue
+        if not isinstance(module, TopK):
+            continue
+        cfg = module.topk_config
+        layer_id = getattr(module, "layer_id", None)
+        if layer_id is None:
+            layer_id = cfg.layer_id
+        if not options.layer_enabled(layer_id):
+            continue
+        if cfg.output_format in (TopKOutputFormat.BYPASSED, TopKOutputFormat.TRITON_KERNEL):
+            raise ConfigError(
+                f"--moe-backend lynx cannot rewrite top-k for the MoE runner in use "
+                f"(top-k format {cfg.output_format.name}, layer {layer_id}); choose a runner with "
+                f"standard top-k output (for example --moe-runner-backend triton)")
+        if cfg.custom_routing_function is not None:
+            raise ConfigError(f"--moe-backend lynx: layer {layer_id} uses a custom routing function, "
+                              f"whose ranking expert selection cannot reproduce")
+        shared = cfg.num_shared_topk_slots
+        router = RouterSpec(E, cfg.top_k - shared, shared, cfg.scoring_func, cfg.correction_bias is not None)
+        bias = cfg.correction_bias.detach().float() if cfg.correction_bias is not None else None
+        stage = TopKSelectionStage(layer_id, router, options, device, bias)
+        object.__setattr__(module, _STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
+        stages.append(stage)
+    if hashed:
+        logger.warning("lynx-sglang: %d hash-routed MoE layer(s) (HashTopK) are left unchanged", hashed)
+    if not stages:
+        logger.warning("lynx-sglang: --moe-backend lynx found no MoE layer to select on")
+    logger.info("lynx-sglang: %s policy on %d MoE layer(s), E=%d, %s", options.policy, len(stages), E,
+                options.params or "default parameters")
+    return stages
+
+
+_stages: list[TopKSelectionStage] = []
+
+
+def stages() -> list[TopKSelectionStage]:
+    """The selection stages of this process's model (empty unless --moe-backend lynx)."""
+    return list(_stages)
+
+
+def _prepare_moe_topk_after(result, *args, model=None, model_config=None, **kwargs):
+    options = LynxOptions.from_env()
+    if options.enabled and model is not None:
+        if _eplb_remaps_ids():
+            raise ConfigError("--moe-backend lynx does not support --enable-eplb yet (selection must see "
+                              "logical expert ids)")
+        _stages.extend(build_stages(model, model_config.hf_config, options))
+    return result
+
+
+def _eplb_remaps_ids() -> bool:
+    """Whether EPLB turns top-k ids into physical expert ids in this process."""
+    from sglang.srt.layers.moe.topk import is_expert_remapping_enabled
+
+    return bool(is_expert_remapping_enabled())
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _add_cli_args_around(original, parser):
+    original(parser)
+    add_cli_args(parser)
+
+
+def _from_cli_args_after(result, *args, **kwargs):
+    namespace = args[-1] if args else kwargs.get("args")
+    options = options_from_args(namespace)
+    options.to_env()
+    if options.enabled:
+        logger.info("lynx-sglang: --moe-backend lynx, policy %s %s", options.policy, options.params)
+    return result
+
+
+# ----------------------------------------------------------------------------- registration
+
+def _hooks_applied() -> bool:
+    """True when SGLang has wrapped ``TopK.forward`` with our hook (apply_hooks only logs failures)."""
+    from sglang.srt.layers.moe.topk import TopK
+
+    fn = TopK.__dict__.get("forward")  # TopK inherits forward; only a hook puts one on the class
+    cells = getattr(fn, "__closure__", None) or ()
+    return any(c.cell_contents is _topk_forward_around for c in cells)
+
+
+def register_hooks() -> None:
+    """Register every hook with SGLang's HookRegistry (applied by ``load_plugins``)."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", _add_cli_args_around, HookType.AROUND)
+    HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", _from_cli_args_after, HookType.AFTER)
+    HookRegistry.register(f"{_TOPK}.forward", _topk_forward_around, HookType.AROUND)
+    HookRegistry.register(_FORWARD_CONTEXT, _forward_context_around, HookType.AROUND)
+    HookRegistry.register(_FORWARD_BATCH_INIT, _forward_batch_init_after, HookType.AFTER)
+    HookRegistry.register(_PREPARE_MOE_TOPK, _prepare_moe_topk_after, HookType.AFTER)

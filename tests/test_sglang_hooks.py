@@ -1,0 +1,219 @@
+"""The SGLang integration at layer level: flags, phase detection, the TopK stage (no server)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lynx_sglang import ConfigError, ExpertSelector, RouterSpec, make_policy
+from lynx_sglang import sglang_hooks as hooks
+from lynx_sglang.server_options import ENV_VAR, LynxOptions
+
+
+@pytest.fixture(scope="module")
+def sglang_layers():
+    """World-size-1 process group and our hooks applied, as in a server worker."""
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.test.layer_ut_utils import init_single_process_dist
+
+    init_single_process_dist(29653)
+    hooks.register_hooks()
+    HookRegistry.apply_hooks()
+    from sglang.srt.layers.moe import topk
+
+    return topk
+
+
+def _topk(topk, layer_id, k=4, bias=None, scoring="softmax"):
+    t = topk.TopK(top_k=k, renormalize=True, layer_id=layer_id, correction_bias=bias, scoring_func=scoring)
+    t.topk_config.output_format = topk.TopKOutputFormat.STANDARD
+    return t
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+
+def _opts(**kw):
+    base = dict(moe_backend="lynx", policy="lynx", params={"keep_level": 0, "min_votes": 2}, max_batch=64)
+    base.update(kw)
+    return LynxOptions(**base)
+
+
+@pytest.fixture
+def phase():
+    prev = hooks.Phase.current
+    yield hooks.Phase
+    hooks.Phase.current = prev
+
+
+def test_hook_is_applied_and_passes_through_without_a_stage(sglang_layers, phase):
+    assert hooks._hooks_applied()
+    t = _topk(sglang_layers, 0)
+    x, z = torch.randn(20, 8), torch.randn(20, 16) * 3
+    phase.current = ("decode",)
+    a, b = t(x, z), t(x, z)
+    assert torch.equal(a.topk_ids, b.topk_ids)
+
+
+def test_decode_batches_are_rewritten_like_the_selector(sglang_layers, phase):
+    layers = [_topk(sglang_layers, i) for i in range(2)]
+    stages = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    assert [s.layer_id for s in stages] == [0, 1]
+    ref = _topk(sglang_layers, 0)
+    x, z = torch.randn(32, 8), torch.randn(32, 16) * 3
+    plain = ref(x, z)
+
+    phase.current = None  # prefill / extend: untouched
+    out = layers[0](x, z)
+    assert torch.equal(out.topk_ids, plain.topk_ids) and torch.equal(out.topk_weights, plain.topk_weights)
+
+    phase.current = ("decode",)
+    out = layers[0](x, z)
+    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2), 64,
+                         ids_dtype=plain.topk_ids.dtype)
+    want_ids, want_w = sel.run(z, plain.topk_ids, plain.topk_weights)
+    assert torch.equal(out.topk_ids, want_ids) and torch.equal(out.topk_weights, want_w)
+    assert not torch.equal(out.topk_ids, plain.topk_ids)  # this batch really changes
+    st = stages[0].selector.stats()
+    assert st.steps == 1 and st.experts_after < st.experts_before
+
+
+def test_mixed_batches_rewrite_only_the_trailing_decode_rows(sglang_layers, phase):
+    layers = [_topk(sglang_layers, 0)]
+    hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    x, z = torch.randn(40, 8), torch.randn(40, 16) * 3
+    plain = _topk(sglang_layers, 0)(x, z)
+    phase.current = ("mixed", 24)
+    out = layers[0](x, z)
+    assert torch.equal(out.topk_ids[:16], plain.topk_ids[:16])
+    assert torch.equal(out.topk_weights[:16], plain.topk_weights[:16])
+    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2), 64,
+                         ids_dtype=plain.topk_ids.dtype)
+    want_ids, _ = sel.run(z[16:], plain.topk_ids[16:], plain.topk_weights[16:])
+    assert torch.equal(out.topk_ids[16:], want_ids)
+
+
+def test_layer_selection_and_batches_too_large_pass_through(sglang_layers, phase):
+    layers = [_topk(sglang_layers, i) for i in range(3)]
+    stages = hooks.build_stages(_Model(layers), SimpleNamespace(n_routed_experts=16), _opts(layers=[1], max_batch=8))
+    assert [s.layer_id for s in stages] == [1]
+    x, z = torch.randn(9, 8), torch.randn(9, 16) * 3
+    phase.current = ("decode",)
+    plain = _topk(sglang_layers, 1)(x, z)
+    assert torch.equal(layers[1](x, z).topk_ids, plain.topk_ids)  # 9 > max_batch 8
+
+
+def test_sigmoid_router_with_bias_keeps_its_ranking(sglang_layers, phase):
+    bias = torch.randn(16) * 0.1
+    layers = [_topk(sglang_layers, 0, bias=bias, scoring="sigmoid")]
+    (stage,) = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    assert stage.router.has_correction_bias and stage.router.scoring_func == "sigmoid"
+    phase.current = ("decode",)
+    out = layers[0](torch.randn(16, 8), torch.randn(16, 16))
+    ids = out.topk_ids
+    for row in ids.tolist():
+        real = [e for e in row if e >= 0]
+        assert len(real) == len(set(real))
+
+
+def test_runner_formats_we_cannot_rewrite_fail_at_start(sglang_layers):
+    t = _topk(sglang_layers, 0)
+    t.topk_config.output_format = sglang_layers.TopKOutputFormat.BYPASSED
+    with pytest.raises(ConfigError, match="BYPASSED"):
+        hooks.build_stages(_Model([t]), SimpleNamespace(num_experts=16), _opts())
+    with pytest.raises(ConfigError, match="expert count"):
+        hooks.build_stages(_Model([_topk(sglang_layers, 0)]), SimpleNamespace(), _opts())
+
+
+def _fb(mode, **kw):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    return SimpleNamespace(forward_mode=getattr(ForwardMode, mode), spec_info=None, **kw)
+
+
+def test_phase_comes_from_the_forward_mode():
+    assert hooks.phase_of(_fb("DECODE")) == ("decode",)
+    assert hooks.phase_of(_fb("EXTEND")) is None
+    assert hooks.phase_of(_fb("IDLE")) is None
+    assert hooks.phase_of(_fb("MIXED", _lynx_decode_tokens=5)) == ("mixed", 5)
+    assert hooks.phase_of(_fb("MIXED")) is None  # decode rows unknown: leave the batch alone
+    spec = _fb("DECODE")
+    spec.spec_info = object()
+    assert hooks.phase_of(spec) is None
+
+
+def test_forward_context_scope_sets_and_restores_the_phase(sglang_layers, phase):
+    from sglang.srt.model_executor import forward_context as fc
+
+    ctx = fc.ForwardContext(attn_backend=None)
+    phase.current = None
+    with fc.forward_context(ctx, forward_batch=_fb("DECODE", moe_num_token_non_padded=None)):
+        assert hooks.Phase.current == ("decode",)
+        with fc.forward_context(ctx):  # nested override without a batch keeps the phase
+            assert hooks.Phase.current == ("decode",)
+        with fc.forward_context(ctx, forward_batch=_fb("EXTEND", moe_num_token_non_padded=None)):
+            assert hooks.Phase.current is None
+        assert hooks.Phase.current == ("decode",)
+    assert hooks.Phase.current is None
+
+
+def _parse(argv):
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return parser.parse_args(["--model-path", "dummy"] + argv)
+
+
+def test_cli_flags_reach_workers_through_the_environment(sglang_layers, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    from sglang.srt.server_args import ServerArgs
+
+    args = _parse(["--moe-backend", "lynx", "--lynx-policy", "oea", "--lynx-oea-k0", "2", "--lynx-layers", "0,3"])
+    ServerArgs.from_cli_args(args)
+    opts = LynxOptions.from_env()
+    assert opts.enabled and opts.policy == "oea" and opts.params == {"k0": 2} and opts.layers == [0, 3]
+
+    ServerArgs.from_cli_args(_parse([]))  # no flag: stock SGLang
+    assert not LynxOptions.from_env().enabled
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--moe-backend", "lynx", "--lynx-alpha", "-1"], "alpha"),
+    (["--moe-backend", "lynx", "--lynx-oea-k0", "2"], "does not apply"),
+    (["--moe-backend", "lynx", "--lynx-policy", "budget"], "needs max_experts"),
+    (["--moe-backend", "lynx", "--lynx-layers", "a,b"], "comma-separated"),
+])
+def test_bad_option_values_stop_start_up(sglang_layers, monkeypatch, argv, msg):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    from sglang.srt.server_args import ServerArgs
+
+    with pytest.raises(ConfigError, match=msg):
+        ServerArgs.from_cli_args(_parse(argv))
+
+
+def test_unknown_backend_is_an_argparse_error(sglang_layers):
+    with pytest.raises(SystemExit):
+        _parse(["--moe-backend", "fast"])
+
+
+def test_config_file_and_flags(tmp_path, sglang_layers, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    from sglang.srt.server_args import ServerArgs
+
+    cfg = tmp_path / "lynx.json"
+    cfg.write_text(json.dumps({"moe_backend": "lynx", "policy": "lynx", "params": {"alpha": 2.0}}))
+    ServerArgs.from_cli_args(_parse(["--lynx-config", str(cfg), "--lynx-beta", "2"]))
+    opts = LynxOptions.from_env()
+    assert opts.enabled and opts.params == {"alpha": 2.0, "beta": 2}
+    cfg.write_text(json.dumps({"moe_backend": "lynx", "gamma": 1}))
+    with pytest.raises(ConfigError, match="unknown key"):
+        ServerArgs.from_cli_args(_parse(["--lynx-config", str(cfg)]))
