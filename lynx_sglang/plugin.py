@@ -17,10 +17,11 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from . import cpu_support, sglang_hooks
+    from . import cpu_support, metrics, sglang_hooks
 
     # Inert on machines with a GPU; on CPU-only machines it stands in for sgl-kernel's missing CPU build.
     cpu_support.install()
     # Flags are always added; the hot-path hooks pass through unless --moe-backend lynx built a stage.
     sglang_hooks.register_hooks()
+    metrics.register_hooks()
     logger.debug("lynx-sglang plugin loaded")

@@ -217,3 +217,32 @@ def test_config_file_and_flags(tmp_path, sglang_layers, monkeypatch):
     cfg.write_text(json.dumps({"moe_backend": "lynx", "gamma": 1}))
     with pytest.raises(ConfigError, match="unknown key"):
         ServerArgs.from_cli_args(_parse(["--lynx-config", str(cfg)]))
+
+
+def test_metrics_publish_what_the_selectors_counted(sglang_layers, phase, monkeypatch):
+    from prometheus_client import REGISTRY
+
+    from lynx_sglang import metrics
+
+    layers = [_topk(sglang_layers, 7)]
+    stages = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    monkeypatch.setattr(hooks, "_stages", stages)
+    phase.current = ("decode",)
+    for _ in range(3):
+        layers[0](torch.randn(32, 8), torch.randn(32, 16) * 3)
+    st = stages[0].selector.stats()
+    reporter = SimpleNamespace(enable_metrics=True, current_scheduler_metrics_enabled=True, decode_log_interval=2,
+                               forward_ct_decode=4, metrics_collector=SimpleNamespace(labels={"model_name": "t"}))
+    metrics._report_decode_stats_after(None, reporter)
+    sample = lambda name: REGISTRY.get_sample_value(name, {"model_name": "t", "layer": "7"})  # noqa: E731
+    assert sample("lynx:decode_steps_total") == 3
+    assert sample("lynx:experts_before_total") == st.experts_before
+    assert sample("lynx:experts_after_total") == st.experts_after < st.experts_before
+    assert sample("lynx:tokens_total") == 96
+    layers[0](torch.randn(32, 8), torch.randn(32, 16) * 3)
+    reporter.forward_ct_decode = 5  # off-interval: nothing read
+    metrics._report_decode_stats_after(None, reporter)
+    assert sample("lynx:decode_steps_total") == 3
+    reporter.forward_ct_decode = 6
+    metrics._report_decode_stats_after(None, reporter)
+    assert sample("lynx:decode_steps_total") == 4
