@@ -32,13 +32,13 @@ METRICS = {
 class LynxMetrics:
     """Counters per layer; ``publish`` adds what the selectors accumulated since the last call."""
 
-    def __init__(self, labels: dict):
+    def __init__(self, labels: dict, registry=None):
         # Imported here: prometheus_client must see PROMETHEUS_MULTIPROC_DIR, which SGLang sets at start.
-        from prometheus_client import Counter
+        from prometheus_client import REGISTRY, Counter
 
         self.labels = dict(labels)
         names = list(self.labels) + ["layer"]
-        self.counters = {key: Counter(name=name, documentation=doc, labelnames=names)
+        self.counters = {key: Counter(name=name, documentation=doc, labelnames=names, registry=registry or REGISTRY)
                          for key, (name, doc) in METRICS.items()}
         self._last = {}
 

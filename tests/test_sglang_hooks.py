@@ -246,3 +246,23 @@ def test_metrics_publish_what_the_selectors_counted(sglang_layers, phase, monkey
     reporter.forward_ct_decode = 6
     metrics._report_decode_stats_after(None, reporter)
     assert sample("lynx:decode_steps_total") == 4
+
+
+def test_client_parses_the_metrics_exposition():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from lynx_sglang import client, metrics
+
+    class _Stage:
+        def __init__(self, layer_id, stats):
+            self.layer_id, self.selector = layer_id, SimpleNamespace(stats=lambda: stats)
+
+    from lynx_sglang.selector import SelectionStats
+
+    registry = CollectorRegistry()
+    m = metrics.LynxMetrics({"tp_rank": "0"}, registry=registry)
+    m.publish([_Stage(0, SelectionStats(10, 120, 60, 30, 160)), _Stage(3, SelectionStats(10, 100, 90, 5, 160))])
+    parsed = client.parse_lynx_metrics(generate_latest(registry).decode())
+    assert list(parsed) == [0, 3]
+    assert parsed[0].experts_per_step_before == 12 and parsed[0].experts_per_step_after == 6
+    assert parsed[3].rows_changed == 5 and parsed[3].rows_voting == 160
