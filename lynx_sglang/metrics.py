@@ -18,7 +18,12 @@ Distinct experts per decode step: ``rate(lynx:experts_after_total) / rate(lynx:d
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 from typing import Iterable
+
+STATS_DIR_ENV = "LYNX_SGLANG_STATS_DIR"
 
 METRICS = {
     "steps": ("lynx:decode_steps_total", "Decode batches the layer selected experts on."),
@@ -60,18 +65,38 @@ class LynxMetrics:
 _metrics = None
 
 
+def dump_stats(stages, directory: str) -> str:
+    """Write this rank's per-layer totals to ``<directory>/tp<rank>.json`` (atomically); returns the path.
+
+    Enabled by ``LYNX_SGLANG_STATS_DIR``: every TP rank writes its own file, so
+    tests can check that all ranks took the same decisions.
+    """
+    from sglang.srt.runtime_context import get_parallel
+
+    rank = get_parallel().tp_rank
+    path = os.path.join(directory, f"tp{rank}.json")
+    payload = {str(s.layer_id): dataclasses.asdict(s.selector.stats()) for s in stages}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(payload, f)
+    os.replace(tmp, path)
+    return path
+
+
 def _report_decode_stats_after(result, reporter, *args, **kwargs):
     """After SGLang's own decode-stats reporting: publish ours at the same cadence and on the same rank."""
     global _metrics
     from . import sglang_hooks
 
-    if not (getattr(reporter, "enable_metrics", False) and getattr(reporter, "current_scheduler_metrics_enabled", False)):
-        return result
     interval = max(1, getattr(reporter, "decode_log_interval", 40))
     if getattr(reporter, "forward_ct_decode", 0) % interval != 0:
         return result
     stages = sglang_hooks.stages()
     if not stages:
+        return result
+    if os.environ.get(STATS_DIR_ENV):
+        dump_stats(stages, os.environ[STATS_DIR_ENV])
+    if not (getattr(reporter, "enable_metrics", False) and getattr(reporter, "current_scheduler_metrics_enabled", False)):
         return result
     if _metrics is None:
         collector = getattr(reporter, "metrics_collector", None)

@@ -266,3 +266,18 @@ def test_client_parses_the_metrics_exposition():
     assert list(parsed) == [0, 3]
     assert parsed[0].experts_per_step_before == 12 and parsed[0].experts_per_step_after == 6
     assert parsed[3].rows_changed == 5 and parsed[3].rows_voting == 160
+
+
+def test_every_rank_can_dump_its_decisions(sglang_layers, phase, monkeypatch, tmp_path):
+    from lynx_sglang import metrics
+
+    layers = [_topk(sglang_layers, 2)]
+    stages = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    monkeypatch.setattr(hooks, "_stages", stages)
+    monkeypatch.setenv(metrics.STATS_DIR_ENV, str(tmp_path))
+    phase.current = ("decode",)
+    layers[0](torch.randn(32, 8), torch.randn(32, 16) * 3)
+    reporter = SimpleNamespace(enable_metrics=False, decode_log_interval=1, forward_ct_decode=1)
+    metrics._report_decode_stats_after(None, reporter)
+    dumped = json.loads((tmp_path / "tp0.json").read_text())
+    assert dumped["2"]["steps"] == 1 and dumped["2"]["rows_voting"] == 32
