@@ -245,8 +245,21 @@ def _prepare_moe_topk_after(result, *args, model=None, model_config=None, **kwar
         if _eplb_remaps_ids():
             raise ConfigError("--moe-backend lynx does not support --enable-eplb yet (selection must see "
                               "logical expert ids)")
+        if _two_batch_overlap():
+            raise ConfigError("--moe-backend lynx does not support --enable-two-batch-overlap yet (both "
+                              "micro-batches would share one layer's selection buffers)")
         _stages.extend(build_stages(model, model_config.hf_config, options))
     return result
+
+
+def _two_batch_overlap() -> bool:
+    """Whether two-batch overlap splits each batch into micro-batches in this process."""
+    from sglang.srt.runtime_context import get_exec
+
+    try:
+        return bool(get_exec().overlap.enable_two_batch_overlap)
+    except (AttributeError, ValueError, AssertionError):
+        return False  # no execution config published (unit tests): no overlap
 
 
 def _eplb_remaps_ids() -> bool:
