@@ -1,0 +1,187 @@
+"""Start and stop a real SGLang server from Python (tests, the main job, benchmarks).
+
+    with running_server("--tp", "2") as srv:
+        srv.generate("Hello", max_new_tokens=8)
+
+The server starts through ``launch/cpu_server.sh`` on a CPU-only machine and
+``launch/server.sh`` (plain ``sglang.launch_server``) otherwise. Every server runs
+in its own process group, and stopping it kills the whole group, so no scheduler
+or detokenizer process outlives its caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO / "models" / "tiny-qwen3-moe"
+START_TIMEOUT_S = 180.0
+
+
+def launch_script() -> Path:
+    """The launch script for this machine: the CPU one unless torch sees a GPU."""
+    from .cpu_support import has_accelerator
+
+    return REPO / "launch" / ("server.sh" if has_accelerator() else "cpu_server.sh")
+
+
+def free_port() -> int:
+    """A TCP port that is free now (bound to port 0, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The test suite sets TRITON_INTERPRET=1 for the kernel tests; a server must run as the
+    # launch script runs it by hand, not with Triton kernels silently interpreted.
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+@dataclass
+class Server:
+    """A running server: its process (leader of its own process group), port and log file."""
+
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    args: tuple[str, ...]
+    started_in_s: float = field(default=float("nan"))
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. ``http://127.0.0.1:30201``."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The last ``lines`` lines of the server's combined stdout/stderr."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError as e:
+            return f"<no server log: {e}>"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def post(self, path: str, payload: dict, timeout: float = 120.0) -> dict:
+        """POST JSON to ``path`` and return the decoded JSON answer."""
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+
+    def generate(self, text: str, max_new_tokens: int = 16, timeout: float = 120.0, **sampling) -> dict:
+        """``/generate`` with greedy sampling unless ``sampling`` says otherwise; the JSON answer."""
+        params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, **sampling}
+        return self.post("/generate", {"text": text, "sampling_params": params}, timeout=timeout)
+
+    def stop(self) -> None:
+        """Stop the server's whole process group (see ``stop_process_group``)."""
+        stop_process_group(self.proc)
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """SIGTERM the process group led by ``proc``, then SIGKILL whatever is left after ``grace_s``."""
+    pgid = proc.pid  # started with start_new_session=True: it leads its own group
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    # The launcher can exit before its children (or linger after they died): kill the group regardless.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _healthy(url: str) -> bool:
+    # /health_generate runs a real one-token generation, so it is 200 only once the model serves.
+    try:
+        with urllib.request.urlopen(url + "/health_generate", timeout=20) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+def start_server(
+    *extra_args: str,
+    timeout: float = START_TIMEOUT_S,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+    log_dir: str | os.PathLike | None = None,
+) -> Server:
+    """Start ``<launch script> --port PORT *extra_args`` and wait until it serves.
+
+    Raises RuntimeError (with the tail of the server log) if it exits or is not healthy
+    within ``timeout`` seconds; the process group is killed in that case too.
+    """
+    port = free_port() if port is None else port
+    args = ("--port", str(port), *extra_args)
+    log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="lynx-sglang-server-"))
+    log_path = log_dir / f"server-{port}.log"
+    full_env = _server_env()
+    if env:
+        full_env.update(env)
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [str(launch_script()), *args],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,  # own process group: stop() kills launcher, schedulers, detokenizer
+        )
+    server = Server(proc=proc, port=port, log_path=log_path, args=args)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server {args} exited with code {proc.returncode} before it was healthy")
+            if _healthy(server.url):
+                break
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"server {args} not healthy after {timeout:.0f} s")
+            time.sleep(1.0)
+    except BaseException as e:
+        server.stop()
+        if isinstance(e, RuntimeError):
+            raise RuntimeError(f"{e}\n--- tail of {log_path} ---\n{server.log_tail()}") from None
+        raise
+    server.started_in_s = time.monotonic() - t0
+    return server
+
+
+@contextlib.contextmanager
+def running_server(*extra_args: str, **kwargs):
+    """Context manager: ``start_server(*extra_args, **kwargs)``, always stopped on exit."""
+    server = start_server(*extra_args, **kwargs)
+    try:
+        yield server
+    finally:
+        server.stop()
