@@ -1,0 +1,77 @@
+"""The product as a user meets it: `sglang.launch_server --moe-backend lynx` on a real (CPU) server."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from lynx_sglang.client import PROMPTS, complete, scrape_lynx_metrics
+from lynx_sglang.server_process import running_server, start_server
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU server tests (launch/cpu_server.sh)")
+
+# float32 (the tiny model's own dtype) so batching order cannot flip a greedy pick on a near tie.
+BASE = ("--dtype", "float32")
+# Strict enough that the tiny random model really re-routes: an expert needs two near-top votes.
+STRICT = ("--moe-backend", "lynx", "--lynx-keep-level", "0", "--lynx-min-votes", "2")
+MAX_NEW = 16
+
+
+def _greedy(server, prompts):
+    return [server.generate(p, max_new_tokens=MAX_NEW)["output_ids"] for p in prompts]
+
+
+def _prompt_logprobs(server, prompt):
+    out = server.post("/generate", {"text": prompt, "sampling_params": {"temperature": 0.0, "max_new_tokens": 1},
+                                    "return_logprob": True, "logprob_start_len": 0})
+    return [lp for lp, _tok, *_ in out["meta_info"]["input_token_logprobs"] if lp is not None]
+
+
+@pytest.fixture(scope="module")
+def stock(tmp_path_factory):
+    """Reference answers from a server without --moe-backend lynx."""
+    with running_server(*BASE, log_dir=tmp_path_factory.mktemp("stock")) as srv:
+        yield {"greedy": _greedy(srv, PROMPTS[:6]), "prefill": _prompt_logprobs(srv, PROMPTS[1])}
+
+
+def test_policy_off_equals_stock(stock, tmp_path):
+    with running_server(*BASE, "--moe-backend", "lynx", "--lynx-policy", "off", log_dir=tmp_path) as srv:
+        assert _greedy(srv, PROMPTS[:6]) == stock["greedy"]
+
+
+def test_lynx_serves_concurrent_requests_with_fewer_experts_and_leaves_prefill_alone(stock, tmp_path):
+    with running_server(*BASE, *STRICT, "--enable-metrics", "--decode-log-interval", "1", log_dir=tmp_path) as srv:
+        # A request alone is a pure prefill batch: its prompt log-probabilities must be stock's, bit for bit.
+        assert _prompt_logprobs(srv, PROMPTS[1]) == stock["prefill"]
+        answers = complete(srv.url, PROMPTS * 2, max_tokens=MAX_NEW, concurrency=16)
+        assert len(answers) == 32 and all(isinstance(a, str) for a in answers)
+        layers = scrape_lynx_metrics(srv.url)
+    assert sorted(layers) == [0, 1]
+    for layer, c in layers.items():
+        assert c.steps > 0, f"layer {layer} saw no decode step"
+        assert c.experts_per_step_after < c.experts_per_step_before
+        assert 0 < c.rows_changed <= c.rows_voting
+
+
+def test_bad_option_value_stops_start_up(tmp_path):
+    with pytest.raises(RuntimeError, match="alpha"):
+        start_server(*BASE, "--moe-backend", "lynx", "--lynx-alpha", "-1", log_dir=tmp_path, timeout=120)
+    with pytest.raises(RuntimeError, match="does not apply"):
+        start_server(*BASE, "--moe-backend", "lynx", "--lynx-budget-experts", "4", log_dir=tmp_path, timeout=120)
+
+
+def test_tp2_ranks_take_identical_decisions(tmp_path):
+    stats_dir = tmp_path / "stats"
+    stats_dir.mkdir()
+    env = {"LYNX_SGLANG_STATS_DIR": str(stats_dir)}
+    with running_server(*BASE, *STRICT, "--tp", "2", "--decode-log-interval", "1", env=env, log_dir=tmp_path) as srv:
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda p: srv.generate(p, max_new_tokens=MAX_NEW), PROMPTS[:8]))
+        assert all(len(o["output_ids"]) == MAX_NEW for o in outs)
+    rank0 = json.loads((stats_dir / "tp0.json").read_text())
+    rank1 = json.loads((stats_dir / "tp1.json").read_text())
+    assert rank0 == rank1
+    assert all(v["steps"] > 0 and v["experts_after"] < v["experts_before"] for v in rank0.values())
