@@ -6,9 +6,9 @@ import json
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 from .metrics import METRICS
+from .selector import SelectionStats
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -49,41 +49,20 @@ def complete(base_url: str, prompts: list[str], max_tokens: int = 32, concurrenc
         return list(pool.map(one, prompts))
 
 
-@dataclass
-class LayerCounts:
-    """Lynx's counters for one MoE layer, as scraped from /metrics."""
-
-    steps: float = 0.0
-    experts_before: float = 0.0
-    experts_after: float = 0.0
-    rows_changed: float = 0.0
-    rows_voting: float = 0.0
-
-    @property
-    def experts_per_step_before(self) -> float:
-        """Mean distinct experts per decode step as the router picked them."""
-        return self.experts_before / self.steps if self.steps else 0.0
-
-    @property
-    def experts_per_step_after(self) -> float:
-        """Mean distinct experts per decode step after selection."""
-        return self.experts_after / self.steps if self.steps else 0.0
-
-
 _SAMPLE = re.compile(r'^(lynx:[a-z_]+)\{([^}]*)\}\s+([0-9.eE+-]+)$')
 
 
-def scrape_lynx_metrics(base_url: str, timeout: float = 30.0) -> dict[int, LayerCounts]:
+def scrape_lynx_metrics(base_url: str, timeout: float = 30.0) -> dict[int, SelectionStats]:
     """Per-layer Lynx counters from the server's Prometheus endpoint (summed over other labels)."""
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:
         text = resp.read().decode()
     return parse_lynx_metrics(text)
 
 
-def parse_lynx_metrics(text: str) -> dict[int, LayerCounts]:
-    """Parse Prometheus text exposition into per-layer ``LayerCounts``."""
+def parse_lynx_metrics(text: str) -> dict[int, SelectionStats]:
+    """Per-layer totals from Prometheus text exposition (summed over labels other than ``layer``)."""
     by_name = {name: key for key, (name, _) in METRICS.items()}
-    layers: dict[int, LayerCounts] = {}
+    layers: dict[int, dict] = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line.strip())
         if not m or m.group(1) not in by_name:
@@ -91,7 +70,6 @@ def parse_lynx_metrics(text: str) -> dict[int, LayerCounts]:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
         if "layer" not in labels:
             continue
-        counts = layers.setdefault(int(labels["layer"]), LayerCounts())
-        key = by_name[m.group(1)]
-        setattr(counts, key, getattr(counts, key) + float(m.group(3)))
-    return dict(sorted(layers.items()))
+        totals = layers.setdefault(int(labels["layer"]), dict.fromkeys(METRICS, 0))
+        totals[by_name[m.group(1)]] += int(float(m.group(3)))
+    return {layer: SelectionStats(**totals) for layer, totals in sorted(layers.items())}

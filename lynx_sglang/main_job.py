@@ -46,7 +46,7 @@ def main() -> None:
     print(f"{'layer':>5} {'decode steps':>12} {'experts/step before':>20} {'after':>7} {'tokens re-routed':>17}")
     for layer, c in layers.items():
         moved = c.rows_changed / c.rows_voting if c.rows_voting else 0.0
-        print(f"{layer:5d} {c.steps:12.0f} {c.experts_per_step_before:20.2f} {c.experts_per_step_after:7.2f}"
+        print(f"{layer:5d} {c.steps:12.0f} {c.mean_experts_before:20.2f} {c.mean_experts_after:7.2f}"
               f" {moved:16.0%}")
     if not layers:
         print("  (no Lynx metrics: no decode step reached the selection stage)")

@@ -52,7 +52,7 @@ def test_lynx_serves_concurrent_requests_with_fewer_experts_and_leaves_prefill_a
     assert sorted(layers) == [0, 1]
     for layer, c in layers.items():
         assert c.steps > 0, f"layer {layer} saw no decode step"
-        assert c.experts_per_step_after < c.experts_per_step_before
+        assert c.mean_experts_after < c.mean_experts_before
         assert 0 < c.rows_changed <= c.rows_voting
 
 

@@ -264,7 +264,7 @@ def test_client_parses_the_metrics_exposition():
     m.publish([_Stage(0, SelectionStats(10, 120, 60, 30, 160)), _Stage(3, SelectionStats(10, 100, 90, 5, 160))])
     parsed = client.parse_lynx_metrics(generate_latest(registry).decode())
     assert list(parsed) == [0, 3]
-    assert parsed[0].experts_per_step_before == 12 and parsed[0].experts_per_step_after == 6
+    assert parsed[0].mean_experts_before == 12 and parsed[0].mean_experts_after == 6
     assert parsed[3].rows_changed == 5 and parsed[3].rows_voting == 160
 
 
