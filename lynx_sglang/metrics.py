@@ -69,13 +69,15 @@ def dump_stats(stages, directory: str) -> str:
     """Write this rank's per-layer totals to ``<directory>/tp<rank>.json`` (atomically); returns the path.
 
     Enabled by ``LYNX_SGLANG_STATS_DIR``: every TP rank writes its own file, so
-    tests can check that all ranks took the same decisions.
+    tests can check that all ranks took the same decisions. ``mixed_batches``
+    counts mixed prefill+decode batches whose decode rows were selected on.
     """
     from sglang.srt.runtime_context import get_parallel
 
     rank = get_parallel().tp_rank
     path = os.path.join(directory, f"tp{rank}.json")
-    payload = {str(s.layer_id): dataclasses.asdict(s.selector.stats()) for s in stages}
+    payload = {str(s.layer_id): {**dataclasses.asdict(s.selector.stats()), "mixed_batches": s.mixed_batches}
+               for s in stages}
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f)

@@ -143,6 +143,7 @@ def start_server(
     port = free_port() if port is None else port
     args = ("--port", str(port), *extra_args)
     log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="lynx-sglang-server-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"
     full_env = _server_env()
     if env:

@@ -102,6 +102,7 @@ class TopKSelectionStage:
         self.layer_id, self.router, self.options = layer_id, router, options
         self.device, self.correction_bias = device, correction_bias
         self.selector = self._plan(torch.int32, torch.float32)
+        self.mixed_batches = 0  # mixed prefill+decode batches whose decode rows were selected on (host count)
         self._warned = set()
 
     def _plan(self, ids_dtype, weights_dtype) -> ExpertSelector:
@@ -132,6 +133,7 @@ class TopKSelectionStage:
                 self._warn_once("mixed", f"mixed batch reports {n} decode tokens of {T}; passes through")
                 return topk_output
             first, num_valid = T - n, None
+            self.mixed_batches += 1
         else:
             first, num_valid = 0, num_token_non_padded
         n_rows = T - first

@@ -69,7 +69,7 @@ def test_tp2_ranks_take_identical_decisions(tmp_path):
     env = {"LYNX_SGLANG_STATS_DIR": str(stats_dir)}
     with running_server(*BASE, *STRICT, "--tp", "2", "--decode-log-interval", "1", env=env, log_dir=tmp_path) as srv:
         with ThreadPoolExecutor(8) as pool:
-            outs = list(pool.map(lambda p: srv.generate(p, max_new_tokens=MAX_NEW), PROMPTS[:8]))
+            outs = list(pool.map(lambda p: srv.generate(p, max_new_tokens=MAX_NEW, ignore_eos=True), PROMPTS[:8]))
         assert all(len(o["output_ids"]) == MAX_NEW for o in outs)
     rank0 = json.loads((stats_dir / "tp0.json").read_text())
     rank1 = json.loads((stats_dir / "tp1.json").read_text())

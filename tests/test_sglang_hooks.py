@@ -93,6 +93,7 @@ def test_mixed_batches_rewrite_only_the_trailing_decode_rows(sglang_layers, phas
     plain = _topk(sglang_layers, 0)(x, z)
     phase.current = ("mixed", 24)
     out = layers[0](x, z)
+    assert layers[0].__dict__[hooks._STAGE_ATTR].mixed_batches == 1
     assert torch.equal(out.topk_ids[:16], plain.topk_ids[:16])
     assert torch.equal(out.topk_weights[:16], plain.topk_weights[:16])
     sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2), 64,
@@ -280,4 +281,4 @@ def test_every_rank_can_dump_its_decisions(sglang_layers, phase, monkeypatch, tm
     reporter = SimpleNamespace(enable_metrics=False, decode_log_interval=1, forward_ct_decode=1)
     metrics._report_decode_stats_after(None, reporter)
     dumped = json.loads((tmp_path / "tp0.json").read_text())
-    assert dumped["2"]["steps"] == 1 and dumped["2"]["rows_voting"] == 32
+    assert dumped["2"]["steps"] == 1 and dumped["2"]["rows_voting"] == 32 and dumped["2"]["mixed_batches"] == 0
