@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from .config import MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy
@@ -32,8 +32,7 @@ _POLICY_FLAGS = {
     "lynx_oea_k0": ("k0", int),
     "lynx_budget_experts": ("max_experts", int),
 }
-_PARAMS_OF = {"lynx": {"alpha", "beta", "keep_level", "min_votes", "min_keep", "confidence_margin"},
-              "oea": {"k0"}, "budget": {"max_experts"}, "off": set()}
+_PARAMS_OF = {name: {f.name for f in fields(cls)} for name, cls in POLICIES.items()}
 
 
 @dataclass

@@ -39,9 +39,8 @@ _EXPERT_COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts", 
 class Phase:
     """Which rows of the current forward are decode tokens (set per forward by the hooks)."""
 
-    NONE = None  # extend/prefill, idle, or unknown: never rewrite
-
-    current: Optional[tuple] = None  # ("decode",) or ("mixed", n_decode_tokens)
+    # ("decode",), ("mixed", n_decode_tokens), or None: extend/prefill, idle, unknown (never rewritten)
+    current: Optional[tuple] = None
 
 
 def phase_of(forward_batch) -> Optional[tuple]:
