@@ -107,8 +107,15 @@ def _report_decode_stats_after(result, reporter, *args, **kwargs):
     return result
 
 
+_registered = False
+
+
 def register_hooks() -> None:
-    """Hook SGLang's scheduler metrics reporter (applied by ``load_plugins``)."""
+    """Hook SGLang's scheduler metrics reporter (applied by ``load_plugins``); idempotent."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(

@@ -297,8 +297,18 @@ def _hooks_applied() -> bool:
     return any(c.cell_contents is _topk_forward_around for c in cells)
 
 
+_registered = False
+
+
 def register_hooks() -> None:
-    """Register every hook with SGLang's HookRegistry (applied by ``load_plugins``)."""
+    """Register every hook with SGLang's HookRegistry (applied by ``load_plugins``); idempotent.
+
+    Registering twice would wrap each target twice (two selection passes, flags added twice).
+    """
+    global _registered
+    if _registered:
+        return
+    _registered = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", _add_cli_args_around, HookType.AROUND)

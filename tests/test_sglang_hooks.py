@@ -282,3 +282,11 @@ def test_every_rank_can_dump_its_decisions(sglang_layers, phase, monkeypatch, tm
     metrics._report_decode_stats_after(None, reporter)
     dumped = json.loads((tmp_path / "tp0.json").read_text())
     assert dumped["2"]["steps"] == 1 and dumped["2"]["rows_voting"] == 32 and dumped["2"]["mixed_batches"] == 0
+
+
+def test_registering_twice_wraps_once(sglang_layers):
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    hooks.register_hooks()
+    hooks.register_hooks()
+    assert len(HookRegistry._hooks[f"{hooks._TOPK}.forward"]) == 1
