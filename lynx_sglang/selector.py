@@ -106,11 +106,12 @@ class ExpertSelector:
         self._out_ids = torch.empty(max_tokens, kt, dtype=ids_dtype, device=device)
         self._out_weights = torch.empty(max_tokens, kt, dtype=weights_dtype, device=device)
         self._stats = torch.zeros(len(_STAT_FIELDS), dtype=torch.int64, device=device)
-        self._ws = None
+        self._ws = self._launch = None
         if backend == "triton":
-            from lynx_sglang.kernels.expert_selection import Workspace, num_bins
+            from lynx_sglang.kernels.expert_selection import Workspace, num_bins, select_triton
 
             self._ws = Workspace.allocate(router.num_experts, num_bins(policy), max_tokens, device)
+            self._launch = select_triton  # resolved once: run() is on every MoE layer's hot path
 
     def _check(self, logits, topk_ids, topk_weights, num_valid) -> None:
         T = logits.shape[0] if logits.dim() == 2 else -1
@@ -161,12 +162,10 @@ class ExpertSelector:
         if router_logits.stride(1) != 1:
             router_logits = router_logits.contiguous()
         if self.backend == "triton":
-            from lynx_sglang.kernels.expert_selection import select_triton
-
             # The kernels need unit stride along the slot dimension.
             topk_ids = topk_ids if topk_ids.stride(1) == 1 else topk_ids.contiguous()
             topk_weights = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
-            select_triton(
+            self._launch(
                 self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid,
                 self.correction_bias, self._ws, self._stats, out_ids, out_w, self.block_t,
             )

@@ -100,6 +100,9 @@ class TopKSelectionStage:
                  correction_bias: Optional[torch.Tensor]):
         self.layer_id, self.router, self.options = layer_id, router, options
         self.device, self.correction_bias = device, correction_bias
+        from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+        self._standard = StandardTopKOutput  # resolved once: __call__ runs on every MoE layer
         self.selector = self._plan(torch.int32, torch.float32)
         self.mixed_batches = 0  # mixed prefill+decode batches whose decode rows were selected on (host count)
         self._warned = set()
@@ -116,12 +119,10 @@ class TopKSelectionStage:
 
     def __call__(self, topk_output, num_token_non_padded: Optional[torch.Tensor]):
         """Rewrite ``topk_output`` for the decode rows of the current batch."""
-        from sglang.srt.layers.moe.topk import StandardTopKOutput
-
         phase = Phase.current
         if phase is None:
             return topk_output
-        if not isinstance(topk_output, StandardTopKOutput):
+        if not isinstance(topk_output, self._standard):
             self._warn_once("format", f"top-k output {type(topk_output).__name__} is not rewritten (passes through)")
             return topk_output
         w, ids, logits = topk_output.topk_weights, topk_output.topk_ids, topk_output.router_logits
@@ -150,7 +151,7 @@ class TopKSelectionStage:
         if first:
             new_ids = torch.cat([ids[:first], new_ids])
             new_w = torch.cat([w[:first], new_w])
-        return StandardTopKOutput(topk_weights=new_w, topk_ids=new_ids, router_logits=logits)
+        return self._standard(topk_weights=new_w, topk_ids=new_ids, router_logits=logits)
 
 
 def _topk_forward_around(original, self, hidden_states, router_logits, *args, **kwargs):
