@@ -290,3 +290,18 @@ def test_registering_twice_wraps_once(sglang_layers):
     hooks.register_hooks()
     hooks.register_hooks()
     assert len(HookRegistry._hooks[f"{hooks._TOPK}.forward"]) == 1
+
+
+def test_padded_rows_neither_vote_nor_change(sglang_layers, phase):
+    layers = [_topk(sglang_layers, 0)]
+    hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    x, z = torch.randn(32, 8), torch.randn(32, 16) * 3
+    nv = torch.tensor(20)
+    plain = _topk(sglang_layers, 0)(x, z, num_token_non_padded=nv)
+    phase.current = ("decode",)
+    out = layers[0](x, z, num_token_non_padded=nv)
+    assert torch.equal(out.topk_ids[20:], plain.topk_ids[20:])
+    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2), 64,
+                         ids_dtype=plain.topk_ids.dtype)
+    want_ids, _ = sel.run(z[:20], plain.topk_ids[:20], plain.topk_weights[:20])
+    assert torch.equal(out.topk_ids[:20], want_ids)
