@@ -119,8 +119,12 @@ def main() -> None:
 
 
 def plot(payload: dict, png) -> None:
-    """Median time per layer against batch size, one panel per policy."""
-    import matplotlib
+    """Median time per layer against batch size, one panel per policy (skipped without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:  # the GPU machine may not have it: the JSON is the result, the PNG can be made later
+        print(f"matplotlib not installed: no {png}")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

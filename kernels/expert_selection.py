@@ -318,8 +318,10 @@ def interpreting() -> bool:
     Triton decides at decoration time (``TRITON_INTERPRET=1`` when this module
     was first imported), so ask the kernel object rather than the environment.
     """
-    from triton.runtime.interpreter import InterpretedFunction
-
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter cannot be interpreting
+        return False
     return isinstance(_vote_kernel, InterpretedFunction)
 
 
