@@ -157,7 +157,7 @@ class TopKSelectionStage:
 def _topk_forward_around(original, self, hidden_states, router_logits, *args, **kwargs):
     out = original(self, hidden_states, router_logits, *args, **kwargs)
     stage = self.__dict__.get(_STAGE_ATTR)
-    if stage is None:
+    if stage is None or Phase.current is None:  # prefill/extend: skip even resolving the padding bound
         return out
     num_valid = kwargs.get("num_token_non_padded")
     if num_valid is None:
