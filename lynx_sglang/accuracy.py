@@ -1,0 +1,569 @@
+"""Accuracy harness: what does each expert-selection policy cost on held-out text?
+
+The in-process path runs a transformers Qwen3-MoE model on batches of B
+*independent* held-out sequences and applies expert selection exactly where a
+serving engine would: on every MoE layer, to the B rows of one decode step
+(one position of every sequence), with the same ``ExpertSelector`` the SGLang
+plugin runs. Each sequence's first ``prefix`` tokens are the prompt (prefill:
+never rewritten); every later position is a decode step.
+
+Teacher forcing makes one full forward pass equivalent to step-by-step decode:
+the row of position t only depends on rows at positions <= t, so rewriting each
+position's column of B rows reproduces what a decode loop would compute,
+including key/value entries written under selection. Metrics, against the same
+batches with selection off:
+
+* next-token accuracy (points) and mean log-likelihood of the held-out token;
+* KL(off || policy) of the next-token distribution;
+* top-1 agreement with off, and greedy-continuation agreement (a real decode
+  loop with a KV cache: fraction of ``greedy_tokens`` generated before the
+  first token that differs from off's greedy continuation).
+
+A random-keep control keeps, in every (batch, layer, step), as many randomly
+chosen experts of the batch's picked set as the policy it is matched to kept,
+and re-routes the same way: if selection is good, it must lose clearly less.
+
+    python -m lynx_sglang.accuracy models/trained-qwen3-moe --out benchmarks/results/accuracy_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import types
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from .config import Policy, RouterSpec, make_policy, policy_params
+from .corpus import DOMAINS, read_jsonl
+from .selector import ExpertSelector
+
+REPO = Path(__file__).resolve().parent.parent
+HELDOUT = REPO / "data" / "corpus" / "heldout.jsonl.gz"
+RANDOM = "random"  # the control: random experts, matched in count
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class EvalBatch:
+    """B independent windows of held-out tokens; ``domain`` is one domain or ``mixed``."""
+
+    domain: str
+    tokens: torch.Tensor  # [B, length] int64
+
+
+def domain_streams(tokenizer, heldout: Path = HELDOUT) -> Dict[str, torch.Tensor]:
+    """Held-out documents of every domain, tokenised and concatenated (end-of-text between)."""
+    from .train_model import token_streams
+
+    return token_streams(read_jsonl(heldout), tokenizer)
+
+
+def make_batches(
+    streams: Dict[str, torch.Tensor],
+    batch_size: int,
+    batches_per_kind: int,
+    length: int,
+    seed: int = 0,
+    kinds: Sequence[str] = (*DOMAINS, "mixed"),
+) -> List[EvalBatch]:
+    """Deterministic batches of independent windows: per domain, and mixed across domains.
+
+    Windows start at random offsets of their domain's held-out stream, so rows
+    of one batch are unrelated positions of (usually) different files.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    names = [d for d in DOMAINS if d in streams]
+    out = []
+    for kind in kinds:
+        if kind != "mixed" and kind not in streams:
+            continue
+        for _ in range(batches_per_kind):
+            rows = []
+            for r in range(batch_size):
+                s = streams[names[r % len(names)] if kind == "mixed" else kind]
+                start = int(torch.randint(0, s.numel() - length, (1,), generator=gen))
+                rows.append(s[start : start + length])
+            out.append(EvalBatch(kind, torch.stack(rows)))
+    return out
+
+
+# ----------------------------------------------------------------------------- model patch
+
+
+def moe_blocks(model) -> List[torch.nn.Module]:
+    """The model's sparse MoE blocks, in layer order (Qwen3-MoE family only)."""
+    blocks = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} has no Qwen3MoeSparseMoeBlock: the in-process harness supports the "
+            "Qwen3-MoE family; measure other models through the server path"
+        )
+    return blocks
+
+
+def _distinct(ids: torch.Tensor, num_experts: int) -> int:
+    ids = ids[ids >= 0]
+    return int(torch.bincount(ids.reshape(-1), minlength=num_experts).gt(0).sum())
+
+
+class SelectionPatch:
+    """Rewrites the top-k of decode rows on every MoE block of a transformers model.
+
+    ``rule`` is a policy (run through ``ExpertSelector``, as in the server),
+    ``RANDOM`` (the control, which needs ``random_counts`` from a matched run),
+    or None (selection off: the patched forward then equals the stock one).
+    Rows at sequence positions >= ``decode_start`` of each forward call are
+    decode rows; a decode step's batch is one position across all sequences.
+    """
+
+    def __init__(self, model, rule, seed: int = 0):
+        self.blocks = moe_blocks(model)
+        cfg = model.config
+        self.router = RouterSpec(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok)
+        self.rule = rule
+        self.decode_start = 0
+        self.selectors: Dict[int, ExpertSelector] = {}
+        self.counts: List[Tuple[int, int, int]] = []  # (layer, experts_before, experts_after) per decode step
+        self.random_counts: Optional[List[int]] = None  # experts to keep, consumed in call order
+        self._gen = torch.Generator().manual_seed(seed)
+        self._saved = []
+
+    def __enter__(self):
+        for layer, block in enumerate(self.blocks):
+            self._saved.append((block, block.forward))
+            block.forward = types.MethodType(self._make_forward(layer), block)
+        return self
+
+    def __exit__(self, *exc):
+        for block, fwd in self._saved:
+            block.forward = fwd
+        self._saved.clear()
+
+    def _selector(self, layer: int, rows: int, logits: torch.Tensor, ids: torch.Tensor) -> ExpertSelector:
+        sel = self.selectors.get(layer)
+        if sel is None or sel.max_tokens < rows:
+            sel = ExpertSelector(
+                self.router, self.rule, max(rows, 1), logits.device,
+                ids_dtype=ids.dtype, weights_dtype=torch.float32, backend="torch",
+            )
+            self.selectors[layer] = sel
+        return sel
+
+    def _select(self, layer: int, logits, ids, weights):
+        """One decode step of one layer: [B, E] logits, [B, k] ids/weights."""
+        E = self.router.num_experts
+        before = _distinct(ids, E)
+        if self.rule is None:
+            new_ids, new_w = ids, weights
+        elif self.rule == RANDOM:
+            new_ids, new_w = self._random_keep(logits, ids, weights)
+        else:
+            sel = self._selector(layer, ids.shape[0], logits, ids)
+            new_ids, new_w = sel.run(logits.float().contiguous(), ids.contiguous(), weights.float().contiguous())
+            new_ids, new_w = new_ids.clone(), new_w.clone().to(weights.dtype)
+        self.counts.append((layer, before, _distinct(new_ids, E)))
+        return new_ids, new_w
+
+    def _random_keep(self, logits, ids, weights):
+        if not self.random_counts:
+            raise RuntimeError("the random-keep control needs the expert counts of a matched run")
+        m = self.random_counts.pop(0)
+        E = self.router.num_experts
+        picked = torch.bincount(ids.reshape(-1), minlength=E).gt(0).nonzero().flatten()
+        chosen = picked[torch.randperm(picked.numel(), generator=self._gen)[:m]]
+        keep = torch.zeros(E, dtype=torch.bool)
+        keep[chosen] = True
+        sel = reference.selection_score(self.router, logits, None)
+        row_ok = torch.ones(ids.shape[0], dtype=torch.bool)
+        new_ids, new_w, _ = reference.reroute(self.router, logits, ids, weights.float(), sel, row_ok, keep)
+        return new_ids, new_w.to(weights.dtype)
+
+    def _make_forward(self, layer: int) -> Callable:
+        patch = self
+
+        def forward(block, hidden_states: torch.Tensor) -> torch.Tensor:
+            b, s, d = hidden_states.shape
+            flat = hidden_states.reshape(-1, d)
+            logits, weights, ids = block.gate(flat)
+            if patch.decode_start < s:
+                k = ids.shape[-1]
+                lg, i3, w3 = logits.view(b, s, -1), ids.view(b, s, k).clone(), weights.view(b, s, k).clone()
+                for t in range(patch.decode_start, s):
+                    i3[:, t], w3[:, t] = patch._select(layer, lg[:, t], i3[:, t], w3[:, t])
+                ids, weights = i3.view(-1, k), w3.view(-1, k)
+                # transformers' experts take index E as "no expert" (an empty slot: weight 0).
+                ids = torch.where(ids < 0, torch.full_like(ids, patch.router.num_experts), ids)
+            return block.experts(flat, ids, weights).reshape(b, s, d)
+
+        return forward
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class BatchResult:
+    """One batch under one rule, against selection off."""
+
+    domain: str
+    batch_size: int
+    tokens: int  # scored positions
+    correct_off: int
+    correct: int
+    loglik_off: float  # sums over scored positions
+    loglik: float
+    kl: float
+    top1_agree: int
+    greedy_agree: float  # mean fraction of the greedy continuation before the first difference
+    experts_before: List[float]  # mean per decode step, per layer
+    experts_after: List[float]
+
+
+def _per_layer_means(counts, layers: int) -> Tuple[List[float], List[float]]:
+    before = [[] for _ in range(layers)]
+    after = [[] for _ in range(layers)]
+    for layer, b, a in counts:
+        before[layer].append(b)
+        after[layer].append(a)
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return [mean(x) for x in before], [mean(x) for x in after]
+
+
+@torch.no_grad()
+def _teacher_forced(model, patch: SelectionPatch, tokens: torch.Tensor, prefix: int) -> torch.Tensor:
+    patch.decode_start = prefix
+    return model(input_ids=tokens[:, :-1]).logits[:, prefix:].float()
+
+
+@torch.no_grad()
+def _greedy(model, patch: SelectionPatch, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decode loop with a KV cache: the prompt is prefill, every new token a decode step."""
+    patch.decode_start = prompt.shape[1]  # prefill: no row is a decode row
+    out = model(input_ids=prompt, use_cache=True)
+    past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+    generated = [nxt]
+    patch.decode_start = 0
+    for _ in range(steps - 1):
+        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(nxt)
+    return torch.cat(generated, dim=1)
+
+
+def _common_prefix_fraction(a: torch.Tensor, b: torch.Tensor) -> float:
+    same = (a == b).long().cumprod(dim=1)
+    return float(same.sum(dim=1).float().mean() / a.shape[1])
+
+
+@dataclass
+class OffReference:
+    """What selection-off computes for one batch (shared by every rule)."""
+
+    logits: torch.Tensor
+    greedy: torch.Tensor
+    counts: list
+
+
+def off_reference(model, batch: EvalBatch, prefix: int, greedy_tokens: int) -> OffReference:
+    """Run one batch with selection off (through the patch, which must then be the identity)."""
+    with SelectionPatch(model, None) as patch:
+        logits = _teacher_forced(model, patch, batch.tokens, prefix)
+        counts = list(patch.counts)
+        greedy = _greedy(model, patch, batch.tokens[:, :prefix], greedy_tokens) if greedy_tokens else None
+    return OffReference(logits, greedy, counts)
+
+
+def measure(
+    model,
+    batch: EvalBatch,
+    rule,
+    off: OffReference,
+    prefix: int,
+    greedy_tokens: int,
+    random_counts: Optional[Tuple[List[int], List[int]]] = None,
+    seed: int = 0,
+) -> Tuple[BatchResult, Tuple[List[int], List[int]]]:
+    """One batch under ``rule``.
+
+    Returns the result and the experts kept at every decode step of the
+    teacher-forced pass and of the greedy loop (in call order), which is what
+    the random-keep control matched to this rule consumes as ``random_counts``.
+    """
+    layers = len(moe_blocks(model))
+    with SelectionPatch(model, rule, seed=seed) as patch:
+        if random_counts is not None:
+            patch.random_counts = list(random_counts[0])
+        logits = _teacher_forced(model, patch, batch.tokens, prefix)
+        counts = list(patch.counts)
+        patch.counts.clear()
+        if random_counts is not None:
+            patch.random_counts = list(random_counts[1])
+        greedy = _greedy(model, patch, batch.tokens[:, :prefix], greedy_tokens) if greedy_tokens else None
+        greedy_counts = list(patch.counts)
+    target = batch.tokens[:, prefix + 1 :]
+    logp_off = F.log_softmax(off.logits, dim=-1)
+    logp = F.log_softmax(logits, dim=-1)
+    kl = float((logp_off.exp() * (logp_off - logp)).sum(-1).sum())
+    # Reductions are against what the batch touches with selection off.
+    before, _ = _per_layer_means(off.counts, layers)
+    _, after = _per_layer_means(counts, layers)
+    result = BatchResult(
+        domain=batch.domain,
+        batch_size=batch.tokens.shape[0],
+        tokens=target.numel(),
+        correct_off=int((off.logits.argmax(-1) == target).sum()),
+        correct=int((logits.argmax(-1) == target).sum()),
+        loglik_off=float(logp_off.gather(-1, target[..., None]).sum()),
+        loglik=float(logp.gather(-1, target[..., None]).sum()),
+        kl=kl,
+        top1_agree=int((logits.argmax(-1) == off.logits.argmax(-1)).sum()),
+        greedy_agree=_common_prefix_fraction(greedy, off.greedy) if greedy_tokens else float("nan"),
+        experts_before=before,
+        experts_after=after,
+    )
+    return result, ([a for _, _, a in counts], [a for _, _, a in greedy_counts])
+
+
+@dataclass
+class Summary:
+    """Many batches of one (rule, batch kind, batch size)."""
+
+    rule: dict
+    kind: str
+    batch_size: int
+    tokens: int
+    accuracy_off: float
+    accuracy: float
+    delta_points: float
+    delta_loglik: float
+    kl: float
+    top1_agreement: float
+    greedy_agreement: float
+    experts_before: float  # mean distinct experts per decode step, over layers
+    experts_after: float
+    reduction: float  # 1 - after / before
+    per_layer_before: List[float] = field(default_factory=list)
+    per_layer_after: List[float] = field(default_factory=list)
+
+
+def summarise(rule: dict, kind: str, results: List[BatchResult]) -> Summary:
+    """Pool batch results (token-weighted; per-layer expert counts averaged over batches)."""
+    n = sum(r.tokens for r in results)
+    layers = len(results[0].experts_before)
+    pl_before = [sum(r.experts_before[i] for r in results) / len(results) for i in range(layers)]
+    pl_after = [sum(r.experts_after[i] for r in results) / len(results) for i in range(layers)]
+    before, after = sum(pl_before) / layers, sum(pl_after) / layers
+    acc_off = sum(r.correct_off for r in results) / n
+    acc = sum(r.correct for r in results) / n
+    return Summary(
+        rule=rule,
+        kind=kind,
+        batch_size=results[0].batch_size,
+        tokens=n,
+        accuracy_off=round(acc_off, 5),
+        accuracy=round(acc, 5),
+        delta_points=round(100 * (acc - acc_off), 3),
+        delta_loglik=round(sum(r.loglik - r.loglik_off for r in results) / n, 5),
+        kl=round(sum(r.kl for r in results) / n, 6),
+        top1_agreement=round(sum(r.top1_agree for r in results) / n, 5),
+        greedy_agreement=round(sum(r.greedy_agree for r in results) / len(results), 4),
+        experts_before=round(before, 3),
+        experts_after=round(after, 3),
+        reduction=round(1 - after / before, 4) if before else 0.0,
+        per_layer_before=[round(x, 3) for x in pl_before],
+        per_layer_after=[round(x, 3) for x in pl_after],
+    )
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class Rule:
+    """One point of the sweep: a policy, or the random control matched to another rule's label."""
+
+    label: str
+    policy: Optional[Policy] = None
+    matched_to: Optional[str] = None
+
+    def describe(self) -> dict:
+        if self.matched_to is not None:
+            return {"label": self.label, "name": RANDOM, "matched_to": self.matched_to}
+        return {"label": self.label, **policy_params(self.policy)}
+
+
+def default_rules(num_experts: int, top_k: int) -> List[Rule]:
+    """The sweep: each policy over its main parameter, and random keeps matched to lynx."""
+    rules = [Rule("off", make_policy("off"))]
+    for w in (0.25, 0.5, 1.0, 2.0):
+        rules.append(Rule(f"lynx alpha={1 / w:g}", make_policy("lynx", alpha=1 / w)))
+    for k0 in range(1, top_k):
+        rules.append(Rule(f"oea k0={k0}", make_policy("oea", k0=k0)))
+    for frac in (0.375, 0.5, 0.625, 0.75):
+        rules.append(Rule(f"budget {round(frac * num_experts)}", make_policy("budget", max_experts=round(frac * num_experts))))
+    for r in [r for r in rules if r.label.startswith("lynx")]:
+        rules.append(Rule(f"random~{r.label}", matched_to=r.label))
+    return rules
+
+
+def sweep(
+    model,
+    streams: Dict[str, torch.Tensor],
+    rules: List[Rule],
+    batch_sizes: Sequence[int] = (16, 32, 64),
+    batches_per_kind: int = 2,
+    prefix: int = 32,
+    decode_len: int = 64,
+    greedy_tokens: int = 16,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> List[Summary]:
+    """Run every rule on the same batches; summaries per (rule, kind, batch size).
+
+    Kinds: every domain alone, ``one-domain`` (all single-domain batches pooled)
+    and ``mixed``. Rules that are random controls must come after the rule they
+    are matched to.
+    """
+    labels = [r.label for r in rules]
+    for r in rules:
+        if r.matched_to is not None and (r.matched_to not in labels or labels.index(r.matched_to) > labels.index(r.label)):
+            raise ValueError(f"random control {r.label!r} must follow the rule it is matched to ({r.matched_to!r})")
+    summaries: List[Summary] = []
+    for B in batch_sizes:
+        t0 = time.time()
+        batches = make_batches(streams, B, batches_per_kind, prefix + decode_len + 1, seed=seed)
+        results: Dict[str, List[BatchResult]] = {r.label: [] for r in rules}
+        for bi, batch in enumerate(batches):
+            off = off_reference(model, batch, prefix, greedy_tokens)
+            kept: Dict[str, Tuple[List[int], List[int]]] = {}
+            for r in rules:
+                if r.matched_to is not None:
+                    res, _ = measure(model, batch, RANDOM, off, prefix, greedy_tokens, kept[r.matched_to], seed=seed + bi)
+                else:
+                    res, kept[r.label] = measure(model, batch, r.policy, off, prefix, greedy_tokens)
+                results[r.label].append(res)
+        for r in rules:
+            rs = results[r.label]
+            kinds = {"one-domain": [x for x in rs if x.domain != "mixed"]}
+            for x in rs:
+                kinds.setdefault(x.domain, []).append(x)
+            for kind, group in kinds.items():
+                if group:
+                    summaries.append(summarise(r.describe(), kind, group))
+        log(f"B={B}: {len(batches)} batches x {len(rules)} rules in {time.time() - t0:.0f} s")
+    return summaries
+
+
+def plot(summaries: List[Summary], path: Path, title: str) -> None:
+    """Accuracy change vs distinct experts kept, one curve per policy; panels per batch kind and size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({s.batch_size for s in summaries})
+    kinds = ["one-domain", "mixed"]
+    fig, axes = plt.subplots(len(kinds), len(sizes), figsize=(4.2 * len(sizes), 3.6 * len(kinds)), squeeze=False)
+    styles = {"lynx": ("C0", "o"), "oea": ("C1", "s"), "budget": ("C2", "^"), RANDOM: ("C3", "x"), "off": ("k", "*")}
+    for i, kind in enumerate(kinds):
+        for j, B in enumerate(sizes):
+            ax = axes[i][j]
+            pts = [s for s in summaries if s.kind == kind and s.batch_size == B]
+            for name, (color, marker) in styles.items():
+                sel = sorted((s for s in pts if s.rule["name"] == name), key=lambda s: s.experts_after)
+                if sel:
+                    ax.plot([s.experts_after for s in sel], [s.delta_points for s in sel], marker=marker,
+                            color=color, label=name, linestyle="-" if name != "off" else "none")
+            if pts:
+                ax.axvline(pts[0].experts_before, color="grey", lw=0.6, ls=":")
+            ax.axhline(0, color="grey", lw=0.6)
+            ax.axhline(-0.5, color="grey", lw=0.6, ls="--")
+            ax.set_title(f"{kind}, B={B}", fontsize=9)
+            ax.set_xlabel("distinct experts per decode step (mean over layers)", fontsize=8)
+            ax.set_ylabel("next-token accuracy change (points)", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(summaries: List[Summary], kinds=("one-domain", "mixed")) -> str:
+    """A plain-text table of the summaries (one line per rule, kind and batch size)."""
+    head = f"{'rule':<22} {'kind':<10} {'B':>3} {'experts':>13} {'cut':>6} {'acc':>6} {'d pts':>7} {'KL':>8} {'top1':>6} {'greedy':>6}"
+    lines = [head, "-" * len(head)]
+    for s in summaries:
+        if s.kind in kinds:
+            lines.append(
+                f"{s.rule['label']:<22} {s.kind:<10} {s.batch_size:>3} {s.experts_before:>6.2f}->{s.experts_after:<6.2f}"
+                f"{100 * s.reduction:>5.1f}% {100 * s.accuracy:>6.2f} {s.delta_points:>+7.2f} {s.kl:>8.5f}"
+                f" {s.top1_agreement:>6.3f} {s.greedy_agreement:>6.3f}"
+            )
+    return "\n".join(lines)
+
+
+def load_model(path: Path):
+    """A transformers Qwen3-MoE model in fp32 (eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    moe_blocks(model)  # clear error for unsupported models
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model", type=Path)
+    ap.add_argument("--out", type=Path, help="result prefix: writes <out>.json and <out>.png")
+    ap.add_argument("--batch-sizes", default="16,32,64")
+    ap.add_argument("--batches", type=int, default=2, help="batches per kind (each domain, and mixed)")
+    ap.add_argument("--prefix", type=int, default=32)
+    ap.add_argument("--decode-len", type=int, default=64)
+    ap.add_argument("--greedy-tokens", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model)
+    streams = domain_streams(tokenizer)
+    cfg = model.config
+    rules = default_rules(cfg.num_experts, cfg.num_experts_per_tok)
+    t0 = time.time()
+    summaries = sweep(
+        model, streams, rules, [int(b) for b in args.batch_sizes.split(",")], args.batches,
+        args.prefix, args.decode_len, args.greedy_tokens, args.seed,
+    )
+    print(table(summaries))
+    if args.out:
+        from datetime import datetime, timezone
+
+        payload = {
+            "model": str(args.model),
+            "num_experts": cfg.num_experts,
+            "top_k": cfg.num_experts_per_tok,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out")},
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "seconds": round(time.time() - t0, 1),
+            "summaries": [asdict(s) for s in summaries],
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        plot(summaries, args.out.with_suffix(".png"), f"{args.model.name}: accuracy vs experts kept (held-out, teacher-forced decode)")
+        print(f"wrote {args.out.with_suffix('.json')} and .png")
+
+
+if __name__ == "__main__":
+    main()
