@@ -512,6 +512,107 @@ def table(summaries: List[Summary], kinds=("one-domain", "mixed")) -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- server path
+
+
+@dataclass
+class ServerComparison:
+    """Greedy decode of the same prompts on a selection-off server and a policy server."""
+
+    kind: str
+    batch_size: int
+    sequences: int
+    greedy_agreement: float  # mean fraction generated before the first differing token
+    token_agreement: float  # fraction of positions with the same token
+    mean_abs_logprob_delta: float  # |log p_off - log p_rule| of the shared token, over shared prefixes
+    experts_before: float  # from the policy server's lynx metrics (mean over layers, per decode step)
+    experts_after: float
+
+
+def _generate_batch(url: str, prompts: torch.Tensor, steps: int, timeout: float) -> List[Tuple[List[int], List[float]]]:
+    """B concurrent greedy requests (so the scheduler decodes them as one batch)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .client import _post
+
+    def one(ids):
+        out = _post(
+            f"{url}/generate",
+            {
+                "input_ids": ids,
+                "sampling_params": {"temperature": 0.0, "max_new_tokens": steps, "ignore_eos": True},
+                "return_logprob": True,
+            },
+            timeout,
+        )
+        pairs = out["meta_info"]["output_token_logprobs"]
+        return [int(p[1]) for p in pairs], [float(p[0]) for p in pairs]
+
+    with ThreadPoolExecutor(max_workers=prompts.shape[0]) as pool:
+        return list(pool.map(one, prompts.tolist()))
+
+
+def compare_servers(
+    off_url: str,
+    rule_url: str,
+    batches: List[EvalBatch],
+    prefix: int,
+    steps: int,
+    timeout: float = 600.0,
+) -> List[ServerComparison]:
+    """Send the same batches of prompts to both servers; compare their greedy continuations.
+
+    The decode rows of a server are only what it generates, so the server path
+    measures agreement with off (not held-out accuracy, which needs teacher
+    forcing: the in-process path). Expert counts come from the policy server's
+    Prometheus metrics (``--enable-metrics``), as differences around each kind.
+    """
+    from .client import scrape_lynx_metrics
+
+    def totals():
+        stats = scrape_lynx_metrics(rule_url)
+        steps_ = sum(s.steps for s in stats.values())
+        return steps_, sum(s.experts_before for s in stats.values()), sum(s.experts_after for s in stats.values())
+
+    by_kind: Dict[Tuple[str, int], List[EvalBatch]] = {}
+    for b in batches:
+        by_kind.setdefault(("one-domain" if b.domain != "mixed" else "mixed", b.tokens.shape[0]), []).append(b)
+    out = []
+    for (kind, B), group in by_kind.items():
+        n0, before0, after0 = totals()
+        seqs, agree, same, pos, dlp, shared = 0, 0.0, 0, 0, 0.0, 0
+        for b in group:
+            prompts = b.tokens[:, :prefix]
+            off = _generate_batch(off_url, prompts, steps, timeout)
+            got = _generate_batch(rule_url, prompts, steps, timeout)
+            for (ids_o, lp_o), (ids_r, lp_r) in zip(off, got):
+                n = 0
+                while n < len(ids_o) and n < len(ids_r) and ids_o[n] == ids_r[n]:
+                    n += 1
+                seqs += 1
+                agree += n / steps
+                same += sum(a == c for a, c in zip(ids_o, ids_r))
+                pos += steps
+                # Within the shared prefix both servers scored the same token in the same context.
+                dlp += sum(abs(lp_o[i] - lp_r[i]) for i in range(n))
+                shared += n
+        n1, before1, after1 = totals()
+        decode_steps = max(1, n1 - n0)
+        out.append(
+            ServerComparison(
+                kind=kind,
+                batch_size=B,
+                sequences=seqs,
+                greedy_agreement=round(agree / seqs, 4),
+                token_agreement=round(same / pos, 4),
+                mean_abs_logprob_delta=round(dlp / max(1, shared), 5),
+                experts_before=round((before1 - before0) / decode_steps, 3),
+                experts_after=round((after1 - after0) / decode_steps, 3),
+            )
+        )
+    return out
+
+
 def load_model(path: Path):
     """A transformers Qwen3-MoE model in fp32 (eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -521,40 +622,74 @@ def load_model(path: Path):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def run_server_comparison(model_path: Path, args, rule_args: List[str]) -> List[ServerComparison]:
+    """Start a selection-off server and a policy server (CPU launch script) and compare them."""
+    from transformers import AutoTokenizer
+
+    from .server_process import running_server
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    streams = domain_streams(tokenizer)
+    common = ("--model-path", str(model_path), "--enable-metrics", "--decode-log-interval", "1", "--moe-backend", "lynx")
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    batches = [
+        b for B in sizes for b in make_batches(streams, B, args.batches, args.prefix + args.greedy_tokens + 1, args.seed)
+    ]
+    with running_server(*common, "--lynx-policy", "off") as off, running_server(*common, *rule_args) as rule:
+        return compare_servers(off.url, rule.url, batches, args.prefix, args.greedy_tokens)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
     ap.add_argument("--out", type=Path, help="result prefix: writes <out>.json and <out>.png")
     ap.add_argument("--batch-sizes", default="16,32,64")
     ap.add_argument("--batches", type=int, default=2, help="batches per kind (each domain, and mixed)")
-    ap.add_argument("--prefix", type=int, default=32)
-    ap.add_argument("--decode-len", type=int, default=64)
+    ap.add_argument("--prefix", type=int, default=32, help="prompt tokens (prefill) per sequence")
+    ap.add_argument("--decode-len", type=int, default=64, help="teacher-forced decode steps scored per sequence")
     ap.add_argument("--greedy-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--server", metavar="ARGS", default=None,
+        help="server path instead: start a CPU server with these Lynx flags (e.g. '--lynx-policy lynx') and one "
+        "with --lynx-policy off, and compare their greedy continuations",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    t0 = time.time()
+    from datetime import datetime, timezone
+
+    meta = {
+        "model": str(args.model),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "model"},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+    }
+    if args.server is not None:
+        comparisons = run_server_comparison(args.model, args, args.server.split())
+        for c in comparisons:
+            print(json.dumps(asdict(c)))
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            payload = {**meta, "seconds": round(time.time() - t0, 1), "server": [asdict(c) for c in comparisons]}
+            args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+        return
     model, tokenizer = load_model(args.model)
     streams = domain_streams(tokenizer)
     cfg = model.config
     rules = default_rules(cfg.num_experts, cfg.num_experts_per_tok)
-    t0 = time.time()
     summaries = sweep(
         model, streams, rules, [int(b) for b in args.batch_sizes.split(",")], args.batches,
         args.prefix, args.decode_len, args.greedy_tokens, args.seed,
     )
     print(table(summaries))
     if args.out:
-        from datetime import datetime, timezone
-
         payload = {
-            "model": str(args.model),
+            **meta,
             "num_experts": cfg.num_experts,
             "top_k": cfg.num_experts_per_tok,
-            "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out")},
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "seconds": round(time.time() - t0, 1),
             "summaries": [asdict(s) for s in summaries],

@@ -1,0 +1,112 @@
+"""The accuracy harness (in-process path) on the bundled model: a small sweep end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lynx_sglang import accuracy as A
+from lynx_sglang.config import make_policy
+from lynx_sglang.server_process import DEFAULT_MODEL
+
+
+@pytest.fixture(scope="module")
+def model_and_streams():
+    torch.manual_seed(0)
+    model, tokenizer = A.load_model(DEFAULT_MODEL)
+    return model, A.domain_streams(tokenizer)
+
+
+def test_patch_with_selection_off_is_the_stock_forward(model_and_streams):
+    model, streams = model_and_streams
+    batch = A.make_batches(streams, 4, 1, 24, kinds=("mixed",))[0]
+    with torch.no_grad():
+        stock = model(input_ids=batch.tokens).logits
+        with A.SelectionPatch(model, None) as patch:
+            patch.decode_start = 8
+            patched = model(input_ids=batch.tokens).logits
+    assert torch.equal(stock, patched)
+    assert len(patch.counts) == len(A.moe_blocks(model)) * 16  # one count per layer and decode step
+
+
+def test_teacher_forced_pass_equals_a_decode_loop(model_and_streams):
+    """The harness's claim: rewriting each position's column reproduces step-by-step decode."""
+    model, streams = model_and_streams
+    batch = A.make_batches(streams, 6, 1, 20, seed=3, kinds=("mixed",))[0]
+    policy = make_policy("budget", max_experts=max(2, model.config.num_experts // 4))
+    prefix = 12
+    with torch.no_grad(), A.SelectionPatch(model, policy) as patch:
+        full = A._teacher_forced(model, patch, batch.tokens, prefix)
+        patch.decode_start = prefix
+        out = model(input_ids=batch.tokens[:, :prefix], use_cache=True)
+        past, step_logits = out.past_key_values, []
+        patch.decode_start = 0
+        for t in range(prefix, batch.tokens.shape[1] - 1):
+            out = model(input_ids=batch.tokens[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step_logits.append(out.logits[:, -1].float())
+    stepwise = torch.stack(step_logits, dim=1)
+    # Both hold the logits of positions prefix .. L-2, where rows of the decode region were rewritten.
+    assert full.shape == stepwise.shape
+    torch.testing.assert_close(full, stepwise, rtol=1e-4, atol=1e-4)
+
+
+def test_small_sweep_end_to_end(model_and_streams, tmp_path):
+    model, streams = model_and_streams
+    cfg = model.config
+    E, k = cfg.num_experts, cfg.num_experts_per_tok
+    rules = [
+        A.Rule("off", make_policy("off")),
+        A.Rule("lynx", make_policy("lynx")),
+        A.Rule(f"budget {E // 4}", make_policy("budget", max_experts=E // 4)),
+        A.Rule("random~budget", matched_to=f"budget {E // 4}"),
+    ]
+    summaries = A.sweep(model, streams, rules, batch_sizes=(8,), batches_per_kind=1, prefix=8, decode_len=8,
+                        greedy_tokens=4, log=lambda s: None)
+    by = {(s.rule["label"], s.kind): s for s in summaries}
+    off = by[("off", "one-domain")]
+    # Selection off is exactly the model: zero difference, not "small".
+    assert off.delta_points == 0 and off.delta_loglik == 0 and off.kl == 0
+    assert off.top1_agreement == 1 and off.greedy_agreement == 1
+    assert off.experts_after == off.experts_before
+    budget = by[(f"budget {E // 4}", "one-domain")]
+    assert budget.experts_after <= E // 4 < budget.experts_before
+    assert budget.kl > 0
+    # The control keeps exactly as many experts as the rule it is matched to, in every step.
+    rand = by[("random~budget", "one-domain")]
+    assert rand.per_layer_after == budget.per_layer_after
+    assert {s.kind for s in summaries} >= {"one-domain", "mixed", "python", "english"}
+    A.plot(summaries, tmp_path / "sweep.png", "test")
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000
+    assert "budget" in A.table(summaries)
+
+
+def test_random_control_must_follow_its_rule(model_and_streams):
+    model, streams = model_and_streams
+    with pytest.raises(ValueError, match="must follow"):
+        A.sweep(model, streams, [A.Rule("random~x", matched_to="x"), A.Rule("x", make_policy("off"))], (4,), 1)
+
+
+def test_unsupported_model_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match="Qwen3-MoE family"):
+        A.SelectionPatch(LlamaForCausalLM(cfg), None)
+
+
+def test_cli_writes_json_and_png(tmp_path):
+    out = tmp_path / "acc"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lynx_sglang.accuracy", str(DEFAULT_MODEL), "--out", str(out), "--batch-sizes", "4",
+         "--batches", "1", "--prefix", "6", "--decode-len", "4", "--greedy-tokens", "2"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = json.loads(out.with_suffix(".json").read_text())
+    labels = {s["rule"]["label"] for s in payload["summaries"]}
+    assert "off" in labels and any(label.startswith("random~lynx") for label in labels)
+    assert out.with_suffix(".png").exists()
