@@ -120,13 +120,15 @@ class SelectionPatch:
 
     ``rule`` is a policy (run through ``ExpertSelector``, as in the server),
     ``RANDOM`` (the control, which needs ``random_counts`` from a matched run),
-    or None (selection off: the patched forward then equals the stock one).
+    or None (selection off: the patched forward then equals the stock one);
+    ``layers`` restricts it to those MoE layers (as ``--lynx-layers`` does).
     Rows at sequence positions >= ``decode_start`` of each forward call are
     decode rows; a decode step's batch is one position across all sequences.
     """
 
-    def __init__(self, model, rule, seed: int = 0):
+    def __init__(self, model, rule, seed: int = 0, layers: Optional[Sequence[int]] = None):
         self.blocks = moe_blocks(model)
+        self.layers = None if layers is None else set(layers)  # None: every MoE layer
         cfg = model.config
         self.router = RouterSpec(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok)
         self.rule = rule
@@ -162,7 +164,7 @@ class SelectionPatch:
         """One decode step of one layer: [B, E] logits, [B, k] ids/weights."""
         E = self.router.num_experts
         before = _distinct(ids, E)
-        if self.rule is None:
+        if self.rule is None or (self.layers is not None and layer not in self.layers):
             new_ids, new_w = ids, weights
         elif self.rule == RANDOM:
             new_ids, new_w = self._random_keep(logits, ids, weights)
@@ -291,6 +293,7 @@ def measure(
     greedy_tokens: int,
     random_counts: Optional[Tuple[List[int], List[int]]] = None,
     seed: int = 0,
+    layers: Optional[Sequence[int]] = None,
 ) -> Tuple[BatchResult, Tuple[List[int], List[int]]]:
     """One batch under ``rule``.
 
@@ -299,7 +302,7 @@ def measure(
     the random-keep control matched to this rule consumes as ``random_counts``.
     """
     layers = len(moe_blocks(model))
-    with SelectionPatch(model, rule, seed=seed) as patch:
+    with SelectionPatch(model, rule, seed=seed, layers=layers) as patch:
         if random_counts is not None:
             patch.random_counts = list(random_counts[0])
         logits = _teacher_forced(model, patch, batch.tokens, prefix)
@@ -394,24 +397,37 @@ class Rule:
     label: str
     policy: Optional[Policy] = None
     matched_to: Optional[str] = None
+    layers: Optional[Tuple[int, ...]] = None  # MoE layers it applies to (None: all)
 
     def describe(self) -> dict:
+        """The rule as recorded in result files."""
+        extra = {} if self.layers is None else {"layers": list(self.layers)}
         if self.matched_to is not None:
-            return {"label": self.label, "name": RANDOM, "matched_to": self.matched_to}
-        return {"label": self.label, **policy_params(self.policy)}
+            return {"label": self.label, "name": RANDOM, "matched_to": self.matched_to, **extra}
+        return {"label": self.label, **policy_params(self.policy), **extra}
 
 
 def default_rules(num_experts: int, top_k: int) -> List[Rule]:
-    """The sweep: each policy over its main parameter, and random keeps matched to lynx."""
+    """The sweep: each policy over its main parameter, and random keeps matched to lynx.
+
+    With ``min_votes = 1`` lynx keeps an expert iff some row of the batch has it
+    within ``keep_level / alpha`` logits of that row's best pick, so ``alpha``
+    (with the default keep_level 1) is its main parameter; two points with
+    ``min_votes = 2`` show what asking for a second vote buys.
+    """
     rules = [Rule("off", make_policy("off"))]
-    for w in (0.25, 0.5, 1.0, 2.0):
-        rules.append(Rule(f"lynx alpha={1 / w:g}", make_policy("lynx", alpha=1 / w)))
+    lynx = []
+    for alpha in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0):
+        lynx.append(Rule(f"lynx alpha={alpha:g}", make_policy("lynx", alpha=alpha)))
+    for alpha in (1.0, 2.0):
+        lynx.append(Rule(f"lynx alpha={alpha:g} votes=2", make_policy("lynx", alpha=alpha, min_votes=2)))
+    rules += lynx
     for k0 in range(1, top_k):
         rules.append(Rule(f"oea k0={k0}", make_policy("oea", k0=k0)))
     for frac in (0.375, 0.5, 0.625, 0.75):
-        rules.append(Rule(f"budget {round(frac * num_experts)}", make_policy("budget", max_experts=round(frac * num_experts))))
-    for r in [r for r in rules if r.label.startswith("lynx")]:
-        rules.append(Rule(f"random~{r.label}", matched_to=r.label))
+        m = round(frac * num_experts)
+        rules.append(Rule(f"budget {m}", make_policy("budget", max_experts=m)))
+    rules += [Rule(f"random~{r.label}", matched_to=r.label) for r in lynx if "votes" not in r.label]
     return rules
 
 
@@ -447,9 +463,10 @@ def sweep(
             kept: Dict[str, Tuple[List[int], List[int]]] = {}
             for r in rules:
                 if r.matched_to is not None:
-                    res, _ = measure(model, batch, RANDOM, off, prefix, greedy_tokens, kept[r.matched_to], seed=seed + bi)
+                    res, _ = measure(model, batch, RANDOM, off, prefix, greedy_tokens, kept[r.matched_to],
+                                     seed=seed + bi, layers=r.layers)
                 else:
-                    res, kept[r.label] = measure(model, batch, r.policy, off, prefix, greedy_tokens)
+                    res, kept[r.label] = measure(model, batch, r.policy, off, prefix, greedy_tokens, layers=r.layers)
                 results[r.label].append(res)
         for r in rules:
             rs = results[r.label]
@@ -473,13 +490,20 @@ def plot(summaries: List[Summary], path: Path, title: str) -> None:
     sizes = sorted({s.batch_size for s in summaries})
     kinds = ["one-domain", "mixed"]
     fig, axes = plt.subplots(len(kinds), len(sizes), figsize=(4.2 * len(sizes), 3.6 * len(kinds)), squeeze=False)
-    styles = {"lynx": ("C0", "o"), "oea": ("C1", "s"), "budget": ("C2", "^"), RANDOM: ("C3", "x"), "off": ("k", "*")}
+    styles = {"lynx": ("C0", "o"), "lynx 2 votes": ("C4", "D"), "oea": ("C1", "s"), "budget": ("C2", "^"),
+              RANDOM: ("C3", "x"), "off": ("k", "*")}
+
+    def series(s: Summary) -> str:
+        if s.rule["name"] == "lynx" and s.rule.get("min_votes", 1) != 1:
+            return "lynx 2 votes" if s.rule["min_votes"] == 2 else "lynx many votes"
+        return s.rule["name"]
+
     for i, kind in enumerate(kinds):
         for j, B in enumerate(sizes):
             ax = axes[i][j]
             pts = [s for s in summaries if s.kind == kind and s.batch_size == B]
             for name, (color, marker) in styles.items():
-                sel = sorted((s for s in pts if s.rule["name"] == name), key=lambda s: s.experts_after)
+                sel = sorted((s for s in pts if series(s) == name), key=lambda s: s.experts_after)
                 if sel:
                     ax.plot([s.experts_after for s in sel], [s.delta_points for s in sel], marker=marker,
                             color=color, label=name, linestyle="-" if name != "off" else "none")
