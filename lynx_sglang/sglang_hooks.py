@@ -97,9 +97,12 @@ class TopKSelectionStage:
     """One MoE layer's selection stage: owns the layer's ``ExpertSelector``."""
 
     def __init__(self, layer_id: int, router: RouterSpec, options: LynxOptions, device: torch.device,
-                 correction_bias: Optional[torch.Tensor]):
+                 correction_bias: Optional[torch.Tensor], physical_ids: bool = False):
         self.layer_id, self.router, self.options = layer_id, router, options
         self.device, self.correction_bias = device, correction_bias
+        # EPLB (or a non-trivial placement) has turned the routed ids into physical replica ids:
+        # selection then runs on logical ids (what the router ranked) and maps back (_select_physical).
+        self.physical_ids = physical_ids
         from sglang.srt.layers.moe.topk import StandardTopKOutput
 
         self._standard = StandardTopKOutput  # resolved once: __call__ runs on every MoE layer
@@ -147,11 +150,49 @@ class TopKSelectionStage:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("lynx-sglang: top-k dtypes changed during CUDA-graph capture")
             self.selector = self._plan(ids.dtype, w.dtype)
-        new_ids, new_w = self.selector.run(logits[first:], ids[first:], w[first:], num_valid)
+        if self.physical_ids:
+            new_ids, new_w = self._select_physical(logits[first:], ids[first:], w[first:], num_valid)
+        else:
+            new_ids, new_w = self.selector.run(logits[first:], ids[first:], w[first:], num_valid)
         if first:
             new_ids = torch.cat([ids[:first], new_ids])
             new_w = torch.cat([w[:first], new_w])
         return self._standard(topk_weights=new_w, topk_ids=new_ids, router_logits=logits)
+
+
+    def _select_physical(self, logits, ids, w, num_valid):
+        """Selection when ids are physical (EPLB): decide on logical ids, map the result back.
+
+        Slots whose logical expert is unchanged keep the physical replica SGLang
+        chose, so unchanged rows stay bit for bit. A slot that was re-routed gets
+        a replica of its new logical expert picked by row index (as SGLang's
+        rank-invariant dynamic dispatch does), valid with and without an
+        all-to-all backend. Empty slots stay -1: the remap tables would alias -1.
+        """
+        physical_to_logical, logical_to_all, replicas = eplb_maps(self.layer_id)
+        k = self.router.top_k
+        routed = ids[:, :k]
+        logical = torch.where(routed >= 0, physical_to_logical[routed.clamp(min=0).long()].to(ids.dtype), routed)
+        new_ids, new_w = self.selector.run(logits, torch.cat([logical, ids[:, k:]], dim=1), w, num_valid)
+        new_logical = new_ids[:, :k]
+        target = new_logical.clamp(min=0).long()
+        row = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        replica = logical_to_all[target, row % replicas[target]].to(ids.dtype)
+        physical = torch.where(new_logical == logical, routed, torch.where(new_logical >= 0, replica, new_logical))
+        return torch.cat([physical, ids[:, k:]], dim=1), new_w
+
+
+def eplb_maps(layer_id: int):
+    """This layer's (physical -> logical [P], logical -> all physical [E, X], replicas per logical [E]).
+
+    Read on every call: EPLB rebalancing rewrites the placement (in place, so
+    that captured CUDA graphs see it too).
+    """
+    from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+    md = get_global_expert_location_metadata()
+    return (md.physical_to_logical_map[layer_id], md.logical_to_all_physical_map[layer_id],
+            md.logical_to_all_physical_map_num_valid[layer_id])
 
 
 def _topk_forward_around(original, self, hidden_states, router_logits, *args, **kwargs):
@@ -187,7 +228,7 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def build_stages(model, hf_config, options: LynxOptions) -> list[TopKSelectionStage]:
+def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = False) -> list[TopKSelectionStage]:
     """Attach a selection stage to every TopK layer ``options`` enables; refuse what we cannot serve."""
     from sglang.srt.layers.moe.hash_topk import HashTopK
     from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
@@ -221,7 +262,7 @@ def build_stages(model, hf_config, options: LynxOptions) -> list[TopKSelectionSt
         shared = cfg.num_shared_topk_slots
         router = RouterSpec(E, cfg.top_k - shared, shared, cfg.scoring_func, cfg.correction_bias is not None)
         bias = cfg.correction_bias.detach().float() if cfg.correction_bias is not None else None
-        stage = TopKSelectionStage(layer_id, router, options, device, bias)
+        stage = TopKSelectionStage(layer_id, router, options, device, bias, physical_ids)
         object.__setattr__(module, _STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
         stages.append(stage)
     if hashed:
@@ -244,13 +285,10 @@ def stages() -> list[TopKSelectionStage]:
 def _prepare_moe_topk_after(result, *args, model=None, model_config=None, **kwargs):
     options = LynxOptions.from_env()
     if options.enabled and model is not None:
-        if _eplb_remaps_ids():
-            raise ConfigError("--moe-backend lynx does not support --enable-eplb yet (selection must see "
-                              "logical expert ids)")
         if _two_batch_overlap():
             raise ConfigError("--moe-backend lynx does not support --enable-two-batch-overlap yet (both "
                               "micro-batches would share one layer's selection buffers)")
-        _stages.extend(build_stages(model, model_config.hf_config, options))
+        _stages.extend(build_stages(model, model_config.hf_config, options, physical_ids=_eplb_remaps_ids()))
     return result
 
 

@@ -305,3 +305,43 @@ def test_padded_rows_neither_vote_nor_change(sglang_layers, phase):
                          ids_dtype=plain.topk_ids.dtype)
     want_ids, _ = sel.run(z[:20], plain.topk_ids[:20], plain.topk_weights[:20])
     assert torch.equal(out.topk_ids[:20], want_ids)
+
+
+@pytest.mark.parametrize("policy", [{"policy": "lynx"}, {"policy": "budget", "params": {"max_experts": 2}}],
+                         ids=["lynx", "budget-2"])
+def test_eplb_selects_on_logical_ids_and_maps_back_to_replicas(sglang_layers, phase, monkeypatch, policy):
+    E, P, k, T = 16, 24, 4, 32
+    g = torch.Generator().manual_seed(5)
+    # A placement with redundancy: 16 logical experts on 24 physical slots, 8 of them replicated.
+    physical_to_logical = torch.cat([torch.randperm(E, generator=g), torch.randperm(E, generator=g)[:8]])
+    replicas = torch.bincount(physical_to_logical, minlength=E)
+    logical_to_all = torch.full((E, int(replicas.max())), -1, dtype=torch.int64)
+    for e in range(E):
+        where = (physical_to_logical == e).nonzero().flatten()
+        logical_to_all[e, : where.numel()] = where
+    monkeypatch.setattr(hooks, "eplb_maps", lambda layer: (physical_to_logical, logical_to_all, replicas))
+
+    layers = [_topk(sglang_layers, 0)]
+    opts = _opts(**policy) if "params" in policy else _opts(policy="lynx")
+    (stage,) = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=E), opts, physical_ids=True)
+    x, z = torch.randn(T, 8, generator=g), torch.randn(T, E, generator=g) * 3
+    plain = _topk(sglang_layers, 0)(x, z)  # logical ids, as the router picked them
+    # What EPLB would hand us: each pick on one of its expert's replicas (chosen at random).
+    pick = torch.randint(0, 1 << 16, plain.topk_ids.shape, generator=g) % replicas[plain.topk_ids.long()]
+    physical_in = logical_to_all[plain.topk_ids.long(), pick].to(plain.topk_ids.dtype)
+    topk_in = sglang_layers.StandardTopKOutput(topk_weights=plain.topk_weights, topk_ids=physical_in,
+                                               router_logits=z)
+    phase.current = ("decode",)
+    out = stage(topk_in, None)
+
+    sel = ExpertSelector(RouterSpec(E, k), opts.make_policy(), 64, ids_dtype=plain.topk_ids.dtype)
+    want_logical, want_w = sel.run(z, plain.topk_ids, plain.topk_weights)
+    assert torch.equal(out.topk_weights, want_w)
+    got = out.topk_ids
+    empty = want_logical < 0
+    assert torch.equal(got < 0, empty)  # empty slots stay -1 (the remap tables would alias them)
+    got_logical = torch.where(empty, want_logical, physical_to_logical[got.clamp(min=0).long()].to(got.dtype))
+    assert torch.equal(got_logical, want_logical)  # every slot holds a replica of the selected expert
+    kept = want_logical == plain.topk_ids
+    assert torch.equal(got[kept], physical_in[kept])  # untouched slots keep SGLang's replica
+    assert not kept.all()  # the batch really changed
