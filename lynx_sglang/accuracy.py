@@ -301,7 +301,7 @@ def measure(
     teacher-forced pass and of the greedy loop (in call order), which is what
     the random-keep control matched to this rule consumes as ``random_counts``.
     """
-    layers = len(moe_blocks(model))
+    num_layers = len(moe_blocks(model))
     with SelectionPatch(model, rule, seed=seed, layers=layers) as patch:
         if random_counts is not None:
             patch.random_counts = list(random_counts[0])
@@ -317,8 +317,8 @@ def measure(
     logp = F.log_softmax(logits, dim=-1)
     kl = float((logp_off.exp() * (logp_off - logp)).sum(-1).sum())
     # Reductions are against what the batch touches with selection off.
-    before, _ = _per_layer_means(off.counts, layers)
-    _, after = _per_layer_means(counts, layers)
+    before, _ = _per_layer_means(off.counts, num_layers)
+    _, after = _per_layer_means(counts, num_layers)
     result = BatchResult(
         domain=batch.domain,
         batch_size=batch.tokens.shape[0],
