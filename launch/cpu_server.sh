@@ -21,7 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export SGLANG_USE_CPU_ENGINE=1
 
 exec "$ROOT/.venv/bin/python" -m sglang.launch_server \
-    --model-path "${MODEL:-$ROOT/models/tiny-qwen3-moe}" \
+    --model-path "${MODEL:-$ROOT/models/trained-qwen3-moe}" \
     --device cpu \
     --attention-backend torch_native \
     --disable-overlap-schedule \

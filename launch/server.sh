@@ -11,5 +11,5 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 exec "$PY" -m sglang.launch_server \
-    --model-path "${MODEL:-$ROOT/models/tiny-qwen3-moe}" \
+    --model-path "${MODEL:-$ROOT/models/trained-qwen3-moe}" \
     "$@"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_MODEL = REPO / "models" / "tiny-qwen3-moe"
+DEFAULT_MODEL = REPO / "models" / "trained-qwen3-moe"
 START_TIMEOUT_S = 180.0
 
 

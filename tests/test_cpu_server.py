@@ -23,7 +23,7 @@ from lynx_sglang import cpu_support
 
 PROMPTS = ["Hello, world", "The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
 MAX_NEW_TOKENS = 16
-# float32: the tiny model's own dtype ("auto" would serve it in float16), so that changes of
+# float32 ("auto" would serve the bundled model in its stored bf16), so that changes of
 # reduction order (batching, TP all-reduce) cannot flip a greedy pick on a near tie.
 SERVER_ARGS = ("--dtype", "float32")
 
@@ -264,7 +264,7 @@ def _greedy(server, prompts=PROMPTS):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A TP-1 server of the tiny Qwen3-MoE for this module, killed (whole process group) at the end."""
+    """A TP-1 server of the bundled model for this module, killed (whole process group) at the end."""
     if torch.cuda.is_available():
         pytest.skip("launch/cpu_server.sh is for CPU-only machines")
     srv = start_server(*SERVER_ARGS, log_dir=tmp_path_factory.mktemp("server"))
@@ -314,3 +314,25 @@ def test_parallel_server_matches_tp1(tmp_path, tp1_outputs, parallel):
         print(f"\n{' '.join(parallel)} server healthy after {srv.started_in_s:.1f} s")
         got = _greedy(srv)
         assert got == tp1_outputs, srv.log_tail()
+
+
+@cpu_only
+def test_sglang_serves_the_bundled_model_as_transformers_computes_it(server):
+    """The trained model loads in SGLang with its own qwen3_moe code: prompt log-probs match transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lynx_sglang.server_process import DEFAULT_MODEL
+
+    text = "def read_config(path):\n    with open(path) as f:\n        return json.load(f)\n"
+    tokenizer = AutoTokenizer.from_pretrained(DEFAULT_MODEL)
+    ids = tokenizer(text)["input_ids"]
+    out = server.post("/generate", {"input_ids": ids, "sampling_params": {"temperature": 0.0, "max_new_tokens": 1},
+                                    "return_logprob": True, "logprob_start_len": 0})
+    served = torch.tensor([lp for lp, *_ in out["meta_info"]["input_token_logprobs"][1:]])
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+    want = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert served.shape == want.shape
+    torch.testing.assert_close(served, want, atol=2e-3, rtol=0)
+    assert float(want.exp().mean()) > 0.2  # a trained model: it predicts this code well above chance
