@@ -1,0 +1,324 @@
+"""The MoE-layer benchmark (benchmarks/bench_moe_layer.py): its MoE computations against a plain
+per-(token, slot) torch reference, with selection off and on, its expert accounting, the align
+stand-in, SGLang's kernel files loaded without sglang (as on the GPU machine), and the CLI's files.
+
+SGLang's Triton kernels run in Triton's CPU interpreter here (conftest sets TRITON_INTERPRET=1), in
+float16: the interpreter computes bf16 dots on the raw bits, so bf16 is checked on a GPU only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bench_moe_layer as bm
+from lynx_sglang import ExpertSelector, make_policy
+from lynx_sglang.routing_stats import TRACE_FORMAT
+
+REPO = Path(__file__).resolve().parent.parent
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="SGLang's Triton kernels run here in the interpreter")
+CPU = torch.device("cpu")
+
+
+def _layer(shape, dtype, std=0.2, seed=0, device=CPU):
+    w = bm.make_weights(shape, dtype, device, torch.Generator().manual_seed(seed))
+    for t in (w.w13, w.w2, w.shared13, w.shared2, w.shared_gate):
+        if t is not None:
+            t.mul_(std / 0.02)  # outputs of order 1: errors are meaningful
+    return w
+
+
+def _inputs(shape, B, dtype, seed=1, device=CPU):
+    batch = bm.make_batches(shape, B, "random", 1, seed, device, skew=2.0)[0]
+    x = torch.randn(B, shape.hidden, generator=torch.Generator().manual_seed(seed)).to(dtype=dtype, device=device)
+    return batch, x
+
+
+def _lynx(shape, batch):
+    """Lynx's rewritten ids/weights for the batch; asserts it actually moved something (else the test is moot)."""
+    sel = ExpertSelector(shape.router(), make_policy("lynx"), batch.ids.shape[0], batch.ids.device)
+    ids, w = sel.run(batch.logits, batch.ids, batch.weights)
+    assert not torch.equal(ids, batch.ids), "lynx changed nothing: pick a batch where it re-routes"
+    return ids.clone(), w.clone()
+
+
+def _check(kernel, shape, B, dtype, rtol, device=CPU):
+    """off: kernel == reference(router ids); lynx: kernel == reference(rewritten ids), != off's reference."""
+    w = _layer(shape, dtype, device=device)
+    batch, x = _inputs(shape, B, dtype, device=device)
+    fn = kernel.prepare(shape, B, dtype, device)
+    ref_off = bm.moe_reference(x, w.w13, w.w2, batch.ids, batch.weights)
+    got_off = fn(x, w, batch.ids, batch.weights).float().cpu()
+    scale = ref_off.abs().max()
+    assert (got_off - ref_off).abs().max() <= rtol * scale
+    ids, wts = _lynx(shape, batch)
+    ref_lynx = bm.moe_reference(x, w.w13, w.w2, ids, wts)
+    got_lynx = fn(x, w, ids, wts).float().cpu()
+    assert (got_lynx - ref_lynx).abs().max() <= rtol * scale
+    assert (ref_lynx - ref_off).abs().max() > 5 * rtol * scale  # the comparison can tell the two apart
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+def test_distinct_experts_counts_routed_ids_only():
+    ids = torch.tensor([[0, 1, 16], [1, 5, 16], [-1, 5, 17]], dtype=torch.int32)  # 16, 17: shared slots
+    assert bm.distinct_experts(ids, 16) == 3
+    assert bm.distinct_experts(ids[:1, :2], 16) == 2
+
+
+def test_distinct_experts_agrees_with_selector_stats():
+    shape = bm.SHAPES["qwen3-30b-a3b"]
+    for B in (1, 8, 32):
+        batch = bm.make_batches(shape, B, "random", 1, B, CPU)[0]
+        sel = ExpertSelector(shape.router(), make_policy("lynx"), B, CPU)
+        ids, _ = sel.run(batch.logits, batch.ids, batch.weights)
+        st = sel.stats()
+        assert st.experts_before == bm.distinct_experts(batch.ids, shape.experts)
+        assert st.experts_after == bm.distinct_experts(ids, shape.experts)
+        assert st.experts_after <= st.experts_before <= min(shape.experts, B * shape.top_k)
+
+
+# --------------------------------------------------------------------------- MoE computations
+
+
+def test_torch_loop_matches_reference():
+    _check(bm.TorchLoopMoE(), bm.SHAPES["tiny"], 8, torch.float32, rtol=1e-5)
+
+
+def test_sglang_native_cpu_path_matches_reference():
+    """SGLang's CPU MoE through our CPU server's hook (what the CPU benchmark times)."""
+    _check(bm.SGLangNativeMoE(), bm.SHAPES["tiny"], 8, torch.float32, rtol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape,B", [
+    (bm.SHAPES["tiny"], 6),  # B*k = 24, E = 16: align stand-in, SGLang moe_sum_reduce_triton
+    (bm.MoEShape("e80k2", 80, 2, 64, 32), 4),  # B*k = 8, E + 1 > 64: SGLang's small-numel align, torch.add
+])
+def test_sglang_triton_path_matches_reference(shape, B):
+    kernel = bm.SGLangTritonMoE(bm.SGLangFiles.resolve(None))
+    _check(kernel, shape, B, torch.float16, rtol=1e-2)
+    info = kernel.point_info()
+    assert info["align"] == ("sglang moe_align_small_numel" if shape.experts == 80 else "stand-in (Triton)")
+    assert info["combine"] == ("torch.add" if shape.top_k == 2 else "sglang moe_sum_reduce_triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,B", [
+    (bm.MoEShape("g128", 128, 8, 256, 128), 8),  # B*k = 64: SGLang's small-numel align; sum-reduce
+    (bm.MoEShape("g64", 64, 6, 256, 128), 16),  # align stand-in
+    (bm.MoEShape("g8", 8, 2, 256, 128), 8),  # torch.add combine
+])
+def test_sglang_triton_bf16_on_gpu(device, shape, B):
+    """On a GPU (LYNX_TEST_DEVICE=cuda), in bf16, with SGLang's files installed or exported (build/sglang_moe_files)."""
+    if device.type != "cuda":
+        pytest.skip("GPU only")
+    try:
+        files = bm.SGLangFiles.resolve(None)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    _check(bm.SGLangTritonMoE(files), shape, B, torch.bfloat16, rtol=2e-2, device=device)
+
+
+def test_shared_expert_matches_reference():
+    shape = bm.SHAPES["tiny-shared"]
+    w = _layer(shape, torch.float32)
+    _, x = _inputs(shape, 5, torch.float32)
+    torch.testing.assert_close(bm.shared_forward(x, w), bm.shared_reference(x, w), rtol=1e-5, atol=1e-5)
+    assert bm.shared_forward(x, _layer(bm.SHAPES["tiny"], torch.float32)) is None
+
+
+# --------------------------------------------------------------------------- align
+
+
+def _random_ids(T, k, E, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+
+
+def test_align_reference_on_sglang_docstring_example():
+    # SGLang's moe_align_block_size docstring, in its "+1 offset" form (ids 1..4 -> buckets 2..5).
+    ids = torch.tensor([[2, 3, 4], [1, 2, 4], [1, 3, 4], [1, 2, 3]]) - 1
+    s, e, total = bm.align_reference(ids, 4, 4)
+    assert total == 16
+    assert s.tolist() == [3, 6, 9, 12, 0, 4, 10, 12, 1, 7, 11, 12, 2, 5, 8, 12]
+    assert e.tolist() == [0, 1, 2, 3]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T,k,E,bs", [(1, 8, 128, 16), (16, 8, 128, 16), (7, 6, 64, 32), (5, 2, 8, 16)])
+def test_align_standin_matches_reference(T, k, E, bs):
+    ids = _random_ids(T, k, E, T * k + E)
+    ids[T // 2, 0] = -1  # an expert-parallel filtered slot: bucket 0, block expert id -1
+    ref_s, ref_e, total = bm.align_reference(ids, E, bs)
+    s, e, n = bm.align_buffers(ids.numel(), E, bs, CPU)
+    s.fill_(-7)
+    e.fill_(-7)
+    bm.align_standin(ids, E + 1, bs, s, e, n)
+    assert int(n) == total
+    assert torch.equal(s[:total], ref_s) and torch.equal(e[: total // bs], ref_e)
+
+
+_COMPILE_ALIGN = r"""
+import json, torch, triton
+from lynx_sglang.kernels.aot_check import compile_launch, ptxas_usage
+from benchmarks import bench_moe_layer as bm
+for E, numel in ((128, 1024), (64, 512), (8, 256)):  # Qwen3 / OLMoE-like / Mixtral at B = 128
+    nbk = triton.next_power_of_2(E + 2)
+    s, e, n = bm.align_buffers(numel, E, 16, "cpu")
+    args = (torch.zeros(numel, dtype=torch.int32), s, e, n, numel, 16, s.numel(), e.numel())
+    k = compile_launch(bm._align_standin_kernel, args, {"CH": max(16, min(64, 8192 // nbk)), "NBK": nbk,
+                                                        "num_warps": 4}, 90)
+    print(json.dumps({"E": E, **ptxas_usage(k, 90)}))
+"""
+
+
+def test_align_standin_compiles_for_sm90_without_spills():
+    """The interpreter accepts code the GPU compiler rejects: compile the stand-in with Triton's compiler."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-c", _COMPILE_ALIGN], capture_output=True, text=True, env=env, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 3 and all(r["registers"] and r["spill_store_bytes"] == 0 for r in rows), rows
+
+
+@needs_interpreter
+def test_sglang_small_numel_align_matches_reference():
+    kernel = bm.SGLangTritonMoE(bm.SGLangFiles.resolve(None))
+    for T, k, E in ((1, 8, 128), (8, 8, 128), (3, 6, 64)):
+        ids = _random_ids(T, k, E, T)
+        ref_s, ref_e, total = bm.align_reference(ids, E, 16)
+        s, e, n = bm.align_buffers(ids.numel(), E, 16, CPU)
+        kernel.small.moe_align_small_numel(ids, E + 1, 16, s, e, n)
+        assert int(n) == total and torch.equal(s[:total], ref_s) and torch.equal(e[: total // 16], ref_e)
+
+
+# --------------------------------------------------------------------------- SGLang files, configs
+
+
+def test_config_lookup_follows_sglang(monkeypatch):
+    kernel = bm.SGLangTritonMoE(bm.SGLangFiles.resolve(None))
+    cfg_dir = kernel.files.path(bm.SGLANG_CONFIG_DIR)
+    monkeypatch.setattr(kernel, "triton_version", lambda: "3.6.0")
+    # H200 has a file for Triton 3.6.0 itself.
+    monkeypatch.setattr(kernel, "device_name", lambda: "NVIDIA H200")
+    up, down, info = kernel.configs(128, 768, 2048, 8)
+    table = json.loads((cfg_dir / "triton_3_6_0" / "E=128,N=768,device_name=NVIDIA_H200.json").read_text())
+    assert up == table["8"] and info["config_source"].endswith("triton_3_6_0/E=128,N=768,device_name=NVIDIA_H200.json")
+    assert down == table["8"]  # no _down file: the up table, as SGLang reuses it
+    # H100 has none for 3.6.0: SGLang falls back to the newest Triton version that has one (3.7.1), nearest M.
+    monkeypatch.setattr(kernel, "device_name", lambda: "NVIDIA H100 80GB HBM3")
+    up, down, info = kernel.configs(128, 768, 2048, 20)
+    name = "E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3"
+    assert info["config_source"].endswith(f"triton_3_7_1/{name}.json")
+    assert up == json.loads((cfg_dir / "triton_3_7_1" / f"{name}.json").read_text())["16"]
+    assert down == json.loads((cfg_dir / "triton_3_7_1" / f"{name}_down.json").read_text())["16"]
+    # No tuned file: SGLang's default (M <= E).
+    up, down, info = kernel.configs(64, 1408, 2048, 4)
+    assert up == {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 32, "BLOCK_SIZE_K": 64, "GROUP_SIZE_M": 1} and down is None
+
+
+_NO_SGLANG = r"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):  # the GPU machine: no sglang, no sgl_kernel
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('sglang', 'sgl_kernel'):
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Block())
+import torch
+from benchmarks import bench_moe_layer as bm
+files = bm.SGLangFiles.resolve(sys.argv[1])
+assert files.version and 'exported' in files.source
+kernel = bm.SGLangTritonMoE(files)
+shape = bm.SHAPES['tiny']
+w = bm.make_weights(shape, torch.float16, torch.device('cpu'), torch.Generator().manual_seed(0))
+b = bm.make_batches(shape, 3, 'random', 1, 0, torch.device('cpu'))[0]
+x = torch.randn(3, shape.hidden).to(torch.float16)
+got = kernel.prepare(shape, 3, torch.float16, torch.device('cpu'))(x, w, b.ids, b.weights).float()
+ref = bm.moe_reference(x, w.w13, w.w2, b.ids, b.weights)
+assert (got - ref).abs().max() <= 1e-2 * ref.abs().max(), (got - ref).abs().max()
+assert not any(m.split('.')[0] in ('sglang', 'sgl_kernel') for m in sys.modules)
+print('OK', kernel.describe()['files_sha256'])
+"""
+
+
+@needs_interpreter
+def test_exported_files_run_without_sglang(tmp_path):
+    """Export SGLang's files, then load and run them in a process where sglang cannot be imported."""
+    dest = bm.export_sglang_files(tmp_path / "files", [bm.SHAPES[s] for s in bm.MODEL_SHAPES])
+    manifest = json.loads((dest / bm.MANIFEST).read_text())
+    assert set(bm.SGLANG_KERNEL_FILES) <= set(manifest["files"])
+    assert any("E=128,N=768" in f for f in manifest["files"])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", _NO_SGLANG, str(dest)], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK" in out.stdout
+    # A changed file is refused.
+    victim = dest / bm.SGLANG_KERNEL_FILES[1]
+    victim.write_text(victim.read_text() + "\n# edited\n")
+    with pytest.raises(RuntimeError, match="does not match"):
+        bm.SGLangFiles.exported(dest)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _write_trace(path: Path, E: int, k: int, layers: int = 2, nb: int = 4, B: int = 32) -> Path:
+    g = torch.Generator().manual_seed(3)
+    rec = {"logits": (torch.randn(layers, nb, B, E, generator=g) * 2).to(torch.float16),
+           "domain": torch.zeros(nb, B, dtype=torch.int8), "window": torch.zeros(nb, B, dtype=torch.int32),
+           "position": torch.zeros(nb, dtype=torch.int32)}
+    torch.save({"format": TRACE_FORMAT, "model": "synthetic", "num_experts": E, "top_k": k, "num_layers": layers,
+                "domains": ["d"], "kinds": {"independent_mixed": rec, "independent_domain": rec}}, path)
+    return path
+
+
+def test_cli_tiny_writes_json_and_png(tmp_path):
+    trace = _write_trace(tmp_path / "trace.pt", E=16, k=4)
+    prefix = tmp_path / "out" / "moe_layer_cpu"
+    payload = bm.main(["--shapes", "tiny,tiny-shared", "--batches", "1,8", "--kernel", "torch_loop",
+                       "--policies", "lynx,oea", "--reps", "2", "--trace", str(trace), "--peak-mib", "8",
+                       "--out", str(prefix)])
+    data = json.loads(prefix.with_name("moe_layer_cpu.json").read_text())
+    assert data["relative_only"] is True and data["kernel"]["name"] == "torch_loop"
+    assert {"device", "torch", "triton", "commit", "date"} <= set(data["environment"])
+    assert data["peak"]["peak_GBps"] > 0
+    rows = data["results"]
+    assert len(rows) == 2 * 2 * 2 * 3  # shapes x routings x batches x policies (off added first)
+    for r in rows:
+        for key in ("time_us", "times_us", "experts_before", "experts_after", "weight_bytes", "achieved_GBps",
+                    "bw_fraction_of_peak", "selection_us", "selection_share", "speedup"):
+            assert key in r, key
+        assert r["experts_after"] <= r["experts_before"]
+        if r["policy"] == "off":
+            assert r["speedup"] == 1.0 and r["selection_us"] == 0.0 and r["experts_after"] == r["experts_before"]
+        else:
+            # (share of a median of 2 noisy CPU calls: no upper bound asserted)
+            assert r["selection_us"] > 0 and r["selection_share"] == pytest.approx(r["selection_us"] / r["time_us"])
+        if r["B"] == 1:
+            assert r["experts_before"] == 4
+        assert ("shared_us" in r) == (r["shape"] == "tiny-shared")
+    assert {r["routing"] for r in rows} == {"random", "trace"}
+    assert payload["results"] == rows
+    png = prefix.with_name("moe_layer_cpu.png")
+    assert png.is_file() and png.stat().st_size > 10_000
+
+
+def test_cli_skips_trace_at_fewer_experts(tmp_path):
+    trace = _write_trace(tmp_path / "trace32.pt", E=32, k=4)
+    data = bm.main(["--shapes", "tiny", "--batches", "2", "--kernel", "torch_loop", "--reps", "1",
+                    "--trace", str(trace), "--peak-mib", "8", "--no-plot", "--out", str(tmp_path / "r")])
+    skipped = [r for r in data["results"] if "skipped" in r]
+    assert len(skipped) == 1 and "32 experts" in skipped[0]["skipped"]
+    assert {r["routing"] for r in data["results"] if "time_us" in r} == {"random"}
