@@ -76,9 +76,9 @@ def _vote_kernel(
     logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
     num_valid_ptr, num_valid, T,
     row_ok_ptr, picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr,
-    alpha, margin,
+    alpha, margin, move_q,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    NB: tl.constexpr, K0: tl.constexpr, POLICY: tl.constexpr,
+    NB: tl.constexpr, K0: tl.constexpr, POLICY: tl.constexpr, CAP_MOVES: tl.constexpr,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NV_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -132,6 +132,12 @@ def _vote_kernel(
             confident = row_ok
         r0 = tl.sum(tl.where((rank == 0) & kmask[None, :], ids_c, 0), axis=1)
         tl.atomic_add(flags_ptr + r0, tl.full(r0.shape, 1, tl.int32), mask=row_ok & confident)
+        if CAP_MOVES:  # max_moved_weight < 1: a pick is held once it and the weaker picks outweigh the cap
+            q = tl.where(vmask, tl.floor(w * _Q_SCALE + 0.5), 0.0).to(tl.int64)
+            weaker_or_self = (rank[:, None, :] >= rank[:, :, None]) & kmask[None, None, :]
+            weaker = tl.sum(tl.where(weaker_or_self, q[:, None, :], 0), axis=2)
+            held = weaker * 65536 > tl.sum(q, axis=1)[:, None] * move_q
+            tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & held)
     elif POLICY == 2:  # oea
         tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & (rank < K0))
     elif POLICY == 3:  # budget
@@ -377,9 +383,10 @@ def select_triton(
         nv_ptr, nv_int, T,
         ws.row_ok, ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters,
         float(lynx.alpha) if lynx else 1.0, float(lynx.margin) if lynx else 0.0,
+        lynx.moved_weight_q if lynx else 65536,
         E=E, K=K, E_PAD=E_PAD, K_PAD=triton.next_power_of_2(K), NB=nb,
         K0=policy.resolved_k0(router) if isinstance(policy, OeaPolicy) else 0,
-        POLICY=pid, SOFTMAX=softmax, HAS_BIAS=has_bias, NV_FROM_PTR=nv_from_ptr, BLOCK_T=BT,
+        POLICY=pid, CAP_MOVES=bool(lynx and lynx.moved_weight_q < 65536), SOFTMAX=softmax, HAS_BIAS=has_bias, NV_FROM_PTR=nv_from_ptr, BLOCK_T=BT,
     )
     _keep_kernel[(1,)](
         ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters, ws.keep, stats,

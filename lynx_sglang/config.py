@@ -101,6 +101,9 @@ class LynxPolicy:
         (None: top_k, so every token can still fill all its slots).
     confidence_margin: a token whose top-two logits differ by at least this is
         confident and always keeps its rank-0 expert (None: 1/alpha, one bin).
+    max_moved_weight: a token's picks may only move while their routed weight,
+        counted from its weakest pick up, stays within this fraction of the
+        token's routed weight sum; the others are always kept (1.0: no cap).
     """
 
     name = "lynx"
@@ -110,9 +113,11 @@ class LynxPolicy:
     min_votes: int = 1
     min_keep: Optional[int] = None
     confidence_margin: Optional[float] = None
+    max_moved_weight: float = 1.0
 
     def validate(self, router: RouterSpec, max_tokens: int) -> None:
         _check_number("lynx alpha", self.alpha, 1e-3, 1e3, integer=False)
+        _check_number("lynx max_moved_weight", self.max_moved_weight, 0.0, 1.0, integer=False)
         _check_number("lynx beta", self.beta, 0, MAX_BETA, integer=True)
         _check_number("lynx keep_level", self.keep_level, 0, self.beta, integer=True)
         _check_number("lynx min_votes", self.min_votes, 1, 1 << 16, integer=True)
@@ -133,6 +138,11 @@ class LynxPolicy:
     def margin(self) -> float:
         """Logit margin that makes a token confident."""
         return 1.0 / self.alpha if self.confidence_margin is None else float(self.confidence_margin)
+
+    @property
+    def moved_weight_q(self) -> int:
+        """``max_moved_weight`` in units of 1/65536 (the comparison is exact in integers)."""
+        return int(round(self.max_moved_weight * 65536))
 
     def resolved_min_keep(self, router: RouterSpec) -> int:
         """Minimum number of kept experts per batch."""

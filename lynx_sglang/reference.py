@@ -134,6 +134,14 @@ def vote(
             confident = torch.ones(T, dtype=torch.bool, device=dev)
         r0 = ids_c.gather(1, rank.argmin(dim=1, keepdim=True))[:, 0]
         out.mandatory = _count(r0, (row_ok & confident).long(), E) > 0
+        if policy.moved_weight_q < int(BUDGET_WEIGHT_SCALE):
+            # A pick may move only while the weight of it and every weaker pick of its row stays
+            # within max_moved_weight of the row's weight; the others are always kept. Integers
+            # (weights in 1/65536) keep the comparison exact and independent of summation order.
+            q = torch.floor(torch.where(voting > 0, w, 0.0) * BUDGET_WEIGHT_SCALE + 0.5).long()
+            weaker = (q[:, None, :] * (rank[:, None, :] >= rank[:, :, None])).sum(dim=-1)
+            held = weaker * int(BUDGET_WEIGHT_SCALE) > q.sum(dim=1, keepdim=True) * policy.moved_weight_q
+            out.mandatory |= _count(ids_c, voting * held, E) > 0
     elif isinstance(policy, OeaPolicy):
         core = voting * (rank < policy.resolved_k0(router))
         out.oea_core = _count(ids_c, core, E) > 0

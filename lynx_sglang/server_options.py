@@ -29,6 +29,7 @@ _POLICY_FLAGS = {
     "lynx_min_votes": ("min_votes", int),
     "lynx_min_keep": ("min_keep", int),
     "lynx_confidence_margin": ("confidence_margin", float),
+    "lynx_max_moved_weight": ("max_moved_weight", float),
     "lynx_oea_k0": ("k0", int),
     "lynx_budget_experts": ("max_experts", int),
 }

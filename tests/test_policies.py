@@ -56,6 +56,27 @@ def test_lynx_confident_rank0_survives_a_strict_threshold(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cap", [0.0, 0.2, 0.45])
+def test_lynx_moves_at_most_max_moved_weight_of_a_token(backend, cap):
+    router = RouterSpec(32, 4)
+    g = torch.Generator().manual_seed(11)
+    batch = route(router, torch.randn(48, 32, generator=g) * 1.5)
+    # alpha = 8: a window of 1/8 logit leaves nearly every pick movable, so the cap does the work.
+    capped = run(make_policy("lynx", alpha=8.0, max_moved_weight=cap), router, batch, backend)
+    free = run(make_policy("lynx", alpha=8.0), router, batch, backend)
+    lost = []
+    for row in range(48):
+        old = batch.topk_ids[row].tolist()
+        gone = [s for s, e in enumerate(old) if e not in capped[0][row].tolist()]
+        lost.append(float(batch.topk_weights[row, gone].sum()) / float(batch.topk_weights[row].sum()))
+    assert max(lost) <= cap + 4 / 65536  # weights are compared in units of 1/65536
+    if cap == 0.0:
+        assert torch.equal(capped[0], batch.topk_ids)  # nothing may move
+    assert capped[2].experts_after > free[2].experts_after  # the cap keeps experts the window alone would drop
+    assert capped[2].rows_changed < free[2].rows_changed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_lynx_single_token_is_untouched(backend):
     # With B = 1 the score base is 1: every picked expert clears the threshold.
     router = RouterSpec(64, 8)

@@ -31,6 +31,7 @@ def cases(draw):
             min_votes=draw(st.integers(1, 3)),
             min_keep=draw(st.one_of(st.none(), st.integers(1, E))),
             confidence_margin=draw(st.one_of(st.none(), st.sampled_from([0.0, 0.5, 3.0]))),
+            max_moved_weight=draw(st.sampled_from([1.0, 1.0, 0.0, 0.25, 0.5, 0.9])),
         )
     elif name == "oea":
         params = dict(k0=draw(st.one_of(st.none(), st.integers(1, k))))
