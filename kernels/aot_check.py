@@ -100,7 +100,8 @@ def variants():
     for E, k, shared in ((8, 2, 0), (64, 6, 2), (128, 8, 0), (256, 8, 1)):
         for scoring, bias in (("softmax", False), ("sigmoid", True)):
             router = RouterSpec(E, k, shared, scoring, bias)
-            for name, params in (("lynx", {}), ("oea", {}), ("budget", {"max_experts": k}), ("off", {})):
+            for name, params in (("lynx", {}), ("lynx", {"max_moved_weight": 0.4}), ("oea", {}),
+                                 ("budget", {"max_experts": k}), ("off", {})):
                 yield router, make_policy(name, **params)
 
 

@@ -410,24 +410,20 @@ class Rule:
 def default_rules(num_experts: int, top_k: int) -> List[Rule]:
     """The sweep: each policy over its main parameter, and random keeps matched to lynx.
 
-    With ``min_votes = 1`` lynx keeps an expert iff some row of the batch has it
-    within ``keep_level / alpha`` logits of that row's best pick, so ``alpha``
-    (with the default keep_level 1) is its main parameter; two points with
-    ``min_votes = 2`` show what asking for a second vote buys.
+    lynx's main parameter is ``max_moved_weight`` (at the default alpha); two
+    uncapped points (``max_moved_weight = 1``: the window of ``keep_level /
+    alpha`` logits alone) show what the cap changes.
     """
     rules = [Rule("off", make_policy("off"))]
-    lynx = []
-    for alpha in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0):
-        lynx.append(Rule(f"lynx alpha={alpha:g}", make_policy("lynx", alpha=alpha)))
-    for alpha in (1.0, 2.0):
-        lynx.append(Rule(f"lynx alpha={alpha:g} votes=2", make_policy("lynx", alpha=alpha, min_votes=2)))
-    rules += lynx
+    lynx = [Rule(f"lynx moved<={d:g}", make_policy("lynx", max_moved_weight=d)) for d in (0.2, 0.3, 0.4, 0.5, 1.0)]
+    uncapped = [Rule(f"lynx alpha={a:g} uncapped", make_policy("lynx", alpha=a, max_moved_weight=1.0)) for a in (1.0, 3.0)]
+    rules += lynx + uncapped
     for k0 in range(1, top_k):
         rules.append(Rule(f"oea k0={k0}", make_policy("oea", k0=k0)))
     for frac in (0.375, 0.5, 0.625, 0.75):
         m = round(frac * num_experts)
         rules.append(Rule(f"budget {m}", make_policy("budget", max_experts=m)))
-    rules += [Rule(f"random~{r.label}", matched_to=r.label) for r in lynx if "votes" not in r.label]
+    rules += [Rule(f"random~{r.label}", matched_to=r.label) for r in lynx]
     return rules
 
 
@@ -490,12 +486,12 @@ def plot(summaries: List[Summary], path: Path, title: str) -> None:
     sizes = sorted({s.batch_size for s in summaries})
     kinds = ["one-domain", "mixed"]
     fig, axes = plt.subplots(len(kinds), len(sizes), figsize=(4.2 * len(sizes), 3.6 * len(kinds)), squeeze=False)
-    styles = {"lynx": ("C0", "o"), "lynx 2 votes": ("C4", "D"), "oea": ("C1", "s"), "budget": ("C2", "^"),
+    styles = {"lynx": ("C0", "o"), "lynx uncapped": ("C4", "D"), "oea": ("C1", "s"), "budget": ("C2", "^"),
               RANDOM: ("C3", "x"), "off": ("k", "*")}
 
     def series(s: Summary) -> str:
-        if s.rule["name"] == "lynx" and s.rule.get("min_votes", 1) != 1:
-            return "lynx 2 votes" if s.rule["min_votes"] == 2 else "lynx many votes"
+        if s.rule["name"] == "lynx" and "uncapped" in s.rule["label"]:
+            return "lynx uncapped"
         return s.rule["name"]
 
     for i, kind in enumerate(kinds):

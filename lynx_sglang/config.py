@@ -107,13 +107,13 @@ class LynxPolicy:
     """
 
     name = "lynx"
-    alpha: float = 1.0
+    alpha: float = 2.0
     beta: int = 3
     keep_level: int = 1
     min_votes: int = 1
     min_keep: Optional[int] = None
     confidence_margin: Optional[float] = None
-    max_moved_weight: float = 1.0
+    max_moved_weight: float = 0.4
 
     def validate(self, router: RouterSpec, max_tokens: int) -> None:
         _check_number("lynx alpha", self.alpha, 1e-3, 1e3, integer=False)

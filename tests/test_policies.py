@@ -33,7 +33,7 @@ WORKED_LOGITS = torch.tensor([
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lynx_worked_example(backend):
     router = RouterSpec(4, 2)
-    policy = make_policy("lynx", alpha=1.0, beta=1, keep_level=0, min_votes=1, min_keep=2)
+    policy = make_policy("lynx", alpha=1.0, beta=1, keep_level=0, min_votes=1, min_keep=2, max_moved_weight=1.0)
     batch = route(router, WORKED_LOGITS)
     ids, w, stats = run(policy, router, batch, backend)
     # scores (B = 3): e0 = 2*3 = 6, e1 = 1*3 + 1 = 4, e2 = 1, e3 = 1; threshold min(3, 4) = 3 -> keep {e0, e1}
@@ -49,7 +49,7 @@ def test_lynx_worked_example(backend):
 def test_lynx_confident_rank0_survives_a_strict_threshold(backend):
     router = RouterSpec(4, 2)
     # min_votes=2 at level 0 would drop e1 (one bin-0 vote), but t2 is confident in e1.
-    policy = make_policy("lynx", alpha=1.0, beta=1, keep_level=0, min_votes=2, min_keep=1)
+    policy = make_policy("lynx", alpha=1.0, beta=1, keep_level=0, min_votes=2, min_keep=1, max_moved_weight=1.0)
     ids, _, stats = run(policy, router, route(router, WORKED_LOGITS), backend)
     assert ids[2, 0].item() == 1
     assert stats.experts_after == 2  # e0 (two bin-0 votes) and the mandatory e1
@@ -63,7 +63,7 @@ def test_lynx_moves_at_most_max_moved_weight_of_a_token(backend, cap):
     batch = route(router, torch.randn(48, 32, generator=g) * 1.5)
     # alpha = 8: a window of 1/8 logit leaves nearly every pick movable, so the cap does the work.
     capped = run(make_policy("lynx", alpha=8.0, max_moved_weight=cap), router, batch, backend)
-    free = run(make_policy("lynx", alpha=8.0), router, batch, backend)
+    free = run(make_policy("lynx", alpha=8.0, max_moved_weight=1.0), router, batch, backend)
     lost = []
     for row in range(48):
         old = batch.topk_ids[row].tolist()
@@ -155,14 +155,21 @@ def test_all_equal_logits_follow_the_tie_rule(backend, name):
     torch.testing.assert_close(w.sum(1), torch.ones(4))
 
 
-def python_lynx(policy, z, ids, E):
+def python_lynx(policy, z, ids, E, weights):
     """Plain-Python AffinityBinning on valid, well-formed rows (an independent oracle)."""
     B, k = len(ids), len(ids[0])
     nb = policy.beta + 1
     votes = [[0] * nb for _ in range(E)]
     mandatory = set()
-    for zt, row in zip(z, ids):
+    for zt, row, wt in zip(z, ids, weights):
         order = sorted(row, key=lambda e: (-zt[e], e))
+        # Moved-weight cap: from the weakest pick up, movable while the running weight fits the cap.
+        q = {e: math.floor(w * 65536 + 0.5) for e, w in zip(row, wt)}
+        running = 0
+        for e in reversed(order):
+            running += q[e]
+            if running * 65536 > sum(q.values()) * round(policy.max_moved_weight * 65536):
+                mandatory.add(e)
         for e in row:
             bin_ = max(-policy.beta, math.floor(min(zt[e] - zt[order[0]], 0.0) * policy.alpha))
             votes[e][-bin_] += 1
@@ -187,11 +194,12 @@ def test_lynx_reference_matches_python_oracle(seed):
     E, k, B = rng.choice([4, 8, 16, 32]), rng.choice([1, 2, 4]), rng.choice([2, 3, 8, 16])
     beta = rng.randint(0, 3)
     policy = make_policy("lynx", alpha=rng.choice([0.5, 1.0, 2.0]), beta=beta, keep_level=rng.randint(0, beta),
-                         min_votes=rng.randint(1, 3), min_keep=rng.choice([None, 1, 3]))
+                         min_votes=rng.randint(1, 3), min_keep=rng.choice([None, 1, 3]),
+                         max_moved_weight=rng.choice([1.0, 0.4, 0.25, 0.0]))
     router = RouterSpec(E, k)
     # Quarter-logit grid: exact in fp32 and full of ties.
     z = (torch.randint(-12, 12, (B, E), generator=torch.Generator().manual_seed(seed)) / 4.0)
     batch = route(router, z)
     ids, _, _ = reference.select(policy, router, z, batch.topk_ids, batch.topk_weights)
-    want = python_lynx(policy, z.tolist(), batch.topk_ids.tolist(), E)
+    want = python_lynx(policy, z.tolist(), batch.topk_ids.tolist(), E, batch.topk_weights.tolist())
     assert ids.tolist() == want

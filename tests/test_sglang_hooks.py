@@ -42,7 +42,7 @@ class _Model(torch.nn.Module):
 
 
 def _opts(**kw):
-    base = dict(moe_backend="lynx", policy="lynx", params={"keep_level": 0, "min_votes": 2}, max_batch=64)
+    base = dict(moe_backend="lynx", policy="lynx", params={"keep_level": 0, "min_votes": 2, "max_moved_weight": 1.0}, max_batch=64)
     base.update(kw)
     return LynxOptions(**base)
 
@@ -77,7 +77,7 @@ def test_decode_batches_are_rewritten_like_the_selector(sglang_layers, phase):
 
     phase.current = ("decode",)
     out = layers[0](x, z)
-    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2), 64,
+    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2, max_moved_weight=1.0), 64,
                          ids_dtype=plain.topk_ids.dtype)
     want_ids, want_w = sel.run(z, plain.topk_ids, plain.topk_weights)
     assert torch.equal(out.topk_ids, want_ids) and torch.equal(out.topk_weights, want_w)
@@ -96,7 +96,7 @@ def test_mixed_batches_rewrite_only_the_trailing_decode_rows(sglang_layers, phas
     assert layers[0].__dict__[hooks._STAGE_ATTR].mixed_batches == 1
     assert torch.equal(out.topk_ids[:16], plain.topk_ids[:16])
     assert torch.equal(out.topk_weights[:16], plain.topk_weights[:16])
-    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2), 64,
+    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2, max_moved_weight=1.0), 64,
                          ids_dtype=plain.topk_ids.dtype)
     want_ids, _ = sel.run(z[16:], plain.topk_ids[16:], plain.topk_weights[16:])
     assert torch.equal(out.topk_ids[16:], want_ids)
@@ -301,7 +301,7 @@ def test_padded_rows_neither_vote_nor_change(sglang_layers, phase):
     phase.current = ("decode",)
     out = layers[0](x, z, num_token_non_padded=nv)
     assert torch.equal(out.topk_ids[20:], plain.topk_ids[20:])
-    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2), 64,
+    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2, max_moved_weight=1.0), 64,
                          ids_dtype=plain.topk_ids.dtype)
     want_ids, _ = sel.run(z[:20], plain.topk_ids[:20], plain.topk_weights[:20])
     assert torch.equal(out.topk_ids[:20], want_ids)
