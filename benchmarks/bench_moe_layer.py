@@ -107,6 +107,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from benchmarks.timing import time_cuda
 from benchmarks.results_io import RESULTS_DIR, environment
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
 from lynx_sglang.synthetic import random_logits, route
@@ -839,35 +840,6 @@ def time_interleaved(fns: List[Callable], reps: int, warmup: int = 1, clock: str
             t0 = now()
             fns[i]()
             out[i].append((now() - t0) * 1e6)
-    return out
-
-
-def time_cuda(fn, reps: int, per_block: int = 10, graph: bool = True) -> List[float]:
-    """Time per call of ``fn`` from CUDA events around blocks of ``per_block`` calls (graph replays), microseconds."""
-    fn()
-    torch.cuda.synchronize()
-    if graph:
-        g = torch.cuda.CUDAGraph()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()  # warm the allocator on the capture stream
-        torch.cuda.current_stream().wait_stream(s)
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(per_block):
-            fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1e3 / per_block)
     return out
 
 

@@ -17,6 +17,7 @@ import time
 import torch
 
 from benchmarks.results_io import RESULTS_DIR, environment, save
+from benchmarks.timing import time_cuda
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
 from lynx_sglang.synthetic import random_logits, route
 
@@ -34,30 +35,6 @@ def time_cpu(fn, iters: int) -> list[float]:
         t0 = time.perf_counter()
         fn()
         out.append((time.perf_counter() - t0) * 1e6)
-    return out
-
-
-def time_cuda(fn, iters: int, graph: bool) -> list[float]:
-    """Per-call time from CUDA events (one event pair around a block of calls), microseconds."""
-    if graph:
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        fn = g.replay
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    out, per_block = [], 20
-    for _ in range(max(1, iters // per_block)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(per_block):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        out.append(start.elapsed_time(end) * 1e3 / per_block)
     return out
 
 
@@ -89,8 +66,8 @@ def main() -> None:
                     fn()
                     row = {"policy": name, "E": E, "k": k, "B": B, "backend": sel.backend}
                     if device.type == "cuda":
-                        row["graph_us"] = time_cuda(fn, args.iters, graph=True)
-                        row["eager_us"] = time_cuda(fn, args.iters, graph=False)
+                        row["graph_us"] = time_cuda(fn, max(1, args.iters // 20), per_block=20, graph=True)
+                        row["eager_us"] = time_cuda(fn, max(1, args.iters // 20), per_block=20, graph=False)
                         key = "graph_us"
                     else:
                         row["wall_us"] = time_cpu(fn, args.iters)
