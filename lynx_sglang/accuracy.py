@@ -650,7 +650,8 @@ def run_server_comparison(model_path: Path, args, rule_args: List[str]) -> List[
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     streams = domain_streams(tokenizer)
-    common = ("--model-path", str(model_path), "--enable-metrics", "--decode-log-interval", "1", "--moe-backend", "lynx")
+    common = ("--model-path", str(model_path), "--enable-metrics", "--decode-log-interval", "1", "--moe-backend", "lynx",
+              *args.server_args.split())
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     batches = [
         b for B in sizes for b in make_batches(streams, B, args.batches, args.prefix + args.greedy_tokens + 1, args.seed)
@@ -675,6 +676,8 @@ def main() -> None:
         help="server path instead: start a CPU server with these Lynx flags (e.g. '--lynx-policy lynx') and one "
         "with --lynx-policy off, and compare their greedy continuations",
     )
+    ap.add_argument("--server-args", metavar="ARGS", default="--dtype float32",
+                    help="launch arguments for both servers of the server path (default: %(default)s)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
