@@ -75,3 +75,22 @@ def test_tp2_ranks_take_identical_decisions(tmp_path):
     rank1 = json.loads((stats_dir / "tp1.json").read_text())
     assert rank0 == rank1
     assert all(v["steps"] > 0 and v["experts_after"] < v["experts_before"] for v in rank0.values())
+
+
+def test_redundant_experts_select_on_logical_ids(tmp_path):
+    """EPLB's placement with redundant replicas makes SGLang's top-k ids physical (remapped on CPU too).
+
+    With policy off the answers must be the stock EP server's (the logical round trip changes
+    nothing); with lynx the server serves and selects on every layer.
+    """
+    eplb = (*BASE, "--tp", "2", "--ep-size", "2", "--ep-num-redundant-experts", "2", "--ep-dispatch-algorithm", "dynamic")
+    prompts = PROMPTS[:6]
+    with running_server(*eplb, log_dir=tmp_path / "stock") as srv:
+        stock = _greedy(srv, prompts)
+    with running_server(*eplb, "--moe-backend", "lynx", "--lynx-policy", "off", log_dir=tmp_path / "off") as srv:
+        assert _greedy(srv, prompts) == stock
+    with running_server(*eplb, *STRICT, "--enable-metrics", "--decode-log-interval", "1", log_dir=tmp_path / "lynx") as srv:
+        answers = complete(srv.url, PROMPTS, max_tokens=MAX_NEW, concurrency=16)
+        layers = scrape_lynx_metrics(srv.url)
+    assert len(answers) == len(PROMPTS)
+    assert layers and all(c.steps > 0 and c.mean_experts_after < c.mean_experts_before for c in layers.values())
