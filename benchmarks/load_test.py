@@ -70,10 +70,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.results_io import RESULTS_DIR, environment
-from lynx_sglang.corpus import read_jsonl
+from lynx_sglang.corpus import HELDOUT, read_jsonl
 from lynx_sglang.server_process import DEFAULT_MODEL, REPO, running_server
 
-HELDOUT = REPO / "data" / "corpus" / "heldout.jsonl.gz"
 DEFAULT_WORK_DIR = REPO / "build" / "load_test"
 SERVERS = ("stock", "lynx")
 

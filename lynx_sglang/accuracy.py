@@ -41,11 +41,9 @@ import torch.nn.functional as F
 
 from . import reference
 from .config import Policy, RouterSpec, make_policy, policy_params
-from .corpus import DOMAINS, read_jsonl
+from .corpus import DOMAINS, HELDOUT, read_jsonl
 from .selector import ExpertSelector
 
-REPO = Path(__file__).resolve().parent.parent
-HELDOUT = REPO / "data" / "corpus" / "heldout.jsonl.gz"
 RANDOM = "random"  # the control: random experts, matched in count
 
 

@@ -34,6 +34,8 @@ from typing import Dict, Iterable, Iterator, List
 
 DOMAINS = ("python", "c", "shell", "english")
 EOS = "<|endoftext|>"
+# The repository's copy of the held-out documents: all that tests, the harness and the tools read.
+HELDOUT = Path(__file__).resolve().parent.parent / "data" / "corpus" / "heldout.jsonl.gz"
 MAX_DOC_CHARS = 48_000  # a long file is cut, so no single file dominates its domain
 MAX_DOMAIN_CHARS = 6_000_000  # per domain, before the split
 HELDOUT_EVERY = 16  # about 1 file in 16 is held out

@@ -40,10 +40,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .corpus import read_jsonl
+from .corpus import HELDOUT, read_jsonl
 from .train_model import fixed_windows, token_streams
 
-HELDOUT = Path(__file__).resolve().parent.parent / "data" / "corpus" / "heldout.jsonl.gz"
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 KINDS = ("contiguous", "independent_domain", "independent_mixed")
 TRACE_KINDS = ("independent_domain", "independent_mixed")

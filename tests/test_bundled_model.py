@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from lynx_sglang.corpus import DOMAINS, read_jsonl
-from lynx_sglang.server_process import DEFAULT_MODEL, REPO
+from lynx_sglang.corpus import DOMAINS, HELDOUT, read_jsonl
+from lynx_sglang.server_process import DEFAULT_MODEL
 from lynx_sglang.train_model import evaluate, fixed_windows, token_streams
 
-HELDOUT = REPO / "data" / "corpus" / "heldout.jsonl.gz"
 
 
 @pytest.fixture(scope="module")
