@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -71,10 +72,24 @@ def test_tp2_ranks_take_identical_decisions(tmp_path):
         with ThreadPoolExecutor(8) as pool:
             outs = list(pool.map(lambda p: srv.generate(p, max_new_tokens=MAX_NEW, ignore_eos=True), PROMPTS[:8]))
         assert all(len(o["output_ids"]) == MAX_NEW for o in outs)
-    rank0 = json.loads((stats_dir / "tp0.json").read_text())
-    rank1 = json.loads((stats_dir / "tp1.json").read_text())
+        # Each rank dumps after its own step bookkeeping, so a rank may still be writing its last
+        # step when the client has its answers: read while the server runs, once the ranks agree
+        # on how many steps they saw (stopping first could leave one rank's dump a step behind).
+        rank0, rank1 = _dumps_at_same_step(stats_dir, ranks=2)
     assert rank0 == rank1
     assert all(v["steps"] > 0 and v["experts_after"] < v["experts_before"] for v in rank0.values())
+
+
+def _dumps_at_same_step(stats_dir, ranks, timeout_s=60.0):
+    """Every rank's dump, once all ranks report the same decode steps per layer (or the last read at timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        dumps = [json.loads((stats_dir / f"tp{r}.json").read_text()) if (stats_dir / f"tp{r}.json").exists() else {}
+                 for r in range(ranks)]
+        steps = [{layer: v["steps"] for layer, v in d.items()} for d in dumps]
+        if (all(steps) and all(s == steps[0] for s in steps)) or time.monotonic() > deadline:
+            return dumps
+        time.sleep(0.5)
 
 
 def test_redundant_experts_select_on_logical_ids(tmp_path):
