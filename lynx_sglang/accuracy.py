@@ -22,6 +22,10 @@ batches with selection off:
 A random-keep control keeps, in every (batch, layer, step), as many randomly
 chosen experts of the batch's picked set as the policy it is matched to kept,
 and re-routes the same way: if selection is good, it must lose clearly less.
+The rank-drop control tests lynx_ep's other choice, which rank visits a token
+gives up: on every step it keeps lynx_ep's kept set and refill, but frees the
+picks of as many randomly chosen (row, remote rank) visits as lynx_ep frees
+through weak picks on that same step input (``RankDropControl``).
 
 Expert parallelism: a rule with ``ep = N`` runs as if the experts were split
 over N ranks (contiguous placement) and every rank owned ``B / N`` rows of the
@@ -50,9 +54,53 @@ from . import reference
 from .config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
 from .corpus import DOMAINS, HELDOUT, read_jsonl
 from .expert_parallel import ExpertPlacement, home_rank, step_traffic
+from .expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
 from .selector import ExpertSelector
 
 RANDOM = "random"  # the control: random experts, matched in count
+RANK_DROP = "random-rank-drop"  # the control of lynx_ep's rank drops: random visits, matched in count
+
+
+@dataclass(frozen=True)
+class RankDropControl:
+    """The rank-drop control of a ``lynx_ep`` policy (see the module docstring)."""
+
+    policy: RankAwareLynxPolicy
+
+
+def _visits(drops: torch.Tensor, pick_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """[T, N] bool: the (row, rank) visits that ``drops`` ([T, k] bool) frees picks on."""
+    out = torch.zeros(drops.shape[0], num_ranks + 1, dtype=torch.bool)
+    out.scatter_(1, torch.where(drops, pick_rank.clamp(0, num_ranks - 1), num_ranks), True)
+    return out[:, :num_ranks]
+
+
+def random_rank_drops(plan, gen: torch.Generator) -> Tuple[torch.Tensor, int, int]:
+    """The control's stage c: (dropped [T, k] bool, visits lynx_ep drops, visits the control drops).
+
+    Candidates are every (row, remote rank) visit through surviving picks,
+    strong or weak, taken in a random order; a visit is dropped while the row
+    can still refill every slot it frees, until as many are dropped as
+    ``weak_rank_drops`` (after the same refill check) drops on this input.
+    """
+    N = plan.rank_mask.shape[1]
+    target = int(_visits(plan.refillable(weak_rank_drops(plan)), plan.pick_rank, N).sum())
+    droppable = plan.droppable
+    pairs = _visits(droppable, plan.pick_rank, N).nonzero().tolist()
+    room = (plan.candidates.sum(dim=1) - (~plan.survive).sum(dim=1)).tolist()  # more slots each row may free
+    on_pair = (droppable[:, :, None] & (plan.pick_rank[:, :, None] == torch.arange(N))).sum(dim=1).tolist()
+    dropped_pairs = torch.zeros(plan.pick_rank.shape[0], N, dtype=torch.bool)
+    done = 0
+    for i in torch.randperm(len(pairs), generator=gen).tolist():
+        if done == target:
+            break
+        t, r = pairs[i]
+        if on_pair[t][r] <= room[t]:
+            room[t] -= on_pair[t][r]
+            dropped_pairs[t, r] = True
+            done += 1
+    dropped = droppable & dropped_pairs.gather(1, plan.pick_rank.clamp(0, N - 1))
+    return dropped, target, done
 ACTIVATION_BYTES = 2  # expert parallelism: hidden rows travel in bf16
 
 
@@ -127,6 +175,7 @@ class SelectionPatch:
 
     ``rule`` is a policy (run through ``ExpertSelector``, as in the server),
     ``RANDOM`` (the control, which needs ``random_counts`` from a matched run),
+    a ``RankDropControl`` (needs ``ep``),
     or None (selection off: the patched forward then equals the stock one);
     ``layers`` restricts it to those MoE layers (as ``--lynx-layers`` does).
     Rows at sequence positions >= ``decode_start`` of each forward call are
@@ -151,6 +200,7 @@ class SelectionPatch:
         self.hidden_size = cfg.hidden_size
         self.traffic: List[Tuple[int, int, int]] = []  # ep: (layer, all-to-all bytes, busiest rank's experts)
         self.random_counts: Optional[List[int]] = None  # experts to keep, consumed in call order
+        self.rank_drops = [0, 0]  # rank-drop control: visits lynx_ep would drop, visits dropped
         self._gen = torch.Generator().manual_seed(seed)
         self._saved = []
 
@@ -186,6 +236,8 @@ class SelectionPatch:
             new_ids, new_w = ids, weights
         elif self.rule == RANDOM:
             new_ids, new_w = self._random_keep(logits, ids, weights)
+        elif isinstance(self.rule, RankDropControl):
+            new_ids, new_w = self._random_rank_drop(logits, ids, weights, home)
         else:
             sel = self._selector(layer, ids.shape[0], logits, ids)
             new_ids, new_w = sel.run(logits.float().contiguous(), ids.contiguous(), weights.float().contiguous(),
@@ -211,6 +263,17 @@ class SelectionPatch:
         sel = reference.selection_score(self.router, logits, None)
         row_ok = torch.ones(ids.shape[0], dtype=torch.bool)
         new_ids, new_w, _ = reference.reroute(self.router, logits, ids, weights.float(), sel, row_ok, keep)
+        return new_ids, new_w.to(weights.dtype)
+
+    def _random_rank_drop(self, logits, ids, weights, home):
+        if self.placement is None:
+            raise ValueError("the rank-drop control needs expert parallelism (ep)")
+        plan = plan_rank_aware(self.rule.policy, self.router, logits.float(), ids, weights.float(),
+                               self.placement.logical_on_rank(), home=home)
+        dropped, target, done = random_rank_drops(plan, self._gen)
+        self.rank_drops[0] += target
+        self.rank_drops[1] += done
+        new_ids, new_w, _, _ = finish_rank_aware(plan, dropped)
         return new_ids, new_w.to(weights.dtype)
 
     def _make_forward(self, layer: int) -> Callable:
@@ -258,6 +321,7 @@ class BatchResult:
     a2a_after: List[float] = field(default_factory=list)
     busiest_before: List[float] = field(default_factory=list)
     busiest_after: List[float] = field(default_factory=list)
+    rank_drops: Tuple[int, int] = (0, 0)  # rank-drop control: visits lynx_ep would drop, visits it dropped
 
 
 def _per_layer_means(counts, layers: int) -> Tuple[List[float], List[float]]:
@@ -371,6 +435,7 @@ def measure(
         a2a_after=a2a_after,
         busiest_before=busiest_before,
         busiest_after=busiest_after,
+        rank_drops=tuple(patch.rank_drops),
     )
     return result, ([a for _, _, a in counts], [a for _, _, a in greedy_counts])
 
@@ -403,6 +468,8 @@ class Summary:
     a2a_reduction: Optional[float] = None  # 1 - after / before
     busiest_experts_before: Optional[float] = None
     busiest_experts_after: Optional[float] = None
+    # rank-drop control only: visits it dropped / visits lynx_ep drops on the same inputs
+    rank_drops_matched: Optional[float] = None
 
 
 def summarise(rule: dict, kind: str, results: List[BatchResult]) -> Summary:
@@ -424,6 +491,9 @@ def summarise(rule: dict, kind: str, results: List[BatchResult]) -> Summary:
             busiest_experts_before=round(sum(mean("busiest_before")) / layers, 3),
             busiest_experts_after=round(sum(mean("busiest_after")) / layers, 3),
         )
+    want, got = (sum(r.rank_drops[i] for r in results) for i in (0, 1))
+    if want:
+        ep["rank_drops_matched"] = round(got / want, 4)
     return Summary(
         rule=rule,
         kind=kind,
@@ -456,6 +526,7 @@ class Rule:
     label: str
     policy: Optional[Policy] = None
     matched_to: Optional[str] = None
+    control: str = RANDOM  # with matched_to: RANDOM (experts kept) or RANK_DROP (lynx_ep's rank drops)
     layers: Optional[Tuple[int, ...]] = None  # MoE layers it applies to (None: all)
     ep: Optional[int] = None  # expert-parallel ranks (contiguous placement): lynx_ep's input, traffic recorded
 
@@ -465,7 +536,7 @@ class Rule:
         if self.ep is not None:
             extra["ep"] = self.ep
         if self.matched_to is not None:
-            return {"label": self.label, "name": RANDOM, "matched_to": self.matched_to, **extra}
+            return {"label": self.label, "name": self.control, "matched_to": self.matched_to, **extra}
         return {"label": self.label, **policy_params(self.policy), **extra}
 
 
@@ -490,9 +561,10 @@ def default_rules(num_experts: int, top_k: int) -> List[Rule]:
 
 
 def ep_rules(ep: int) -> List[Rule]:
-    """Expert parallelism over ``ep`` ranks: off, lynx, lynx_ep (defaults, no slack, tighter caps), random.
+    """Expert parallelism over ``ep`` ranks: off, lynx, lynx_ep (defaults, no slack, tighter caps), controls.
 
-    The random control is matched to lynx_ep (defaults) in experts kept.
+    Both controls are matched to lynx_ep (defaults): the random one in experts
+    kept, the rank-drop one in rank visits dropped.
     """
     rules = [
         Rule("off", make_policy("off"), ep=ep),
@@ -502,7 +574,8 @@ def ep_rules(ep: int) -> List[Rule]:
     ]
     # The default cap is 0.3; 0.4 (lynx's default) and 0.2 bracket it.
     rules += [Rule(f"lynx_ep moved<={d:g}", make_policy("lynx_ep", max_moved_weight=d), ep=ep) for d in (0.4, 0.2)]
-    return rules + [Rule("random~lynx_ep", matched_to="lynx_ep", ep=ep)]
+    return rules + [Rule("random~lynx_ep", matched_to="lynx_ep", ep=ep),
+                    Rule("rank-drop~lynx_ep", matched_to="lynx_ep", control=RANK_DROP, ep=ep)]
 
 
 def sweep(
@@ -527,6 +600,12 @@ def sweep(
     for r in rules:
         if r.matched_to is not None and (r.matched_to not in labels or labels.index(r.matched_to) > labels.index(r.label)):
             raise ValueError(f"random control {r.label!r} must follow the rule it is matched to ({r.matched_to!r})")
+        if r.matched_to is not None and r.control == RANK_DROP:
+            target = rules[labels.index(r.matched_to)]
+            if not isinstance(target.policy, RankAwareLynxPolicy) or r.ep is None or target.ep != r.ep:
+                raise ValueError(f"rank-drop control {r.label!r} needs a lynx_ep rule with the same ep to match")
+        elif r.matched_to is not None and r.control != RANDOM:
+            raise ValueError(f"unknown control {r.control!r} in rule {r.label!r}")
     summaries: List[Summary] = []
     for B in batch_sizes:
         t0 = time.time()
@@ -537,7 +616,11 @@ def sweep(
             offs = {ep: off_reference(model, batch, prefix, greedy_tokens, ep) for ep in eps}
             kept: Dict[str, Tuple[List[int], List[int]]] = {}
             for r in rules:
-                if r.matched_to is not None:
+                if r.matched_to is not None and r.control == RANK_DROP:
+                    control = RankDropControl(rules[labels.index(r.matched_to)].policy)
+                    res, _ = measure(model, batch, control, offs[r.ep], prefix, greedy_tokens, seed=seed + bi,
+                                     layers=r.layers, ep=r.ep)
+                elif r.matched_to is not None:
                     res, _ = measure(model, batch, RANDOM, offs[r.ep], prefix, greedy_tokens, kept[r.matched_to],
                                      seed=seed + bi, layers=r.layers, ep=r.ep)
                 else:
@@ -799,6 +882,8 @@ def main() -> None:
     ap.add_argument("--ep", type=int, default=None, metavar="N",
                     help="expert parallelism over N ranks instead of the default sweep: off, lynx, lynx_ep variants "
                     "and a random control, with all-to-all traffic (plots accuracy vs bytes cut)")
+    ap.add_argument("--rules", metavar="LABELS", default=None,
+                    help="comma-separated rule labels: run only these of the sweep (a control needs its rule)")
     ap.add_argument(
         "--server", metavar="ARGS", default=None,
         help="server path instead: start a CPU server with these Lynx flags (e.g. '--lynx-policy lynx') and one "
@@ -831,6 +916,12 @@ def main() -> None:
     streams = domain_streams(tokenizer)
     cfg = model.config
     rules = default_rules(cfg.num_experts, cfg.num_experts_per_tok) if args.ep is None else ep_rules(args.ep)
+    if args.rules:
+        wanted = args.rules.split(",")
+        unknown = sorted(set(wanted) - {r.label for r in rules})
+        if unknown:
+            ap.error(f"--rules: no rule labelled {unknown}; the sweep has {[r.label for r in rules]}")
+        rules = [r for r in rules if r.label in wanted]
     summaries = sweep(
         model, streams, rules, [int(b) for b in args.batch_sizes.split(",")], args.batches,
         args.prefix, args.decode_len, args.greedy_tokens, args.seed,

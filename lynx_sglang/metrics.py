@@ -20,7 +20,8 @@ With ``--moe-a2a-backend lynx`` the all-to-all dispatcher adds, per layer
 
 | metric | meaning |
 |---|---|
-| ``lynx:a2a_decode_steps_total`` | decode steps the dispatcher accounted |
+| ``lynx:a2a_decode_steps_total`` | decode steps the dispatcher accounted (mixed batches included) |
+| ``lynx:a2a_mixed_steps_total`` | of those, mixed chunked-prefill batches (only their decode rows are costed) |
 | ``lynx:a2a_dispatch_bytes_total`` | bytes sent to other ranks by the dispatch all-to-all (rows, ids, weights) |
 | ``lynx:a2a_combine_bytes_total`` | bytes sent back by the combine all-to-all |
 | ``lynx:a2a_busiest_rank_experts_total`` | distinct experts run by the step's busiest rank |
@@ -56,6 +57,7 @@ A2A_METRICS = {
     "combine_bytes": ("lynx:a2a_combine_bytes_total", "Bytes sent back by the combine all-to-all."),
     "busiest_rank_experts": ("lynx:a2a_busiest_rank_experts_total", "Distinct experts of each step's busiest rank."),
     "busiest_rank_tokens": ("lynx:a2a_busiest_rank_tokens_total", "Token rows of each step's busiest rank."),
+    "mixed_steps": ("lynx:a2a_mixed_steps_total", "Mixed chunked-prefill steps among them (decode rows costed)."),
 }
 A2A_RANK_METRICS = {
     "rank_experts": ("lynx:a2a_rank_experts_total", "Distinct experts each expert-parallel rank ran, per step."),

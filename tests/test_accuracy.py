@@ -113,7 +113,8 @@ def test_expert_parallel_rules_cost_traffic(model_and_streams, tmp_path):
     assert patch.traffic == expected and patch.rows[0] == 0
 
     rules = [A.Rule("off", make_policy("off"), ep=ep), A.Rule("lynx_ep", make_policy("lynx_ep"), ep=ep),
-             A.Rule("random~lynx_ep", matched_to="lynx_ep", ep=ep)]
+             A.Rule("random~lynx_ep", matched_to="lynx_ep", ep=ep),
+             A.Rule("rank-drop~lynx_ep", matched_to="lynx_ep", control=A.RANK_DROP, ep=ep)]
     summaries = A.sweep(model, streams, rules, batch_sizes=(B,), batches_per_kind=1, prefix=prefix, decode_len=8,
                         greedy_tokens=2, log=lambda s: None)
     by = {(s.rule["label"], s.kind): s for s in summaries}
@@ -123,6 +124,10 @@ def test_expert_parallel_rules_cost_traffic(model_and_streams, tmp_path):
     assert off.busiest_experts_after == off.busiest_experts_before
     assert lynx_ep.a2a_bytes_after < off.a2a_bytes_before and lynx_ep.rows_changed > 0
     assert by[("random~lynx_ep", "mixed")].per_layer_after == lynx_ep.per_layer_after
+    control = by[("rank-drop~lynx_ep", "mixed")]
+    assert control.rule["name"] == A.RANK_DROP and control.rank_drops_matched is not None
+    assert 0.9 <= control.rank_drops_matched <= 1.0 and control.a2a_bytes_after < off.a2a_bytes_before
+    assert lynx_ep.rank_drops_matched is None
     assert "a2a" in A.table(summaries)
     A.plot_ep(summaries, tmp_path / "ep.png", "test")
     assert (tmp_path / "ep.png").stat().st_size > 10_000
@@ -136,6 +141,44 @@ def test_random_control_must_follow_its_rule(model_and_streams):
     model, streams = model_and_streams
     with pytest.raises(ValueError, match="must follow"):
         A.sweep(model, streams, [A.Rule("random~x", matched_to="x"), A.Rule("x", make_policy("off"))], (4,), 1)
+    with pytest.raises(ValueError, match="needs a lynx_ep rule"):
+        A.sweep(model, streams, [A.Rule("x", make_policy("lynx"), ep=2),
+                                 A.Rule("rd~x", matched_to="x", control=A.RANK_DROP, ep=2)], (4,), 1)
+
+
+def test_rank_drop_control_drops_as_many_visits_chosen_blind_to_weakness():
+    """The control frees lynx_ep's count of (row, remote rank) visits, strong picks included, and stays valid."""
+    from lynx_sglang.config import RouterSpec
+    from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
+    from lynx_sglang.expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
+    from lynx_sglang.synthetic import random_logits, route
+
+    router, N, T = RouterSpec(num_experts=32, top_k=4), 4, 64
+    policy = make_policy("lynx_ep")
+    mask = ExpertPlacement.contiguous(32, N).logical_on_rank()
+    strong_dropped = 0
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        batch = route(router, random_logits(T, 32, scale=2.0, skew=1.5, generator=g))
+        plan = plan_rank_aware(policy, router, batch.logits, batch.topk_ids, batch.topk_weights, mask,
+                               home=home_rank(T, N))
+        dropped, target, done = A.random_rank_drops(plan, torch.Generator().manual_seed(seed))
+        weak = plan.refillable(weak_rank_drops(plan))
+        assert target == int(A._visits(weak, plan.pick_rank, N).sum()) > 0
+        assert done == target == int(A._visits(dropped, plan.pick_rank, N).sum())
+        assert not (dropped & ~plan.droppable).any() and torch.equal(plan.refillable(dropped), dropped)
+        # A dropped visit frees every surviving pick of the row on that rank.
+        on_dropped = A._visits(dropped, plan.pick_rank, N).gather(1, plan.pick_rank.clamp(0, N - 1))
+        assert torch.equal(dropped, plan.droppable & on_dropped)
+        strong_dropped += int((dropped & ~plan.weak).sum())
+        ids, w, _, _ = finish_rank_aware(plan, dropped)
+        # Picks neither dropped nor of a dropped expert stay; rows stay valid and keep their weight sums.
+        kept_pick = plan.survive & ~dropped
+        assert torch.equal(ids[kept_pick], batch.topk_ids[kept_pick])
+        assert ((ids >= 0) & (ids < 32)).all() and all(len(set(r)) == 4 for r in ids.tolist())
+        assert plan.keep[ids].all()
+        torch.testing.assert_close(w.sum(1), batch.topk_weights.sum(1))
+    assert strong_dropped > 0  # blind to weakness: confident picks go too
 
 
 def test_unsupported_model_is_refused():

@@ -146,3 +146,22 @@ def test_traffic_counts_remote_transfers_only():
     assert t.rank_tokens.tolist() == [2, 1, 1, 1]
     assert t.rank_experts.tolist() == [2, 1, 1, 2]  # {0,1}, {2}, {4}, {6,7}
     assert capacity_bytes(1, 4, 10, 2, 2) == 12 * (36 + 20)
+
+
+def test_step_accounting_by_phase():
+    """The SGLang dispatcher's per-step vector: decode steps whole, mixed steps by their decode rows only."""
+    from lynx_sglang.expert_parallel.sglang_dispatcher import step_totals, totals_dict
+
+    placement = ExpertPlacement.contiguous(8, 4)
+    ids = torch.tensor([[0, 1], [0, 2], [6, 7], [-1, 4]])
+    decode = totals_dict(step_totals(ids, placement, ("decode",), 10, 2).tolist(), 4)
+    assert decode == {"steps": 1, "dispatch_bytes": 3 * 36, "combine_bytes": 3 * 20, "busiest_rank_experts": 2,
+                      "busiest_rank_tokens": 2, "mixed_steps": 0, "rank_experts": [2, 1, 1, 2],
+                      "rank_tokens": [2, 1, 1, 1]}
+    # Mixed: the first two rows are extend rows; the decode rows 2, 3 (homes 2, 3) cost one transfer each.
+    mixed = totals_dict(step_totals(ids, placement, ("mixed", 2), 10, 2).tolist(), 4)
+    assert mixed == {"steps": 1, "dispatch_bytes": 2 * 36, "combine_bytes": 2 * 20, "busiest_rank_experts": 2,
+                     "busiest_rank_tokens": 1, "mixed_steps": 1, "rank_experts": [0, 0, 1, 2],
+                     "rank_tokens": [0, 0, 1, 1]}
+    for phase in (None, ("idle",)):
+        assert step_totals(ids, placement, phase, 10, 2) is None

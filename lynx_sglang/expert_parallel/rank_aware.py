@@ -39,6 +39,7 @@ Every id-deciding comparison is an exact integer or fp32 comparison, as in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -129,6 +130,162 @@ def _bound_per_rank(policy: RankAwareLynxPolicy, router: RouterSpec, votes: refe
     return keep & ~(over & (pos_all < allowance))
 
 
+@dataclass
+class RankAwarePlan:
+    """Stages a-b of one batch and its picks' classification: what stage c decides on.
+
+    Shapes: T rows, k routed slots, E experts, N ranks. ``select_rank_aware`` is
+    ``finish(plan, weak_rank_drops(plan))``; the accuracy harness's rank-drop
+    control swaps only stage c.
+    """
+
+    policy: RankAwareLynxPolicy
+    router: RouterSpec
+    logits: torch.Tensor  # [T, E]
+    topk_ids: torch.Tensor  # [T, k + shared], as given
+    topk_weights: torch.Tensor
+    rank_mask: torch.Tensor  # [E, N] bool
+    votes: reference.Votes
+    sel: torch.Tensor  # [T, E] selection scores
+    keep: torch.Tensor  # [E] bool, after the busiest-rank bound
+    ids_c: torch.Tensor  # [T, k] routed ids clamped into [0, E)
+    pick_rank: torch.Tensor  # [T, k] int64
+    home: torch.Tensor  # [T] int64, -1: no home
+    survive: torch.Tensor  # [T, k] bool: the pick's expert is kept
+    weak: torch.Tensor  # [T, k] bool: the cap lets it move and its level is above keep_level
+
+    @property
+    def droppable(self) -> torch.Tensor:
+        """[T, k] bool: surviving picks of voting rows on a rank other than the row's home."""
+        return self.survive & (self.pick_rank != self.home[:, None]) & self.votes.row_ok[:, None]
+
+    @property
+    def candidates(self) -> torch.Tensor:
+        """[T, E] bool: kept experts a row does not hold (what a freed slot can take)."""
+        in_row = torch.zeros_like(self.sel, dtype=torch.bool)
+        in_row.scatter_(1, self.ids_c, True)
+        return self.keep[None, :] & ~in_row
+
+    def refillable(self, dropped: torch.Tensor) -> torch.Tensor:
+        """``dropped`` ([T, k] bool) less the rows whose freed slots the kept set could not all refill."""
+        freed = (~self.survive | dropped).sum(dim=1)
+        return dropped & (freed <= self.candidates.sum(dim=1))[:, None]
+
+
+def plan_rank_aware(
+    policy: RankAwareLynxPolicy,
+    router: RouterSpec,
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    rank_mask: torch.Tensor,
+    pick_rank: Optional[torch.Tensor] = None,
+    home: Optional[torch.Tensor] = None,
+    num_valid: Optional[int | torch.Tensor] = None,
+    correction_bias: Optional[torch.Tensor] = None,
+) -> RankAwarePlan:
+    """Stages a (the lynx keep set) and b (the busiest-rank bound), and which picks are weak."""
+    T, E = logits.shape
+    k = router.top_k
+    N = rank_mask.shape[1]
+    if num_valid is None:
+        num_valid = T
+    rank_mask = rank_mask.to(torch.bool)
+    sit = lowest_rank(rank_mask).clamp(min=0)  # [E]: the rank a kept expert counts on
+    if pick_rank is None:
+        pick_rank = default_pick_rank(topk_ids, rank_mask, k)
+    home_t = torch.full((T,), -1, dtype=torch.int64, device=logits.device) if home is None else home.long()
+
+    # a. The lynx keep set (vote() and keep_set() dispatch on LynxPolicy, which this subclasses).
+    sel = reference.selection_score(router, logits, correction_bias)
+    votes = reference.vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel)
+    keep = reference.keep_set(policy, router, votes)
+    # b. Busiest-rank bound.
+    if policy.rank_slack is not None:
+        keep = _bound_per_rank(policy, router, votes, keep, sit, N)
+    ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
+    weak = _weak_picks(policy, logits, topk_weights, ids_c, votes.rank, votes.row_ok, k)
+    return RankAwarePlan(policy, router, logits, topk_ids, topk_weights, rank_mask, votes, sel, keep, ids_c,
+                         pick_rank.long(), home_t, keep[ids_c], weak)
+
+
+def weak_rank_drops(plan: RankAwarePlan) -> torch.Tensor:
+    """Stage c: [T, k] bool, the picks freed with their rank.
+
+    A surviving pick moves with its rank when the rank is not the row's home and
+    holds no strong (not weak) surviving pick of the row.
+    """
+    strong = plan.survive & ~plan.weak
+    same_rank = plan.pick_rank[:, :, None] == plan.pick_rank[:, None, :]
+    rank_has_strong = (same_rank & strong[:, None, :]).any(dim=-1)
+    return plan.droppable & plan.weak & ~rank_has_strong
+
+
+def finish_rank_aware(plan: RankAwarePlan, dropped: torch.Tensor
+                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, SelectionInfo]:
+    """Stages d-e given stage c's drops (a subset of ``plan.droppable``): refill, weights, outputs.
+
+    A row drops its picks only if the kept set can refill every slot it frees.
+    """
+    T, E = plan.logits.shape
+    N = plan.rank_mask.shape[1]
+    dev = plan.logits.device
+    router, keep, ids_c, pick_rank, rank_mask = plan.router, plan.keep, plan.ids_c, plan.pick_rank, plan.rank_mask
+    row_ok, survive, topk_ids, topk_weights = plan.votes.row_ok, plan.survive, plan.topk_ids, plan.topk_weights
+    k = router.top_k
+    cand = plan.candidates
+    n_cand = cand.sum(dim=1)
+    # Only when every freed slot can be refilled: rank dropping never leaves a slot (or a row) empty.
+    dropped = plan.refillable(dropped & plan.droppable)
+    freed = ~survive | dropped
+    changed = row_ok & freed.any(dim=1)
+
+    # d. Refill. visited[t, r]: the row's home and the ranks of its surviving picks.
+    visited = torch.zeros(T, N + 1, dtype=torch.bool, device=dev)
+    kept_rank = torch.where(freed | (pick_rank < 0), N, pick_rank.clamp(max=N))
+    visited.scatter_(1, kept_rank, True)
+    visited.scatter_(1, torch.where(plan.home >= 0, plan.home, N)[:, None], True)
+    visited = visited[:, :N]
+    # near[t, e]: e has a replica on a rank row t visits. A 0/1 matmul (counts <= N are exact
+    # in fp32, and in TF32) instead of a [T, E, N] temporary.
+    near = (visited.float() @ rank_mask.float().T) > 0
+    # Order: score (desc, ties to the lower id by the stable sort), then the group, stably.
+    cand_score = torch.where(cand, plan.sel, torch.full_like(plan.sel, float("-inf")))
+    by_score = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
+    group = (cand.long() + (cand & near).long()).gather(1, by_score)  # 2: near, 1: far, 0: not a candidate
+    order = by_score.gather(1, torch.sort(group, dim=1, descending=True, stable=True).indices)
+    free_rank = torch.cumsum(freed.long(), dim=1) - 1
+    fill = order.gather(1, free_rank.clamp(0, E - 1))
+    fill = torch.where(free_rank < n_cand[:, None], fill, torch.full_like(fill, -1))
+    new_ids = torch.where(freed, fill, ids_c)  # only changed rows (all ids in range) use it
+
+    holds = rank_mask[fill.clamp(min=0)]  # [T, k, N]
+    fill_rank = torch.where((holds & visited[:, None, :]).any(dim=-1),
+                            lowest_rank(holds & visited[:, None, :]), lowest_rank(holds))
+    new_rank = torch.where(freed, torch.where(fill >= 0, fill_rank, torch.full_like(fill_rank, -1)), pick_rank)
+
+    # e. Weights: reference.reroute's, so rows lynx and lynx_ep rewrite alike get the same bits.
+    new_w = reference.gate_weights(router, plan.logits, new_ids, topk_weights)
+
+    out_ids = topk_ids.clone()
+    out_w = topk_weights.clone()
+    out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
+    out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
+    slot_rank = torch.where(changed[:, None], new_rank, pick_rank)
+
+    used = torch.zeros(E + 1, dtype=torch.bool, device=dev)
+    out_k = out_ids[:, :k].long()
+    used.scatter_(0, torch.where(row_ok[:, None] & (out_k >= 0), out_k, E).reshape(-1), True)
+    info = SelectionInfo(
+        keep=keep,
+        experts_before=(plan.votes.picks > 0).sum(),
+        experts_after=used[:E].sum(),
+        rows_changed=changed.sum(),
+        rows_voting=row_ok.sum(),
+    )
+    return out_ids, out_w, slot_rank, info
+
+
 def select_rank_aware(
     policy: RankAwareLynxPolicy,
     router: RouterSpec,
@@ -156,91 +313,6 @@ def select_rank_aware(
     kept set after the per-rank bound; ``info.experts_after`` counts the experts
     the voting rows actually use (a kept expert may lose all its rows to rank drops).
     """
-    T, E = logits.shape
-    k = router.top_k
-    N = rank_mask.shape[1]
-    dev = logits.device
-    if num_valid is None:
-        num_valid = T
-    rank_mask = rank_mask.to(torch.bool)
-    sit = lowest_rank(rank_mask).clamp(min=0)  # [E]: the rank a kept expert counts on
-    if pick_rank is None:
-        pick_rank = default_pick_rank(topk_ids, rank_mask, k)
-    pick_rank = pick_rank.long()
-    home_t = torch.full((T,), -1, dtype=torch.int64, device=dev) if home is None else home.long()
-
-    # a. The lynx keep set (vote() and keep_set() dispatch on LynxPolicy, which this subclasses).
-    sel = reference.selection_score(router, logits, correction_bias)
-    votes = reference.vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel)
-    keep = reference.keep_set(policy, router, votes)
-    # b. Busiest-rank bound.
-    if policy.rank_slack is not None:
-        keep = _bound_per_rank(policy, router, votes, keep, sit, N)
-
-    ids = topk_ids[:, :k].long()
-    ids_c = ids.clamp(0, E - 1)
-    row_ok = votes.row_ok
-    survive = keep[ids_c]
-
-    # c. Rank drops: a surviving pick moves with its rank when the rank is not home and holds
-    # no strong surviving pick of the row.
-    weak = _weak_picks(policy, logits, topk_weights, ids_c, votes.rank, row_ok, k)
-    strong = survive & ~weak
-    same_rank = pick_rank[:, :, None] == pick_rank[:, None, :]
-    rank_has_strong = (same_rank & strong[:, None, :]).any(dim=-1)
-    dropped = survive & weak & ~rank_has_strong & (pick_rank != home_t[:, None]) & row_ok[:, None]
-
-    in_row = torch.zeros(T, E, dtype=torch.bool, device=dev)
-    in_row.scatter_(1, ids_c, True)
-    cand = keep[None, :] & ~in_row
-    n_cand = cand.sum(dim=1)
-    # Only when every freed slot can be refilled: rank dropping never leaves a slot (or a row) empty.
-    refillable = (~survive | dropped).sum(dim=1) <= n_cand
-    dropped &= refillable[:, None]
-    freed = ~survive | dropped
-    changed = row_ok & freed.any(dim=1)
-
-    # d. Refill. visited[t, r]: the row's home and the ranks of its surviving picks.
-    visited = torch.zeros(T, N + 1, dtype=torch.bool, device=dev)
-    kept_rank = torch.where(freed | (pick_rank < 0), N, pick_rank.clamp(max=N))
-    visited.scatter_(1, kept_rank, True)
-    visited.scatter_(1, torch.where(home_t >= 0, home_t, N)[:, None], True)
-    visited = visited[:, :N]
-    # near[t, e]: e has a replica on a rank row t visits. A 0/1 matmul (counts <= N are exact
-    # in fp32, and in TF32) instead of a [T, E, N] temporary.
-    near = (visited.float() @ rank_mask.float().T) > 0
-    # Order: score (desc, ties to the lower id by the stable sort), then the group, stably.
-    cand_score = torch.where(cand, sel, torch.full_like(sel, float("-inf")))
-    by_score = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
-    group = (cand.long() + (cand & near).long()).gather(1, by_score)  # 2: near, 1: far, 0: not a candidate
-    order = by_score.gather(1, torch.sort(group, dim=1, descending=True, stable=True).indices)
-    free_rank = torch.cumsum(freed.long(), dim=1) - 1
-    fill = order.gather(1, free_rank.clamp(0, E - 1))
-    fill = torch.where(free_rank < n_cand[:, None], fill, torch.full_like(fill, -1))
-    new_ids = torch.where(freed, fill, ids_c)  # only changed rows (all ids in range) use it
-
-    holds = rank_mask[fill.clamp(min=0)]  # [T, k, N]
-    fill_rank = torch.where((holds & visited[:, None, :]).any(dim=-1),
-                            lowest_rank(holds & visited[:, None, :]), lowest_rank(holds))
-    new_rank = torch.where(freed, torch.where(fill >= 0, fill_rank, torch.full_like(fill_rank, -1)), pick_rank)
-
-    # e. Weights: reference.reroute's, so rows lynx and lynx_ep rewrite alike get the same bits.
-    new_w = reference.gate_weights(router, logits, new_ids, topk_weights)
-
-    out_ids = topk_ids.clone()
-    out_w = topk_weights.clone()
-    out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
-    out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
-    slot_rank = torch.where(changed[:, None], new_rank, pick_rank)
-
-    used = torch.zeros(E + 1, dtype=torch.bool, device=dev)
-    out_k = out_ids[:, :k].long()
-    used.scatter_(0, torch.where(row_ok[:, None] & (out_k >= 0), out_k, E).reshape(-1), True)
-    info = SelectionInfo(
-        keep=keep,
-        experts_before=(votes.picks > 0).sum(),
-        experts_after=used[:E].sum(),
-        rows_changed=changed.sum(),
-        rows_voting=row_ok.sum(),
-    )
-    return out_ids, out_w, slot_rank, info
+    plan = plan_rank_aware(policy, router, logits, topk_ids, topk_weights, rank_mask, pick_rank, home,
+                           num_valid, correction_bias)
+    return finish_rank_aware(plan, weak_rank_drops(plan))
