@@ -67,6 +67,9 @@ class ExpertSelector:
             ``run`` the rank of every output routed slot is in ``last_slot_rank``.
     """
 
+    # A subclass whose selection is a collective (GlobalExpertSelector) runs on empty batches too.
+    _collective = False
+
     def __init__(
         self,
         router: RouterSpec,
@@ -206,7 +209,7 @@ class ExpertSelector:
         out_ids, out_w = self._out_ids[:T], self._out_weights[:T]
         if self._slot_rank is not None:
             self.last_slot_rank = self._slot_rank[:T]
-        if T == 0:
+        if T == 0 and not self._collective:
             return out_ids, out_w
         if router_logits.stride(1) != 1:
             router_logits = router_logits.contiguous()
@@ -219,18 +222,7 @@ class ExpertSelector:
                 self.correction_bias, self._ws, self._stats, out_ids, out_w, self.block_t,
             )
         else:
-            if self.rank_mask is not None:
-                from .expert_parallel.rank_aware import select_rank_aware
-
-                ids, w, slot_rank, info = select_rank_aware(
-                    self.policy, self.router, router_logits, topk_ids, topk_weights, self.rank_mask,
-                    pick_rank, home, num_valid, self.correction_bias,
-                )
-                self.last_slot_rank.copy_(slot_rank)
-            else:
-                ids, w, info = reference.select(
-                    self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias
-                )
+            ids, w, info = self._select_torch(router_logits, topk_ids, topk_weights, num_valid, pick_rank, home)
             out_ids.copy_(ids)
             out_w.copy_(w)
             one = torch.ones((), dtype=torch.int64, device=self.device)
@@ -238,6 +230,21 @@ class ExpertSelector:
                 [one, info.experts_before, info.experts_after, info.rows_changed, info.rows_voting]
             )
         return out_ids, out_w
+
+    def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, pick_rank, home):
+        """The torch backend on one batch: (ids, weights, ``reference.SelectionInfo``)."""
+        if self.rank_mask is not None:
+            from .expert_parallel.rank_aware import select_rank_aware
+
+            ids, w, slot_rank, info = select_rank_aware(
+                self.policy, self.router, router_logits, topk_ids, topk_weights, self.rank_mask,
+                pick_rank, home, num_valid, self.correction_bias,
+            )
+            self.last_slot_rank.copy_(slot_rank)
+            return ids, w, info
+        return reference.select(
+            self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias
+        )
 
     def stats(self) -> SelectionStats:
         """Read the accumulated statistics (the only host synchronisation)."""

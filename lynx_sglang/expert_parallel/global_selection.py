@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from .. import reference
 from ..config import BudgetPolicy, ConfigError, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
-from ..selector import _STAT_FIELDS, ExpertSelector
+from ..selector import ExpertSelector
 
 # Policies whose whole rule is reference.vote / keep_set / reroute (exact types: a subclass such as
 # a rank-aware lynx variant may add stages that a vote reduction alone does not make global).
@@ -71,9 +71,10 @@ class GlobalExpertSelector(ExpertSelector):
     only), ``stats``/``reset_stats`` read and clear device-side totals. Always
     the torch backend (see the module docstring).
 
-    Every rank of ``group`` must call ``run`` on every step, also with 0 local
-    tokens: each call performs one collective, and the collectives of the ranks
-    have to match. A call with 0 tokens still reduces (its votes are zero).
+    ``run`` is a collective: every rank of ``group`` must call it on every step,
+    also with 0 local tokens, so that the ranks' collectives match. A call with 0
+    tokens still reduces (its votes are zero). Rows at and after ``num_valid``
+    (padding) and malformed rows come back unchanged and do not vote.
 
     Statistics: ``experts_before`` / ``experts_after`` count the global batch's
     experts and are the same on every rank; ``rows_changed`` / ``rows_voting``
@@ -116,30 +117,11 @@ class GlobalExpertSelector(ExpertSelector):
         policy.validate(router, max_tokens * self.world_size)
         self._reduce = functools.partial(all_reduce_votes, group=group)
 
-    def run(
-        self,
-        router_logits: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        num_valid: Optional[int | torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Select experts for this rank's rows with the global kept set; returns views of the output buffers.
+    # Collective: every rank runs every step, also with 0 local tokens (its votes are zero), or the
+    # other ranks' all-reduce would have no partner.
+    _collective = True
 
-        Collective: every rank of the group must call it once per step (see the class docstring).
-        Rows at and after ``num_valid`` (padding) and malformed rows come back
-        unchanged and do not vote; the outputs stay valid until the next ``run``.
-        """
-        self._check(router_logits, topk_ids, topk_weights, num_valid)
-        T = router_logits.shape[0]
-        out_ids, out_w = self._out_ids[:T], self._out_weights[:T]
-        # No early return for T == 0 (unlike ExpertSelector): the reference handles an empty
-        # batch, and skipping would leave the other ranks' all-reduce without a partner.
-        ids, w, info = reference.select(self.policy, self.router, router_logits, topk_ids, topk_weights,
-                                        num_valid, self.correction_bias, vote_reduce=self._reduce)
-        out_ids.copy_(ids)
-        out_w.copy_(w)
-        step = dict(steps=torch.ones((), dtype=torch.int64, device=self.device),
-                    experts_before=info.experts_before, experts_after=info.experts_after,
-                    rows_changed=info.rows_changed, rows_voting=info.rows_voting)
-        self._stats += torch.stack([step[f] for f in _STAT_FIELDS])
-        return out_ids, out_w
+    def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, pick_rank=None, home=None):
+        """The global kept set: ``reference.select`` with the votes all-reduced over the group."""
+        return reference.select(self.policy, self.router, router_logits, topk_ids, topk_weights,
+                                num_valid, self.correction_bias, vote_reduce=self._reduce)
