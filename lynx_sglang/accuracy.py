@@ -40,6 +40,7 @@ and for every such rule each decode step is also costed with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 import types
@@ -516,6 +517,54 @@ def summarise(rule: dict, kind: str, results: List[BatchResult]) -> Summary:
     )
 
 
+# Summary fields that pooling recomputes from the pooled fields instead of averaging.
+_DERIVED = {"delta_points", "reduction", "a2a_reduction"}
+
+
+def pool_summaries(runs: Sequence[Sequence[Summary]]) -> List[Summary]:
+    """Pool the summaries of separate runs (e.g. seeds) per (rule label, kind, batch size).
+
+    Every averaged field is weighted by scored tokens (runs of one batch size
+    score the same tokens per batch, so this is also the batch weighting); the
+    reductions and the accuracy change are recomputed from the pooled values.
+    Keys present in only some runs are pooled over those.
+    """
+    groups: Dict[tuple, List[Summary]] = {}
+    for run in runs:
+        for s in run:
+            groups.setdefault((s.rule["label"], s.kind, s.batch_size), []).append(s)
+    out = []
+    for group in groups.values():
+        if len(group) == 1:
+            out.append(group[0])
+            continue
+        n = sum(s.tokens for s in group)
+
+        def avg(name, digits):
+            have = [s for s in group if getattr(s, name) is not None]
+            if not have:
+                return None
+            w = sum(s.tokens for s in have)
+            first = getattr(have[0], name)
+            if isinstance(first, list):
+                return [round(sum(getattr(s, name)[i] * s.tokens for s in have) / w, digits) for i in range(len(first))]
+            return round(sum(getattr(s, name) * s.tokens for s in have) / w, digits)
+
+        digits = {"accuracy_off": 5, "accuracy": 5, "delta_loglik": 5, "kl": 6, "top1_agreement": 5,
+                  "greedy_agreement": 4, "rows_changed": 4, "a2a_bytes_before": 1, "a2a_bytes_after": 1,
+                  "rank_drops_matched": 4}
+        fields = {f.name: avg(f.name, digits.get(f.name, 3)) for f in dataclasses.fields(Summary)
+                  if f.name not in {"rule", "kind", "batch_size", "tokens"} | _DERIVED}
+        pooled = Summary(rule=group[0].rule, kind=group[0].kind, batch_size=group[0].batch_size, tokens=n,
+                         delta_points=round(100 * (fields["accuracy"] - fields["accuracy_off"]), 3),
+                         reduction=round(1 - fields["experts_after"] / fields["experts_before"], 4)
+                         if fields["experts_before"] else 0.0, **fields)
+        if pooled.a2a_bytes_before:
+            pooled.a2a_reduction = round(1 - pooled.a2a_bytes_after / pooled.a2a_bytes_before, 4)
+        out.append(pooled)
+    return out
+
+
 # ----------------------------------------------------------------------------- sweep
 
 
@@ -870,7 +919,10 @@ def run_server_comparison(model_path: Path, args, rule_args: List[str]) -> List[
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path)
+    ap.add_argument("model", type=Path, nargs="?", help="model folder (not with --pool)")
+    ap.add_argument("--pool", type=Path, nargs="+", metavar="JSON",
+                    help="instead of measuring: pool the summaries of these result files (separate runs, e.g. "
+                    "seeds or batch sizes) into --out")
     ap.add_argument("--out", type=Path, help="result prefix: writes <out>.json and <out>.png")
     ap.add_argument("--batch-sizes", default="16,32,64")
     ap.add_argument("--batches", type=int, default=2, help="batches per kind (each domain, and mixed)")
@@ -892,6 +944,10 @@ def main() -> None:
     ap.add_argument("--server-args", metavar="ARGS", default="--dtype float32",
                     help="launch arguments for both servers of the server path (default: %(default)s)")
     args = ap.parse_args()
+    if args.pool:
+        return _pool_files(args.pool, args.out)
+    if args.model is None:
+        ap.error("a model folder is needed (or --pool)")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -945,6 +1001,29 @@ def main() -> None:
             plot_ep(summaries, args.out.with_suffix(".png"),
                     f"{args.model.name}, EP={args.ep}: accuracy vs all-to-all bytes (held-out, teacher-forced decode)")
         print(f"wrote {args.out.with_suffix('.json')} and .png")
+
+
+def _pool_files(paths: Sequence[Path], out: Optional[Path]) -> None:
+    """``--pool``: one result file from several runs' files (their settings and times kept as provenance)."""
+    payloads = [json.loads(p.read_text()) for p in paths]
+    runs = [[Summary(**s) for s in p["summaries"]] for p in payloads]
+    summaries = pool_summaries(runs)
+    print(table(summaries))
+    if out is None:
+        return
+    base = {k: v for k, v in payloads[0].items() if k not in ("settings", "seconds", "summaries", "date")}
+    payload = {**base, "runs": [{"file": str(path), "date": p.get("date"), "settings": p.get("settings"),
+                                 "seconds": p.get("seconds")} for path, p in zip(paths, payloads)],
+               "seconds": round(sum(p.get("seconds", 0) for p in payloads), 1),
+               "summaries": [asdict(s) for s in summaries]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1) + "\n")
+    name = Path(payload.get("model", "model")).name
+    if any(s.a2a_reduction is not None for s in summaries):
+        plot_ep(summaries, out.with_suffix(".png"), f"{name}: accuracy vs all-to-all bytes (pooled runs)")
+    else:
+        plot(summaries, out.with_suffix(".png"), f"{name}: accuracy vs experts kept (pooled runs)")
+    print(f"wrote {out.with_suffix('.json')} and .png")
 
 
 if __name__ == "__main__":

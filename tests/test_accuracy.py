@@ -202,3 +202,36 @@ def test_cli_writes_json_and_png(tmp_path):
     labels = {s["rule"]["label"] for s in payload["summaries"]}
     assert "off" in labels and any(label.startswith("random~lynx") for label in labels)
     assert out.with_suffix(".png").exists()
+
+
+def test_pooling_runs_weights_by_tokens_and_recomputes_changes(tmp_path):
+    def summary(tokens, acc, kl, a2a_after, label="lynx_ep"):
+        return A.Summary(rule={"label": label, "name": "lynx_ep"}, kind="mixed", batch_size=256, tokens=tokens,
+                         accuracy_off=0.5, accuracy=acc, delta_points=100 * (acc - 0.5), delta_loglik=0.0, kl=kl,
+                         top1_agreement=1.0, greedy_agreement=1.0, experts_before=32.0, experts_after=30.0,
+                         reduction=1 / 16, per_layer_before=[32.0, 32.0], per_layer_after=[30.0, 31.0],
+                         a2a_bytes_before=1000.0, a2a_bytes_after=a2a_after, a2a_reduction=1 - a2a_after / 1000,
+                         busiest_experts_before=8.0, busiest_experts_after=8.0)
+
+    run0 = [summary(100, 0.49, 0.01, 600.0), summary(100, 0.5, 0.0, 1000.0, label="off")]
+    run1 = [summary(300, 0.45, 0.03, 700.0)]
+    pooled = {s.rule["label"]: s for s in A.pool_summaries([run0, run1])}
+    lynx = pooled["lynx_ep"]
+    assert lynx.tokens == 400 and lynx.accuracy == pytest.approx(0.46) and lynx.kl == pytest.approx(0.025)
+    assert lynx.delta_points == pytest.approx(-4.0) and lynx.a2a_bytes_after == pytest.approx(675.0)
+    assert lynx.a2a_reduction == pytest.approx(0.325) and lynx.per_layer_after == [30.0, 31.0]
+    assert lynx.rank_drops_matched is None
+    assert pooled["off"] == run0[1]  # a group of one stays as it is
+    # The CLI pools result files.
+    from dataclasses import asdict
+    files = []
+    for i, run in enumerate((run0, run1)):
+        files.append(tmp_path / f"r{i}.json")
+        files[-1].write_text(json.dumps({"model": "m", "settings": {}, "seconds": 1.0,
+                                         "summaries": [asdict(s) for s in run]}))
+    subprocess.run([sys.executable, "-m", "lynx_sglang.accuracy", "--pool", *map(str, files),
+                    "--out", str(tmp_path / "pooled")], check=True, capture_output=True)
+    payload = json.loads((tmp_path / "pooled.json").read_text())
+    assert len(payload["runs"]) == 2 and payload["seconds"] == 2.0
+    assert {s["rule"]["label"]: s["tokens"] for s in payload["summaries"]} == {"lynx_ep": 400, "off": 100}
+    assert (tmp_path / "pooled.png").exists()
