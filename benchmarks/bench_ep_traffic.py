@@ -26,6 +26,10 @@ layer of the trace (4), one sample per (batch, layer):
 * ``busiest_rank_tokens``: token rows the busiest rank's experts process;
 * ``remote_ranks_per_token``: ranks other than its home a row is sent to
   (``rank_aware.remote_ranks``), mean over the B rows;
+* ``token_imbalance``: the busiest rank's token rows / the mean over ranks;
+* ``new_visits_pct``: of the (row, rank) pairs the step's rows go to, those the
+  router's own picks did not go to (refills landing on a rank the row did not
+  visit before); the busiest rank's tokens can shrink further only by steering these;
 * ``distinct_experts``: distinct experts the batch uses (all ranks);
 * ``rows_changed_pct``: rows the policy rewrote (``ExpertSelector`` statistics);
 * ``capacity_bytes`` (reference): what the fixed-capacity (CUDA-graph) exchange
@@ -126,7 +130,8 @@ POLICY_VARIANTS: Dict[str, tuple] = {
 DEFAULT_POLICIES = tuple(POLICY_VARIANTS)
 
 METRICS = ("a2a_bytes", "dispatch_bytes", "combine_bytes", "busiest_rank_expert_bytes", "busiest_rank_experts",
-           "busiest_rank_tokens", "remote_ranks_per_token", "distinct_experts", "rows_changed", "rows_changed_pct")
+           "busiest_rank_tokens", "remote_ranks_per_token", "token_imbalance", "new_visits_pct", "distinct_experts",
+           "rows_changed", "rows_changed_pct")
 #: Per-sample values kept in the JSON (the others follow from them: bytes = experts x expert_bytes, ...).
 RAW = ("a2a_bytes", "busiest_rank_experts", "busiest_rank_tokens", "remote_ranks_per_token", "distinct_experts",
        "rows_changed")
@@ -210,11 +215,19 @@ def layer_logits(source: Source, trace: dict, rows: torch.Tensor, layer: int, se
 # --------------------------------------------------------------------------- one step
 
 
+def _visits(slot_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """[T, N] bool: the ranks each row's slots go to (-1 slots go nowhere)."""
+    v = torch.zeros(slot_rank.shape[0], num_ranks + 1, dtype=torch.bool)
+    v.scatter_(1, torch.where(slot_rank >= 0, slot_rank, num_ranks), True)
+    return v[:, :num_ranks]
+
+
 def measure_step(ids: torch.Tensor, slot_rank: torch.Tensor, placement: ExpertPlacement, home: torch.Tensor,
-                 hidden: int, expert_bytes: int, rows_changed: int) -> dict:
+                 hidden: int, expert_bytes: int, rows_changed: int, routed_rank: torch.Tensor) -> dict:
     """The counts of one step from its (logical) output ids and the rank of each routed slot.
 
-    ids / slot_rank: [T, k]; home: [T]. Bytes come from ``step_traffic`` on the physical ids.
+    ids / slot_rank: [T, k]; home: [T]; routed_rank: [T, k] the ranks of the router's own picks.
+    Bytes come from ``step_traffic`` on the physical ids.
     """
     T, k = slot_rank.shape
     phys = physical_ids(ids, slot_rank, placement.replica_on_rank())
@@ -223,6 +236,8 @@ def measure_step(ids: torch.Tensor, slot_rank: torch.Tensor, placement: ExpertPl
     # Cross-check of the two countings: every remote (row, rank) pair is one transfer each way.
     per_transfer = 2 * hidden * ACTIVATION_BYTES + k * (ID_BYTES + WEIGHT_BYTES)
     assert traffic["a2a_bytes"] == int(remote.sum()) * per_transfer, "step_traffic and remote_ranks disagree"
+    after, before = _visits(slot_rank, placement.num_ranks), _visits(routed_rank, placement.num_ranks)
+    tokens = traffic["rank_tokens"]
     return {
         "a2a_bytes": traffic["a2a_bytes"],
         "dispatch_bytes": traffic["dispatch_bytes"],
@@ -231,6 +246,8 @@ def measure_step(ids: torch.Tensor, slot_rank: torch.Tensor, placement: ExpertPl
         "busiest_rank_experts": traffic["busiest_rank_experts"],
         "busiest_rank_tokens": traffic["busiest_rank_tokens"],
         "remote_ranks_per_token": float(remote.double().mean()),
+        "token_imbalance": max(tokens) * len(tokens) / max(1, sum(tokens)),
+        "new_visits_pct": 100.0 * int((after & ~before).sum()) / max(1, int(after.sum())),
         "distinct_experts": int(sum(traffic["rank_experts"])),
         "rows_changed": int(rows_changed),
         "rows_changed_pct": 100.0 * rows_changed / T,
@@ -266,8 +283,9 @@ class Point:
             ids, _ = sel.run(logits, topk_ids, topk_weights)
             slot_rank = default_pick_rank(ids, self.mask, self.source.shape.top_k)
         changed = sel.stats().rows_changed - before
+        routed_rank = default_pick_rank(topk_ids, self.mask, self.source.shape.top_k)
         s = measure_step(ids[:, : self.source.shape.top_k].clone(), slot_rank, self.placement, self.home,
-                         self.source.shape.hidden, self.source.expert_bytes(), changed)
+                         self.source.shape.hidden, self.source.expert_bytes(), changed, routed_rank)
         self.samples.append(s)
         return s
 
@@ -368,8 +386,9 @@ def markdown(payload: dict) -> str:
         lines += [f"## {name}: E={src['experts']}, k={src['top_k']}, hidden {src['hidden']}, expert ff {src['ff']}, "
                   f"{src['scoring_func']}; one expert {src['expert_bytes'] / 1e6:.3f} MB", "", src["note"], "",
                   "| EP | tok/rank | B | policy | a2a MB | vs off | busiest-rank expert MB | vs off | "
-                  "busiest-rank tokens | remote ranks/token | distinct experts | rows changed | fixed-cap a2a MB |",
-                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "busiest-rank tokens | vs off | busiest / mean tokens | new rank visits | remote ranks/token | "
+                  "distinct experts | rows changed | fixed-cap a2a MB |",
+                  "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             m, s = r["mean"], r["std"]
             lines.append(
@@ -377,6 +396,7 @@ def markdown(payload: dict) -> str:
                 f"{_mb(m['a2a_bytes'])} ± {_mb(s['a2a_bytes'])} | {_red(r, 'a2a_bytes')} | "
                 f"{_mb(m['busiest_rank_expert_bytes'])} ({m['busiest_rank_experts']:.2f} exp) | "
                 f"{_red(r, 'busiest_rank_expert_bytes')} | {m['busiest_rank_tokens']:.1f} | "
+                f"{_red(r, 'busiest_rank_tokens')} | {m['token_imbalance']:.3f} | {m['new_visits_pct']:.1f}% | "
                 f"{m['remote_ranks_per_token']:.3f} | {m['distinct_experts']:.1f} | {m['rows_changed_pct']:.1f}% | "
                 f"{_mb(r['capacity_bytes'])} |")
         lines.append("")

@@ -21,13 +21,21 @@ def test_hand_checked_step():
     ids = torch.tensor([[0, 2], [0, 1]])
     slot_rank = placement.rank_of[ids]
     home = torch.tensor([0, 1])
-    s = bt.measure_step(ids, slot_rank, placement, home, hidden=8, expert_bytes=1000, rows_changed=1)
+    # Before selection row 1 picked e2, e1 (ranks 1, 0): its visit to rank 0 is not new; row 0's are not either.
+    routed_rank = torch.tensor([[0, 1], [1, 0]])
+    s = bt.measure_step(ids, slot_rank, placement, home, hidden=8, expert_bytes=1000, rows_changed=1,
+                        routed_rank=routed_rank)
     # dispatch: 2 transfers x (16 row bytes + 2 x 4 id bytes + 2 x 4 weight bytes); combine: 2 x 16.
     assert (s["dispatch_bytes"], s["combine_bytes"], s["a2a_bytes"]) == (64, 32, 96)
     assert s["busiest_rank_experts"] == 2 and s["busiest_rank_expert_bytes"] == 2000  # rank 0 runs e0, e1
     assert s["busiest_rank_tokens"] == 2  # rank 0 gets both rows, rank 1 only row 0
     assert s["remote_ranks_per_token"] == 1.0 and s["distinct_experts"] == 3
     assert s["rows_changed"] == 1 and s["rows_changed_pct"] == 50.0
+    assert s["token_imbalance"] == 2 * 2 / 3 and s["new_visits_pct"] == 0.0
+    # Had row 1 gone only to rank 1 before, its visit to rank 0 would be new: 1 of 3 visits.
+    s = bt.measure_step(ids, slot_rank, placement, home, hidden=8, expert_bytes=1000, rows_changed=1,
+                        routed_rank=torch.tensor([[0, 1], [1, 1]]))
+    assert s["new_visits_pct"] == 100 / 3
     direct = step_traffic(ids, placement, home, 8, 2).as_dict(1000)
     assert direct["a2a_bytes"] == s["a2a_bytes"] and direct["rank_tokens"] == [2, 1]
     # The fixed-capacity exchange with 1 row per rank sends a row each way between the two ranks.
