@@ -29,7 +29,8 @@ layer of the trace (4), one sample per (batch, layer):
 * ``token_imbalance``: the busiest rank's token rows / the mean over ranks;
 * ``new_visits_pct``: of the (row, rank) pairs the step's rows go to, those the
   router's own picks did not go to (refills landing on a rank the row did not
-  visit before); the busiest rank's tokens can shrink further only by steering these;
+  visit before); ``busiest_new_pct``: the share of the busiest rank's token rows
+  that are such new visits: what steering refills elsewhere could take off it;
 * ``distinct_experts``: distinct experts the batch uses (all ranks);
 * ``rows_changed_pct``: rows the policy rewrote (``ExpertSelector`` statistics);
 * ``capacity_bytes`` (reference): what the fixed-capacity (CUDA-graph) exchange
@@ -130,7 +131,8 @@ POLICY_VARIANTS: Dict[str, tuple] = {
 DEFAULT_POLICIES = tuple(POLICY_VARIANTS)
 
 METRICS = ("a2a_bytes", "dispatch_bytes", "combine_bytes", "busiest_rank_expert_bytes", "busiest_rank_experts",
-           "busiest_rank_tokens", "remote_ranks_per_token", "token_imbalance", "new_visits_pct", "distinct_experts",
+           "busiest_rank_tokens", "remote_ranks_per_token", "token_imbalance", "new_visits_pct", "busiest_new_pct",
+           "distinct_experts",
            "rows_changed", "rows_changed_pct")
 #: Per-sample values kept in the JSON (the others follow from them: bytes = experts x expert_bytes, ...).
 RAW = ("a2a_bytes", "busiest_rank_experts", "busiest_rank_tokens", "remote_ranks_per_token", "distinct_experts",
@@ -238,6 +240,7 @@ def measure_step(ids: torch.Tensor, slot_rank: torch.Tensor, placement: ExpertPl
     assert traffic["a2a_bytes"] == int(remote.sum()) * per_transfer, "step_traffic and remote_ranks disagree"
     after, before = _visits(slot_rank, placement.num_ranks), _visits(routed_rank, placement.num_ranks)
     tokens = traffic["rank_tokens"]
+    busiest = max(range(len(tokens)), key=tokens.__getitem__)
     return {
         "a2a_bytes": traffic["a2a_bytes"],
         "dispatch_bytes": traffic["dispatch_bytes"],
@@ -248,6 +251,7 @@ def measure_step(ids: torch.Tensor, slot_rank: torch.Tensor, placement: ExpertPl
         "remote_ranks_per_token": float(remote.double().mean()),
         "token_imbalance": max(tokens) * len(tokens) / max(1, sum(tokens)),
         "new_visits_pct": 100.0 * int((after & ~before).sum()) / max(1, int(after.sum())),
+        "busiest_new_pct": 100.0 * int((after & ~before)[:, busiest].sum()) / max(1, tokens[busiest]),
         "distinct_experts": int(sum(traffic["rank_experts"])),
         "rows_changed": int(rows_changed),
         "rows_changed_pct": 100.0 * rows_changed / T,
@@ -386,8 +390,8 @@ def markdown(payload: dict) -> str:
         lines += [f"## {name}: E={src['experts']}, k={src['top_k']}, hidden {src['hidden']}, expert ff {src['ff']}, "
                   f"{src['scoring_func']}; one expert {src['expert_bytes'] / 1e6:.3f} MB", "", src["note"], "",
                   "| EP | tok/rank | B | policy | a2a MB | vs off | busiest-rank expert MB | vs off | "
-                  "busiest-rank tokens | vs off | busiest / mean tokens | new rank visits | remote ranks/token | "
-                  "distinct experts | rows changed | fixed-cap a2a MB |",
+                  "busiest-rank tokens | vs off | busiest / mean tokens | new rank visits (busiest rank) | "
+                  "remote ranks/token | distinct experts | rows changed | fixed-cap a2a MB |",
                   "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             m, s = r["mean"], r["std"]
@@ -396,7 +400,7 @@ def markdown(payload: dict) -> str:
                 f"{_mb(m['a2a_bytes'])} ± {_mb(s['a2a_bytes'])} | {_red(r, 'a2a_bytes')} | "
                 f"{_mb(m['busiest_rank_expert_bytes'])} ({m['busiest_rank_experts']:.2f} exp) | "
                 f"{_red(r, 'busiest_rank_expert_bytes')} | {m['busiest_rank_tokens']:.1f} | "
-                f"{_red(r, 'busiest_rank_tokens')} | {m['token_imbalance']:.3f} | {m['new_visits_pct']:.1f}% | "
+                f"{_red(r, 'busiest_rank_tokens')} | {m['token_imbalance']:.3f} | {m['new_visits_pct']:.1f}% ({m['busiest_new_pct']:.1f}%) | "
                 f"{m['remote_ranks_per_token']:.3f} | {m['distinct_experts']:.1f} | {m['rows_changed_pct']:.1f}% | "
                 f"{_mb(r['capacity_bytes'])} |")
         lines.append("")

@@ -31,11 +31,11 @@ def test_hand_checked_step():
     assert s["busiest_rank_tokens"] == 2  # rank 0 gets both rows, rank 1 only row 0
     assert s["remote_ranks_per_token"] == 1.0 and s["distinct_experts"] == 3
     assert s["rows_changed"] == 1 and s["rows_changed_pct"] == 50.0
-    assert s["token_imbalance"] == 2 * 2 / 3 and s["new_visits_pct"] == 0.0
+    assert s["token_imbalance"] == 2 * 2 / 3 and s["new_visits_pct"] == 0.0 == s["busiest_new_pct"]
     # Had row 1 gone only to rank 1 before, its visit to rank 0 would be new: 1 of 3 visits.
     s = bt.measure_step(ids, slot_rank, placement, home, hidden=8, expert_bytes=1000, rows_changed=1,
                         routed_rank=torch.tensor([[0, 1], [1, 1]]))
-    assert s["new_visits_pct"] == 100 / 3
+    assert s["new_visits_pct"] == 100 / 3 and s["busiest_new_pct"] == 50.0  # rank 0: rows 0 and 1 (new)
     direct = step_traffic(ids, placement, home, 8, 2).as_dict(1000)
     assert direct["a2a_bytes"] == s["a2a_bytes"] and direct["rank_tokens"] == [2, 1]
     # The fixed-capacity exchange with 1 row per rank sends a row each way between the two ranks.
