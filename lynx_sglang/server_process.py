@@ -134,9 +134,13 @@ def start_server(
     port: int | None = None,
     env: dict[str, str] | None = None,
     log_dir: str | os.PathLike | None = None,
+    script: str | os.PathLike | None = None,
+    wait_healthy: bool = True,
 ) -> Server:
     """Start ``<launch script> --port PORT *extra_args`` and wait until it serves.
 
+    ``script``: another launch script (default ``launch_script()``); ``wait_healthy=False``
+    returns once it runs, for a process that never serves (a multi-node server's other nodes).
     Raises RuntimeError (with the tail of the server log) if it exits or is not healthy
     within ``timeout`` seconds; the process group is killed in that case too.
     """
@@ -151,7 +155,7 @@ def start_server(
     t0 = time.monotonic()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [str(launch_script()), *args],
+            [str(script or launch_script()), *args],
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -161,7 +165,7 @@ def start_server(
         )
     server = Server(proc=proc, port=port, log_path=log_path, args=args)
     try:
-        while True:
+        while wait_healthy:
             if proc.poll() is not None:
                 raise RuntimeError(f"server {args} exited with code {proc.returncode} before it was healthy")
             if _healthy(server.url):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lynx_sglang.client import PROMPTS, complete, scrape_a2a_metrics, scrape_lynx_metrics
-from lynx_sglang.server_process import running_server, start_server
+from lynx_sglang.server_process import REPO, free_port, running_server, start_server
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU server tests (launch/cpu_server.sh)")
 
@@ -73,3 +73,17 @@ def test_a2a_backend_needs_expert_parallelism(tmp_path):
 def test_rank_aware_policy_needs_expert_parallelism(tmp_path):
     with pytest.raises(RuntimeError, match="lynx_ep needs expert parallelism"):
         start_server(*BASE, "--moe-backend", "lynx", "--lynx-policy", "lynx_ep", log_dir=tmp_path, timeout=240)
+
+
+def test_two_node_launch_serves_like_one_node(off_run, tmp_path):
+    """launch/ep_multinode.sh (CPU=1): two "nodes" of one rank each, joined over --dist-init-addr."""
+    script = REPO / "launch" / "ep_multinode.sh"
+    env = {"CPU": "1", "NNODES": "2", "GPUS_PER_NODE": "1", "MASTER": f"127.0.0.1:{free_port()}", "POLICY": "off"}
+    node1 = start_server(*BASE, env={**env, "NODE_RANK": "1"}, script=script, wait_healthy=False,
+                         log_dir=tmp_path / "node1")
+    try:
+        with running_server(*BASE, env={**env, "NODE_RANK": "0"}, script=script, log_dir=tmp_path / "node0") as srv:
+            assert _greedy(srv, PROMPTS[:6]) == off_run["greedy"]
+    finally:
+        node1.stop()
+    assert "TP1 EP1" in node1.log_tail(400), "node 1 did not run the second rank"
