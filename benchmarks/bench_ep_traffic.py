@@ -102,7 +102,7 @@ from lynx_sglang import ExpertSelector, RouterSpec, make_policy
 from lynx_sglang.config import policy_params
 from lynx_sglang.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, step_traffic
 from lynx_sglang.expert_parallel.accounting import ID_BYTES, WEIGHT_BYTES
-from lynx_sglang.expert_parallel.rank_aware import default_pick_rank, physical_ids, remote_ranks
+from lynx_sglang.expert_parallel.rank_aware import default_pick_rank, physical_ids, remote_ranks, visited_ranks
 from lynx_sglang.routing_stats import load_trace, scaled_logits
 from lynx_sglang.synthetic import route
 
@@ -217,13 +217,6 @@ def layer_logits(source: Source, trace: dict, rows: torch.Tensor, layer: int, se
 # --------------------------------------------------------------------------- one step
 
 
-def _visits(slot_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """[T, N] bool: the ranks each row's slots go to (-1 slots go nowhere)."""
-    v = torch.zeros(slot_rank.shape[0], num_ranks + 1, dtype=torch.bool)
-    v.scatter_(1, torch.where(slot_rank >= 0, slot_rank, num_ranks), True)
-    return v[:, :num_ranks]
-
-
 def measure_step(ids: torch.Tensor, slot_rank: torch.Tensor, placement: ExpertPlacement, home: torch.Tensor,
                  hidden: int, expert_bytes: int, rows_changed: int, routed_rank: torch.Tensor) -> dict:
     """The counts of one step from its (logical) output ids and the rank of each routed slot.
@@ -238,7 +231,7 @@ def measure_step(ids: torch.Tensor, slot_rank: torch.Tensor, placement: ExpertPl
     # Cross-check of the two countings: every remote (row, rank) pair is one transfer each way.
     per_transfer = 2 * hidden * ACTIVATION_BYTES + k * (ID_BYTES + WEIGHT_BYTES)
     assert traffic["a2a_bytes"] == int(remote.sum()) * per_transfer, "step_traffic and remote_ranks disagree"
-    after, before = _visits(slot_rank, placement.num_ranks), _visits(routed_rank, placement.num_ranks)
+    after, before = visited_ranks(slot_rank, placement.num_ranks), visited_ranks(routed_rank, placement.num_ranks)
     tokens = traffic["rank_tokens"]
     busiest = max(range(len(tokens)), key=tokens.__getitem__)
     return {

@@ -55,7 +55,7 @@ from . import reference
 from .config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
 from .corpus import DOMAINS, HELDOUT, read_jsonl
 from .expert_parallel import ExpertPlacement, home_rank, step_traffic
-from .expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
+from .expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, visited_ranks, weak_rank_drops
 from .selector import ExpertSelector
 
 RANDOM = "random"  # the control: random experts, matched in count
@@ -71,9 +71,7 @@ class RankDropControl:
 
 def _visits(drops: torch.Tensor, pick_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
     """[T, N] bool: the (row, rank) visits that ``drops`` ([T, k] bool) frees picks on."""
-    out = torch.zeros(drops.shape[0], num_ranks + 1, dtype=torch.bool)
-    out.scatter_(1, torch.where(drops, pick_rank.clamp(0, num_ranks - 1), num_ranks), True)
-    return out[:, :num_ranks]
+    return visited_ranks(torch.where(drops, pick_rank, -1), num_ranks)
 
 
 def random_rank_drops(plan, gen: torch.Generator) -> Tuple[torch.Tensor, int, int]:

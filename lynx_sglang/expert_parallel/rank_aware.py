@@ -80,15 +80,19 @@ def physical_ids(ids: torch.Tensor, slot_rank: torch.Tensor, replica_on_rank: to
     return torch.where(ok, phys, torch.full_like(phys, -1))
 
 
+def visited_ranks(slot_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """[T, N] bool: the ranks each row's slots go to (-1 slots go nowhere)."""
+    dest = torch.zeros(slot_rank.shape[0], num_ranks + 1, dtype=torch.bool, device=slot_rank.device)
+    dest.scatter_(1, torch.where(slot_rank >= 0, slot_rank.long(), num_ranks), True)
+    return dest[:, :num_ranks]
+
+
 def remote_ranks(slot_rank: torch.Tensor, home: Optional[torch.Tensor], num_ranks: int) -> torch.Tensor:
     """[T] int64: distinct ranks other than the row's home its slots go to (-1 slots go nowhere).
 
     For selection experiments; the byte counts of a step are ``accounting.step_traffic``.
     """
-    T = slot_rank.shape[0]
-    dest = torch.zeros(T, num_ranks + 1, dtype=torch.bool, device=slot_rank.device)
-    dest.scatter_(1, torch.where(slot_rank >= 0, slot_rank, num_ranks), True)
-    dest = dest[:, :num_ranks]
+    dest = visited_ranks(slot_rank, num_ranks)
     if home is not None:
         dest &= torch.arange(num_ranks, device=dest.device)[None, :] != home.long()[:, None]
     return dest.sum(dim=1)
@@ -241,11 +245,7 @@ def finish_rank_aware(plan: RankAwarePlan, dropped: torch.Tensor
     changed = row_ok & freed.any(dim=1)
 
     # d. Refill. visited[t, r]: the row's home and the ranks of its surviving picks.
-    visited = torch.zeros(T, N + 1, dtype=torch.bool, device=dev)
-    kept_rank = torch.where(freed | (pick_rank < 0), N, pick_rank.clamp(max=N))
-    visited.scatter_(1, kept_rank, True)
-    visited.scatter_(1, torch.where(plan.home >= 0, plan.home, N)[:, None], True)
-    visited = visited[:, :N]
+    visited = visited_ranks(torch.cat([torch.where(freed, -1, pick_rank), plan.home[:, None]], dim=1), N)
     # near[t, e]: e has a replica on a rank row t visits. A 0/1 matmul (counts <= N are exact
     # in fp32, and in TF32) instead of a [T, E, N] temporary.
     near = (visited.float() @ rank_mask.float().T) > 0
