@@ -608,7 +608,7 @@ def default_rules(num_experts: int, top_k: int) -> List[Rule]:
 
 
 def ep_rules(ep: int) -> List[Rule]:
-    """Expert parallelism over ``ep`` ranks: off, lynx, lynx_ep (defaults, no slack, tighter caps), controls.
+    """Expert parallelism over ``ep`` ranks: off, lynx, lynx_ep (defaults, no slack, caps 0.4 and 0.2), controls.
 
     Both controls are matched to lynx_ep (defaults): the random one in experts
     kept, the rank-drop one in rank visits dropped.
