@@ -19,6 +19,7 @@ import torch
 from benchmarks.results_io import RESULTS_DIR, environment, pyplot, save
 from benchmarks.timing import time_cuda
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
+from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
 from lynx_sglang.synthetic import random_logits, route
 
 GPU_TARGET_US = 10.0  # per layer at B <= 64 (issue: Lynx core)
@@ -41,7 +42,9 @@ def time_cpu(fn, iters: int) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--policies", default="lynx,oea,budget")
+    ap.add_argument("--policies", default="lynx,lynx_ep,oea,budget",
+                    help="lynx_ep runs the torch backend with a contiguous placement over --ep ranks and the rows' homes")
+    ap.add_argument("--ep", type=int, default=4, help="expert-parallel ranks for lynx_ep (E must divide by it)")
     ap.add_argument("--batches", default="1,8,16,32,64,128,256")
     ap.add_argument("--experts", default="8,64,128,256")
     ap.add_argument("--topk", default="2,8")
@@ -58,11 +61,17 @@ def main() -> None:
                     continue
                 for B in _ints(args.batches):
                     router = RouterSpec(E, k)
+                    if name == "lynx_ep" and E % args.ep:
+                        continue
                     policy = make_policy(name, **({"max_experts": max(k, E // 2)} if name == "budget" else {}))
                     g = torch.Generator().manual_seed(B * 7919 + E * 31 + k)
                     batch = route(router, random_logits(B, E, skew=1.0, generator=g, device=device))
-                    sel = ExpertSelector(router, policy, B, device)
-                    fn = lambda: sel.run(batch.logits, batch.topk_ids, batch.topk_weights)  # noqa: E731
+                    kw, extra = {}, {}
+                    if name == "lynx_ep":
+                        kw = {"rank_mask": ExpertPlacement.contiguous(E, args.ep).logical_on_rank()}
+                        extra = {"home": home_rank(B, args.ep, device)}
+                    sel = ExpertSelector(router, policy, B, device, **kw)
+                    fn = lambda: sel.run(batch.logits, batch.topk_ids, batch.topk_weights, **extra)  # noqa: E731
                     fn()
                     row = {"policy": name, "E": E, "k": k, "B": B, "backend": sel.backend}
                     if device.type == "cuda":
@@ -74,7 +83,7 @@ def main() -> None:
                         key = "wall_us"
                     row["median_us"] = statistics.median(row[key])
                     sel.reset_stats()
-                    sel.run(batch.logits, batch.topk_ids, batch.topk_weights)
+                    sel.run(batch.logits, batch.topk_ids, batch.topk_weights, **extra)
                     st = sel.stats()
                     row["experts_before"], row["experts_after"] = st.experts_before, st.experts_after
                     rows.append(row)

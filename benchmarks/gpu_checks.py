@@ -1,5 +1,8 @@
 """GPU checks of the selection kernels: agreement with the torch reference and CUDA-graph replay.
 
+Also ``lynx_ep`` (torch backend only): the same ids, slot ranks and statistics on the GPU as
+on the CPU, and a captured selector's replays equal to eager runs.
+
 Plain Python (no pytest, no sglang): the GPU machine carries only this tree.
 
     python -m benchmarks.gpu_checks                    # on a GPU
@@ -17,6 +20,7 @@ import torch
 
 from benchmarks.results_io import environment, save
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
+from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
 from lynx_sglang.synthetic import random_logits, route
 
 POLICIES = [("lynx", {}), ("oea", {}), ("budget", {"max_experts": 32}), ("off", {})]
@@ -43,36 +47,79 @@ def agreement(device, shapes) -> list[dict]:
     return rows
 
 
-def cuda_graph_replay(device) -> list[dict]:
+EP_RANKS = 4  # lynx_ep checks: contiguous placement over this many ranks
+
+
+def _selector(policy_name: str, router: RouterSpec, T: int, device, **kw) -> tuple:
+    """A selector (lynx_ep: torch backend, contiguous placement) and the extra ``run`` arguments it needs."""
+    policy = make_policy(policy_name)
+    if policy_name != "lynx_ep":
+        return ExpertSelector(router, policy, T, device, **kw), {}
+    mask = ExpertPlacement.contiguous(router.num_experts, EP_RANKS).logical_on_rank()
+    sel = ExpertSelector(router, policy, T, device, backend="torch", rank_mask=mask)
+    return sel, {"home": home_rank(T, EP_RANKS, device)}
+
+
+def rank_aware_agreement(device, shapes) -> list[dict]:
+    """lynx_ep on ``device`` against lynx_ep on CPU: ids, slot ranks and stats equal, weights close."""
+    rows = []
+    for E, k, T in shapes:
+        router = RouterSpec(E, k)
+        g = torch.Generator().manual_seed(E + 7 * T + k)
+        batch = route(router, random_logits(T, E, skew=1.0, generator=g))
+        ref, ref_kw = _selector("lynx_ep", router, T, "cpu")
+        dev, dev_kw = _selector("lynx_ep", router, T, device)
+        r_ids, r_w = ref.run(batch.logits, batch.topk_ids, batch.topk_weights, **ref_kw)
+        d_ids, d_w = dev.run(batch.logits.to(device), batch.topk_ids.to(device), batch.topk_weights.to(device),
+                             **dev_kw)
+        ok = (torch.equal(d_ids.cpu(), r_ids) and torch.equal(dev.last_slot_rank.cpu(), ref.last_slot_rank)
+              and torch.allclose(d_w.cpu(), r_w, rtol=1e-5, atol=1e-6) and dev.stats() == ref.stats())
+        rows.append({"check": "agreement", "policy": "lynx_ep", "E": E, "k": k, "T": T, "ok": bool(ok)})
+    return rows
+
+
+def cuda_graph_replay(device, policies=("lynx", "lynx_ep")) -> list[dict]:
     """Capture ``run`` in a CUDA graph on static inputs; replays on new batches must equal eager runs."""
     rows = []
-    for E, k, T in ((128, 8, 16), (128, 8, 64), (256, 8, 64)):
-        router = RouterSpec(E, k)
-        policy = make_policy("lynx")
-        captured = ExpertSelector(router, policy, T, device)
-        eager = ExpertSelector(router, policy, T, device)
-        g = torch.Generator().manual_seed(T)
-        first = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
-        static = [t.clone() for t in (first.logits, first.topk_ids, first.topk_weights)]
-        nv = torch.tensor(T, device=device)
-        captured.run(*static, nv)  # warm up (compiles the kernels) outside the graph
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out_ids, out_w = captured.run(*static, nv)
-        captured.reset_stats()
-        ok = True
-        for step in range(3):
-            b = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
-            for dst, src in zip(static, (b.logits, b.topk_ids, b.topk_weights)):
-                dst.copy_(src)
-            nv.fill_(T - step)
-            graph.replay()
-            want_ids, want_w = eager.run(b.logits, b.topk_ids, b.topk_weights, torch.tensor(T - step, device=device))
-            ok &= torch.equal(out_ids, want_ids) and torch.equal(out_w, want_w)
-        ok &= captured.stats() == eager.stats()
-        rows.append({"check": "cuda_graph_replay", "E": E, "k": k, "T": T, "ok": bool(ok)})
+    for name in policies:
+        for E, k, T in ((128, 8, 16), (128, 8, 64), (256, 8, 64)):
+            try:
+                rows.append(_graph_replay_one(device, name, RouterSpec(E, k), T))
+            except Exception as e:  # a capture that fails is a failed check, recorded; the others still run
+                rows.append({"check": "cuda_graph_replay", "policy": name, "E": E, "k": k, "T": T, "ok": False,
+                             "error": f"{type(e).__name__}: {e}"})
     return rows
+
+
+def _graph_replay_one(device, name: str, router: RouterSpec, T: int) -> dict:
+    """One policy and shape of ``cuda_graph_replay``."""
+    E, k = router.num_experts, router.top_k
+    captured, kw = _selector(name, router, T, device)
+    eager, _ = _selector(name, router, T, device)
+    g = torch.Generator().manual_seed(T)
+    first = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
+    static = [t.clone() for t in (first.logits, first.topk_ids, first.topk_weights)]
+    nv = torch.tensor(T, device=device)
+    captured.run(*static, nv, **kw)  # warm up (compiles the kernels) outside the graph
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out_ids, out_w = captured.run(*static, nv, **kw)
+    captured.reset_stats()
+    ok = True
+    for step in range(3):
+        b = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
+        for dst, src in zip(static, (b.logits, b.topk_ids, b.topk_weights)):
+            dst.copy_(src)
+        nv.fill_(T - step)
+        graph.replay()
+        want_ids, want_w = eager.run(b.logits, b.topk_ids, b.topk_weights, torch.tensor(T - step, device=device),
+                                     **kw)
+        ok &= torch.equal(out_ids, want_ids) and torch.equal(out_w, want_w)
+        if captured.last_slot_rank is not None:
+            ok &= torch.equal(captured.last_slot_rank, eager.last_slot_rank)
+    ok &= captured.stats() == eager.stats()
+    return {"check": "cuda_graph_replay", "policy": name, "E": E, "k": k, "T": T, "ok": bool(ok)}
 
 
 def main() -> int:
@@ -84,6 +131,8 @@ def main() -> int:
     shapes = [(64, 8, 0, 16), (128, 8, 2, 5)] if args.quick else [
         (E, k, s, T) for E in (8, 64, 128, 256) for k, s in ((2, 0), (8, 1)) if k <= E for T in (1, 16, 64, 256, 512)]
     rows = agreement(device, shapes)
+    rows += rank_aware_agreement(device, [(64, 8, 16), (128, 8, 64)] if args.quick else
+                                 [(E, k, T) for E in (64, 128, 256) for k in (2, 8) for T in (1, 16, 64, 256)])
     if device.type == "cuda":
         rows += cuda_graph_replay(device)
     failed = [r for r in rows if not r["ok"]]
