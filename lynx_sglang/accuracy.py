@@ -60,46 +60,6 @@ from .selector import ExpertSelector
 
 RANDOM = "random"  # the control: random experts, matched in count
 RANK_DROP = "random-rank-drop"  # the control of lynx_ep's rank drops: random visits, matched in count
-
-
-@dataclass(frozen=True)
-class RankDropControl:
-    """The rank-drop control of a ``lynx_ep`` policy (see the module docstring)."""
-
-    policy: RankAwareLynxPolicy
-
-
-def _visits(drops: torch.Tensor, pick_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """[T, N] bool: the (row, rank) visits that ``drops`` ([T, k] bool) frees picks on."""
-    return visited_ranks(torch.where(drops, pick_rank, -1), num_ranks)
-
-
-def random_rank_drops(plan, gen: torch.Generator) -> Tuple[torch.Tensor, int, int]:
-    """The control's stage c: (dropped [T, k] bool, visits lynx_ep drops, visits the control drops).
-
-    Candidates are every (row, remote rank) visit through surviving picks,
-    strong or weak, taken in a random order; a visit is dropped while the row
-    can still refill every slot it frees, until as many are dropped as
-    ``weak_rank_drops`` (after the same refill check) drops on this input.
-    """
-    N = plan.rank_mask.shape[1]
-    target = int(_visits(plan.refillable(weak_rank_drops(plan)), plan.pick_rank, N).sum())
-    droppable = plan.droppable
-    pairs = _visits(droppable, plan.pick_rank, N).nonzero().tolist()
-    room = (plan.candidates.sum(dim=1) - (~plan.survive).sum(dim=1)).tolist()  # more slots each row may free
-    on_pair = (droppable[:, :, None] & (plan.pick_rank[:, :, None] == torch.arange(N))).sum(dim=1).tolist()
-    dropped_pairs = torch.zeros(plan.pick_rank.shape[0], N, dtype=torch.bool)
-    done = 0
-    for i in torch.randperm(len(pairs), generator=gen).tolist():
-        if done == target:
-            break
-        t, r = pairs[i]
-        if on_pair[t][r] <= room[t]:
-            room[t] -= on_pair[t][r]
-            dropped_pairs[t, r] = True
-            done += 1
-    dropped = droppable & dropped_pairs.gather(1, plan.pick_rank.clamp(0, N - 1))
-    return dropped, target, done
 ACTIVATION_BYTES = 2  # expert parallelism: hidden rows travel in bf16
 
 
@@ -167,6 +127,46 @@ def moe_blocks(model) -> List[torch.nn.Module]:
 def _distinct(ids: torch.Tensor, num_experts: int) -> int:
     ids = ids[ids >= 0]
     return int(torch.bincount(ids.reshape(-1), minlength=num_experts).gt(0).sum())
+
+
+@dataclass(frozen=True)
+class RankDropControl:
+    """The rank-drop control of a ``lynx_ep`` policy (see the module docstring)."""
+
+    policy: RankAwareLynxPolicy
+
+
+def _visits(drops: torch.Tensor, pick_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """[T, N] bool: the (row, rank) visits that ``drops`` ([T, k] bool) frees picks on."""
+    return visited_ranks(torch.where(drops, pick_rank, -1), num_ranks)
+
+
+def random_rank_drops(plan, gen: torch.Generator) -> Tuple[torch.Tensor, int, int]:
+    """The control's stage c: (dropped [T, k] bool, visits lynx_ep drops, visits the control drops).
+
+    Candidates are every (row, remote rank) visit through surviving picks,
+    strong or weak, taken in a random order; a visit is dropped while the row
+    can still refill every slot it frees, until as many are dropped as
+    ``weak_rank_drops`` (after the same refill check) drops on this input.
+    """
+    N = plan.rank_mask.shape[1]
+    target = int(_visits(plan.refillable(weak_rank_drops(plan)), plan.pick_rank, N).sum())
+    droppable = plan.droppable
+    pairs = _visits(droppable, plan.pick_rank, N).nonzero().tolist()
+    room = (plan.candidates.sum(dim=1) - (~plan.survive).sum(dim=1)).tolist()  # more slots each row may free
+    on_pair = (droppable[:, :, None] & (plan.pick_rank[:, :, None] == torch.arange(N))).sum(dim=1).tolist()
+    dropped_pairs = torch.zeros(plan.pick_rank.shape[0], N, dtype=torch.bool)
+    done = 0
+    for i in torch.randperm(len(pairs), generator=gen).tolist():
+        if done == target:
+            break
+        t, r = pairs[i]
+        if on_pair[t][r] <= room[t]:
+            room[t] -= on_pair[t][r]
+            dropped_pairs[t, r] = True
+            done += 1
+    dropped = droppable & dropped_pairs.gather(1, plan.pick_rank.clamp(0, N - 1))
+    return dropped, target, done
 
 
 class SelectionPatch:
@@ -646,7 +646,7 @@ def sweep(
     labels = [r.label for r in rules]
     for r in rules:
         if r.matched_to is not None and (r.matched_to not in labels or labels.index(r.matched_to) > labels.index(r.label)):
-            raise ValueError(f"random control {r.label!r} must follow the rule it is matched to ({r.matched_to!r})")
+            raise ValueError(f"control {r.label!r} must follow the rule it is matched to ({r.matched_to!r})")
         if r.matched_to is not None and r.control == RANK_DROP:
             target = rules[labels.index(r.matched_to)]
             if not isinstance(target.policy, RankAwareLynxPolicy) or r.ep is None or target.ep != r.ep:
@@ -931,7 +931,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ep", type=int, default=None, metavar="N",
                     help="expert parallelism over N ranks instead of the default sweep: off, lynx, lynx_ep variants "
-                    "and a random control, with all-to-all traffic (plots accuracy vs bytes cut)")
+                    "and their controls, with all-to-all traffic (plots accuracy vs bytes cut)")
     ap.add_argument("--rules", metavar="LABELS", default=None,
                     help="comma-separated rule labels: run only these of the sweep (a control needs its rule)")
     ap.add_argument(
