@@ -9,8 +9,9 @@ nothing. On a CPU-only machine it:
   directory on ``sys.path`` that gives SGLang's spawned processes the same stand-in;
 * defaults ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's switch for its CPU engine paths);
 * registers SGLang hooks (``HookRegistry``): process groups without PyNccl, one set
-  of cores per rank when ranks outnumber NUMA nodes (``--tp 2`` on one node), and a
-  MoE forward that skips ``-1`` expert slots and handles repeated experts.
+  of cores per rank when ranks outnumber NUMA nodes (``--tp 2`` on one node), a
+  MoE forward that skips ``-1`` expert slots and handles repeated experts, and
+  EPLB rebalancing without its CUDA-synchronising timer.
 
 Only the standard library is imported at module level: this runs in every process.
 """
@@ -57,6 +58,7 @@ _IMPORTED_NOT_CALLED: dict[str, str] = {
 _MOE_TARGET = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"
 _GROUP_TARGET = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 _THREADS_TARGET = "sglang.srt.utils.numa_utils.init_threads_binding"
+_EPLB_TARGET = "sglang.srt.eplb.eplb_manager.EPLBManager.__init__"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -334,6 +336,25 @@ def _register_hooks() -> None:
     HookRegistry.register(_GROUP_TARGET, _no_pynccl, HookType.BEFORE)
     HookRegistry.register(_THREADS_TARGET, _bind_threads, HookType.AROUND)
     HookRegistry.register(_MOE_TARGET, moe_forward_skipping_unused_slots, HookType.AROUND)
+    HookRegistry.register(_EPLB_TARGET, _eplb_in_one_untimed_chunk, HookType.AFTER)
+
+
+#: ``EPLBManager._compute_update_layer_ids_chunks`` reads a missing chunk size as this (one chunk).
+_ONE_CHUNK = 1000000
+
+
+def _eplb_in_one_untimed_chunk(result, manager, *args, **kwargs):
+    """AFTER hook on ``EPLBManager.__init__``: rebalancing without ``torch.cuda.synchronize``.
+
+    Without ``--eplb-rebalance-layers-per-chunk`` EPLB times each rebalance
+    between two ``torch.get_device_module().synchronize()`` calls, which on a CPU
+    machine with a CUDA build of torch fail ("Found no NVIDIA driver"). The
+    untimed path with SGLang's own default chunk size updates every layer at
+    once, exactly as the timed one does.
+    """
+    if manager._rebalance_layers_per_chunk is None:
+        manager._rebalance_layers_per_chunk = _ONE_CHUNK
+    return result
 
 
 def _no_pynccl(*args, **kwargs):

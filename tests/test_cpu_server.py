@@ -7,6 +7,7 @@ subprocesses here: it changes process-wide state (``sys.modules``, ``sys.path``,
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -179,6 +180,17 @@ def test_split_cores_for_ranks():
     assert cpu_support.split_cores(2, [4, 5, 6, 7]) == "4,5|6,7"
     assert cpu_support.split_cores(4, [0, 1]) == "0|1|0|1"  # fewer cores than ranks: shared
     assert cpu_support._parse_cpu_list("0-2,5") == [0, 1, 2, 5]
+
+
+def test_eplb_rebalances_in_one_untimed_chunk():
+    """The EPLB hook keeps SGLang's single chunk (its default size) and an explicit user chunk size."""
+    default, chosen = SimpleNamespace(_rebalance_layers_per_chunk=None), SimpleNamespace(_rebalance_layers_per_chunk=2)
+    assert cpu_support._eplb_in_one_untimed_chunk(None, default) is None
+    assert default._rebalance_layers_per_chunk == cpu_support._ONE_CHUNK
+    cpu_support._eplb_in_one_untimed_chunk(None, chosen)
+    assert chosen._rebalance_layers_per_chunk == 2
+    from sglang.srt.eplb import eplb_manager  # the chunking that reads it: a missing size is the same one chunk
+    assert "self._rebalance_layers_per_chunk or 1000000" in inspect.getsource(eplb_manager)
 
 
 @cpu_only

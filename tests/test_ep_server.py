@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -87,3 +89,30 @@ def test_two_node_launch_serves_like_one_node(off_run, tmp_path):
     finally:
         node1.stop()
     assert "TP1 EP1" in node1.log_tail(400), "node 1 did not run the second rank"
+
+
+def _rebalances(server) -> list[int]:
+    """Physical slots each live EPLB rebalance moved (SGLANG_LOG_EXPERT_LOCATION_METADATA=1 logs the diffs)."""
+    return [int(m) for m in re.findall(r"changed_physical_slots=(\d+)/", server.log_path.read_text(errors="replace"))]
+
+
+def test_live_eplb_rebalancing_under_our_dispatcher(off_run, tmp_path):
+    """EPLB moves expert replicas every 8 forward passes while requests run: answers and selection stay right.
+
+    With policy off the greedy answers are the single-placement server's; lynx_ep follows the live map
+    (it re-reads the rank tables every step) and serves concurrent requests with less traffic than off.
+    """
+    eplb = (*EP, "--ep-num-redundant-experts", "2", "--enable-eplb", "--eplb-rebalance-num-iterations", "8")
+    env = {"SGLANG_LOG_EXPERT_LOCATION_METADATA": "1"}
+    with running_server(*eplb, "--lynx-policy", "off", env=env, log_dir=tmp_path / "off") as srv:
+        assert _greedy(srv, PROMPTS[:6]) == off_run["greedy"]
+        moved = _rebalances(srv)
+    assert len(moved) >= 3 and all(m > 0 for m in moved), moved
+    with running_server(*eplb, "--lynx-policy", "lynx_ep", env=env, log_dir=tmp_path / "lynx_ep") as srv:
+        answers = complete(srv.url, PROMPTS, max_tokens=MAX_NEW, concurrency=16)
+        per_token = _transfer_bytes_per_token(srv.url)
+        selection = scrape_lynx_metrics(srv.url)
+        moved = _rebalances(srv)
+    assert len(answers) == len(PROMPTS) and len(moved) >= 3
+    assert all(c.steps > 0 and c.mean_experts_after < c.mean_experts_before for c in selection.values())
+    assert sum(per_token.values()) < sum(off_run["bytes_per_token"].values())
