@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What a lent GPU runs (a few minutes): kernel agreement and CUDA-graph replay checks, then the
+# What a lent GPU runs (a few minutes): kernel agreement and CUDA-graph replay checks (the selector alone,
+# and a Qwen3-MoE-shaped stack of MoE layers with our hook's stage in place: gpu_hook_capture), then the
 # selection-stage timings, then the MoE-layer benchmark (SGLang's Triton fused MoE with and without
 # selection in front), then the non-MoE decode parts and the end-to-end decode-step estimate from them
 # (bench_decode_other, e2e_estimate). Results land in benchmarks/results/ (and in $OUT when the device
@@ -30,6 +31,7 @@ CHECKS_OK=1
 if [ "$WHAT" = all ]; then
   # A failed check is recorded in gpu_checks_cuda.json; the timings still run (device time is scarce).
   "$PY" -m benchmarks.gpu_checks || CHECKS_OK=0
+  "$PY" -m benchmarks.gpu_hook_capture || CHECKS_OK=0   # MoE layers with our hook's stage, one CUDA graph
   "$PY" -m benchmarks.bench_selection --device cuda
 fi
 moe_layer() {  # bench_moe_layer on the GPU with SGLang's kernel files; returns 1 where there are none
@@ -60,4 +62,6 @@ if [ "$WHAT" = all ] || [ "$WHAT" = e2e ]; then
   fi
 fi
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda* "$OUT"/; fi
-if [ "$CHECKS_OK" = 0 ]; then echo "gpu_checks FAILED: see benchmarks/results/gpu_checks_cuda.json" >&2; exit 1; fi
+if [ "$CHECKS_OK" = 0 ]; then
+  echo "GPU checks FAILED: see benchmarks/results/gpu_checks_cuda.json, gpu_hook_capture_cuda.json" >&2; exit 1
+fi

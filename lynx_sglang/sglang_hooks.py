@@ -121,7 +121,9 @@ class TopKSelectionStage:
 
     def __init__(self, layer_id: int, router: RouterSpec, options: LynxOptions, device: torch.device,
                  correction_bias: Optional[torch.Tensor], physical_ids: bool = False,
-                 ep: EpLayout = EpLayout()):
+                 ep: EpLayout = EpLayout(), output_type: Optional[type] = None):
+        """``output_type``: the top-k output class (default SGLang's ``StandardTopKOutput``; the GPU
+        hook check, where SGLang cannot be imported, passes a NamedTuple with its fields)."""
         self.layer_id, self.router, self.options = layer_id, router, options
         self.device, self.correction_bias = device, correction_bias
         # EPLB (or a non-trivial placement) has turned the routed ids into physical replica ids:
@@ -129,9 +131,10 @@ class TopKSelectionStage:
         self.physical_ids = physical_ids
         self.ep = ep
         self.placement = self._placement()
-        from sglang.srt.layers.moe.topk import StandardTopKOutput
+        if output_type is None:
+            from sglang.srt.layers.moe.topk import StandardTopKOutput as output_type
 
-        self._standard = StandardTopKOutput  # resolved once: __call__ runs on every MoE layer
+        self._standard = output_type  # resolved once: __call__ runs on every MoE layer
         self.selector = self._plan(torch.int32, torch.float32)
         self.mixed_batches = 0  # mixed prefill+decode batches whose decode rows were selected on (host count)
         self._warned = set()

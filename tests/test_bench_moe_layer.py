@@ -322,3 +322,12 @@ def test_cli_skips_trace_at_fewer_experts(tmp_path):
     skipped = [r for r in data["results"] if "skipped" in r]
     assert len(skipped) == 1 and "32 experts" in skipped[0]["skipped"]
     assert {r["routing"] for r in data["results"] if "time_us" in r} == {"random"}
+
+
+def test_hook_capture_check_runs_the_stage_on_cpu():
+    """benchmarks/gpu_hook_capture's stack (router, top-k, our hook's stage, MoE) on CPU: two eager stacks agree."""
+    from benchmarks import gpu_hook_capture as ghc
+
+    rows = ghc.check(torch.device("cpu"), "tiny", 2, [4, 8], "lynx", "torch_loop", None, graph=False, steps=2)
+    assert [r["B"] for r in rows] == [4, 8] and all(r["ok"] and r["max_abs_diff"] == 0.0 for r in rows)
+    assert all(r["experts_after"] < r["experts_before"] and r["rows_changed"] > 0 for r in rows)
