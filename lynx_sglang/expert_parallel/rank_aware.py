@@ -157,18 +157,12 @@ class RankAwarePlan:
     home: torch.Tensor  # [T] int64, -1: no home
     survive: torch.Tensor  # [T, k] bool: the pick's expert is kept
     weak: torch.Tensor  # [T, k] bool: the cap lets it move and its level is above keep_level
+    candidates: torch.Tensor  # [T, E] bool: kept experts a row does not hold (what a freed slot can take)
 
     @property
     def droppable(self) -> torch.Tensor:
         """[T, k] bool: surviving picks of voting rows on a rank other than the row's home."""
         return self.survive & (self.pick_rank != self.home[:, None]) & self.votes.row_ok[:, None]
-
-    @property
-    def candidates(self) -> torch.Tensor:
-        """[T, E] bool: kept experts a row does not hold (what a freed slot can take)."""
-        in_row = torch.zeros_like(self.sel, dtype=torch.bool)
-        in_row.scatter_(1, self.ids_c, True)
-        return self.keep[None, :] & ~in_row
 
     def refillable(self, dropped: torch.Tensor) -> torch.Tensor:
         """``dropped`` ([T, k] bool) less the rows whose freed slots the kept set could not all refill."""
@@ -209,8 +203,10 @@ def plan_rank_aware(
         keep = _bound_per_rank(policy, router, votes, keep, sit, N)
     ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
     weak = _weak_picks(policy, logits, topk_weights, ids_c, votes.rank, votes.row_ok, k)
+    in_row = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
+    in_row.scatter_(1, ids_c, True)
     return RankAwarePlan(policy, router, logits, topk_ids, topk_weights, rank_mask, votes, sel, keep, ids_c,
-                         pick_rank.long(), home_t, keep[ids_c], weak)
+                         pick_rank.long(), home_t, keep[ids_c], weak, keep[None, :] & ~in_row)
 
 
 def weak_rank_drops(plan: RankAwarePlan) -> torch.Tensor:
