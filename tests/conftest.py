@@ -17,3 +17,9 @@ def device() -> torch.device:
     if DEVICE == "cuda" and not torch.cuda.is_available():
         pytest.skip("LYNX_TEST_DEVICE=cuda but no CUDA device")
     return torch.device(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same torch seed, so tests drawing random inputs are reproducible."""
+    torch.manual_seed(0)

@@ -74,6 +74,8 @@ def test_small_sweep_end_to_end(model_and_streams, tmp_path):
     budget = by[(f"budget {E // 4}", "one-domain")]
     assert budget.experts_after <= E // 4 < budget.experts_before
     assert budget.kl > 0
+    lynx = by[("lynx", "one-domain")]
+    assert lynx.experts_after < lynx.experts_before and lynx.kl > 0
     # The control keeps exactly as many experts as the rule it is matched to, in every step.
     rand = by[("random~budget", "one-domain")]
     assert rand.per_layer_after == budget.per_layer_after

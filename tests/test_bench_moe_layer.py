@@ -331,3 +331,44 @@ def test_hook_capture_check_runs_the_stage_on_cpu():
     rows = ghc.check(torch.device("cpu"), "tiny", 2, [4, 8], "lynx", "torch_loop", None, graph=False, steps=2)
     assert [r["B"] for r in rows] == [4, 8] and all(r["ok"] and r["max_abs_diff"] == 0.0 for r in rows)
     assert all(r["experts_after"] < r["experts_before"] and r["rows_changed"] > 0 for r in rows)
+
+
+def test_hooked_stack_is_router_topk_then_our_selection_then_the_moe():
+    """What gpu_hook_capture captures, step by step: each layer's MoE gets exactly the ids and weights the
+    product's ExpertSelector (server defaults) makes of the router's softmax top-k, and the stack's output
+    is the residual sum of those MoE outputs."""
+    from benchmarks import gpu_hook_capture as ghc
+    from lynx_sglang import ExpertSelector
+    from lynx_sglang.server_options import LynxOptions
+    from lynx_sglang.sglang_hooks import Phase
+
+    shape, dev, B = bm.SHAPES["tiny"], torch.device("cpu"), 8
+    moe = bm.make_kernel("torch_loop", dev, None).prepare(shape, B, torch.float32, dev)
+    gen = torch.Generator().manual_seed(3)
+    weights = [bm.make_weights(shape, torch.float32, dev, gen) for _ in range(2)]
+    routers = [torch.randn(shape.experts, shape.hidden, generator=gen) * 2 / shape.hidden ** 0.5 for _ in range(2)]
+    seen = []
+
+    def spy(x, w, ids, wts):
+        seen.append((ids.clone(), wts.clone()))
+        return moe(x, w, ids, wts)
+
+    stack = ghc.HookedMoEStack(shape, 2, spy, routers, weights, "lynx", B, dev)
+    x = torch.randn(B, shape.hidden, generator=gen)
+    prev, Phase.current = Phase.current, ("decode",)
+    try:
+        out = stack.forward(x, torch.tensor(B))
+    finally:
+        Phase.current = prev
+    policy = LynxOptions(moe_backend="lynx", policy="lynx", max_batch=B).make_policy()
+    h, changed = x, 0
+    for li, (router, w) in enumerate(zip(routers, weights)):
+        logits = h @ router.T
+        tw, ti = torch.softmax(logits, -1).topk(shape.top_k, -1)
+        tw = tw / tw.sum(-1, keepdim=True)
+        ids, wts = ExpertSelector(shape.router(), policy, B).run(logits, ti.to(torch.int32), tw)
+        assert torch.equal(seen[li][0], ids) and torch.equal(seen[li][1], wts)
+        changed += int((ids != ti).any(-1).sum())
+        h = h + moe(h, w, ids, wts)
+    assert torch.equal(out, h)
+    assert changed > 0  # selection really rewrote rows here

@@ -101,6 +101,17 @@ def test_confidence(tiny):
     assert 1 / 16 <= c["top1_prob"]["all"]["q01"] and c["topk_mass"]["all"]["q99"] <= 1.0
     assert c["top1_prob"]["all"]["mean"] <= c["topk_mass"]["all"]["mean"]
     assert sum(c["top1_prob"]["histogram"]["counts"]) == sum(x.numel() for x in r.top1[0].values())
+    # The summaries are of the collected values: the median gap, and each domain's mean top-1 probability.
+    all_gap = torch.cat(list(r.gap[0].values())).double()
+    assert gap["q50"] == pytest.approx(float(torch.quantile(all_gap, 0.5)), abs=1e-4)
+    for d, v in r.top1[0].items():
+        assert c["top1_prob"]["per_domain"][d]["mean"] == pytest.approx(float(v.double().mean()), abs=1e-4)
+    # The three measures come from the same tokens' logits: p1/p2 = exp(gap), so p1 <= 1/(1+exp(-gap));
+    # top-k mass >= top-1 probability. A gap or probability taken on the wrong axis or token breaks this.
+    for d in r.gap[0]:
+        g, p1, m = r.gap[0][d].double(), r.top1[0][d].double(), r.mass[0][d].double()
+        assert g.shape == p1.shape == m.shape
+        assert (p1 <= torch.sigmoid(g) + 1e-3).all() and (m >= p1 - 1e-6).all()
 
 
 def test_trace_round_trip(tiny, tmp_path):

@@ -59,8 +59,10 @@ def test_hook_is_applied_and_passes_through_without_a_stage(sglang_layers, phase
     t = _topk(sglang_layers, 0)
     x, z = torch.randn(20, 8), torch.randn(20, 16) * 3
     phase.current = ("decode",)
-    a, b = t(x, z), t(x, z)
-    assert torch.equal(a.topk_ids, b.topk_ids)
+    out = t(x, z)  # a decode batch, but this layer has no stage: SGLang's own softmax top-k, renormalised
+    w, ids = torch.softmax(z, -1).topk(4, -1)
+    assert torch.equal(out.topk_ids.long(), ids)
+    torch.testing.assert_close(out.topk_weights, w / w.sum(-1, keepdim=True))
 
 
 def test_decode_batches_are_rewritten_like_the_selector(sglang_layers, phase):
@@ -117,10 +119,18 @@ def test_sigmoid_router_with_bias_keeps_its_ranking(sglang_layers, phase):
     layers = [_topk(sglang_layers, 0, bias=bias, scoring="sigmoid")]
     (stage,) = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
     assert stage.router.has_correction_bias and stage.router.scoring_func == "sigmoid"
+    x, z = torch.randn(16, 8), torch.randn(16, 16) * 3
+    plain = _topk(sglang_layers, 0, bias=bias, scoring="sigmoid")(x, z)
     phase.current = ("decode",)
-    out = layers[0](torch.randn(16, 8), torch.randn(16, 16))
-    ids = out.topk_ids
-    for row in ids.tolist():
+    out = layers[0](x, z)
+    # The stage ranks refills by sigmoid(logit) + bias, as the router does, and gets the bias from the layer.
+    sel = ExpertSelector(RouterSpec(16, 4, scoring_func="sigmoid", has_correction_bias=True),
+                         make_policy("lynx", keep_level=0, min_votes=2, max_moved_weight=1.0), 64,
+                         ids_dtype=plain.topk_ids.dtype, correction_bias=bias)
+    want_ids, want_w = sel.run(z, plain.topk_ids, plain.topk_weights)
+    assert torch.equal(out.topk_ids, want_ids) and torch.equal(out.topk_weights, want_w)
+    assert not torch.equal(out.topk_ids, plain.topk_ids)  # this batch really changes
+    for row in out.topk_ids.tolist():
         real = [e for e in row if e >= 0]
         assert len(real) == len(set(real))
 
