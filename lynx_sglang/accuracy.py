@@ -55,7 +55,8 @@ from . import reference
 from .config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
 from .corpus import DOMAINS, HELDOUT, read_jsonl
 from .expert_parallel import ExpertPlacement, home_rank, step_traffic
-from .expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, visited_ranks, weak_rank_drops
+from .expert_parallel.rank_aware import (finish_rank_aware, plan_rank_aware, refill_stays_near, visited_ranks,
+                                         weak_rank_drops)
 from .selector import ExpertSelector
 
 RANDOM = "random"  # the control: random experts, matched in count
@@ -146,26 +147,26 @@ def random_rank_drops(plan, gen: torch.Generator) -> Tuple[torch.Tensor, int, in
 
     Candidates are every (row, remote rank) visit through surviving picks,
     strong or weak, taken in a random order; a visit is dropped while the row
-    can still refill every slot it frees, until as many are dropped as
-    ``weak_rank_drops`` (after the same refill check) drops on this input.
+    passes lynx_ep's refill check (``RankAwarePlan.refillable``) with it, until
+    as many are dropped as ``weak_rank_drops`` (after the same check) drops on
+    this input.
     """
     N = plan.rank_mask.shape[1]
     target = int(_visits(plan.refillable(weak_rank_drops(plan)), plan.pick_rank, N).sum())
     droppable = plan.droppable
     pairs = _visits(droppable, plan.pick_rank, N).nonzero().tolist()
-    room = (plan.candidates.sum(dim=1) - (~plan.survive).sum(dim=1)).tolist()  # more slots each row may free
-    on_pair = (droppable[:, :, None] & (plan.pick_rank[:, :, None] == torch.arange(N))).sum(dim=1).tolist()
-    dropped_pairs = torch.zeros(plan.pick_rank.shape[0], N, dtype=torch.bool)
+    dropped = torch.zeros_like(droppable)
     done = 0
     for i in torch.randperm(len(pairs), generator=gen).tolist():
         if done == target:
             break
         t, r = pairs[i]
-        if on_pair[t][r] <= room[t]:
-            room[t] -= on_pair[t][r]
-            dropped_pairs[t, r] = True
+        row = slice(t, t + 1)
+        trial = dropped[row] | (droppable[row] & (plan.pick_rank[row] == r))
+        if refill_stays_near(~plan.survive[row] | trial, plan.pick_rank[row], plan.home[row],
+                             plan.candidates[row], plan.rank_mask).item():
+            dropped[row] = trial
             done += 1
-    dropped = droppable & dropped_pairs.gather(1, plan.pick_rank.clamp(0, N - 1))
     return dropped, target, done
 
 

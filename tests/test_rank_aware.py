@@ -275,6 +275,30 @@ def test_fewer_remote_ranks_than_lynx_and_off():
     assert mean["lynx_ep"] < mean["lynx"] and mean["lynx_ep"] < mean["off"]
 
 
+@pytest.mark.parametrize("E,N,k,T", [(16, 4, 4, 8), (32, 4, 4, 64), (128, 8, 8, 64)])
+def test_rank_drops_never_add_a_rank_visit(E, N, k, T):
+    """Per row: with its rank drops, a row visits strictly fewer remote ranks than the same kept set and refill
+    without them (a drop whose freed slots could only be refilled on other ranks is not taken). Small
+    batches are where this bites: seed 2 at E=16, N=4, T=8 once sent row 5 from one remote rank to two."""
+    from lynx_sglang.expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
+
+    router, policy = RouterSpec(E, k), make_policy("lynx_ep")
+    mask = ExpertPlacement.contiguous(E, N).logical_on_rank()
+    home = home_rank(T, N)
+    rows_with_drops = 0
+    for seed in range(40):
+        batch = skewed(router, T, seed)
+        plan = plan_rank_aware(policy, router, batch.logits, batch.topk_ids, batch.topk_weights, mask, home=home)
+        ids, _, sr, _ = finish_rank_aware(plan, weak_rank_drops(plan))
+        ids0, _, sr0, _ = finish_rank_aware(plan, torch.zeros_like(plan.survive))
+        with_drops = (ids != ids0).any(dim=1)
+        rows_with_drops += int(with_drops.sum())
+        r, r0 = remote_ranks(sr, home, N), remote_ranks(sr0, home, N)
+        assert (r[with_drops] < r0[with_drops]).all(), (seed, with_drops.nonzero().flatten().tolist())
+        assert torch.equal(ids, ep(router, batch, mask, home=home)[0])
+    assert rows_with_drops > 0
+
+
 def test_replicated_experts_go_to_ranks_that_hold_them():
     # EPLB-like: 8 experts, 12 physical slots on 4 ranks; e0..e3 have two replicas.
     p2l = torch.tensor([0, 1, 4, 2, 3, 5, 0, 6, 1, 7, 2, 3])

@@ -22,8 +22,12 @@ c. Rank drops: a pick is *weak* if the moved-weight cap lets it move (exactly
    ``keep_level`` (lower than lynx keeps on). A rank other than the row's home
    that the row still reaches (through kept picks) only through weak picks is
    dropped: those picks are freed, together with the picks whose expert is not
-   kept. A row drops ranks only if the kept set can refill every slot it frees,
-   so rank dropping never creates an empty (-1) slot.
+   kept. A row drops ranks only if every slot it frees can be refilled with a
+   kept expert it does not hold that has a replica on a rank it still visits
+   (its home and the ranks of its remaining picks). So rank dropping never
+   creates an empty (-1) slot and never sends the row to a rank it would not
+   visit otherwise: a row that drops ranks visits strictly fewer remote ranks
+   than it would without the drops.
 d. Refill: freed slots, in slot order, take kept experts the row does not hold,
    first those with a replica on a rank the row still visits (its home and the
    ranks of its surviving picks), then the others; within each group the best
@@ -165,9 +169,30 @@ class RankAwarePlan:
         return self.survive & (self.pick_rank != self.home[:, None]) & self.votes.row_ok[:, None]
 
     def refillable(self, dropped: torch.Tensor) -> torch.Tensor:
-        """``dropped`` ([T, k] bool) less the rows whose freed slots the kept set could not all refill."""
-        freed = (~self.survive | dropped).sum(dim=1)
-        return dropped & (freed <= self.candidates.sum(dim=1))[:, None]
+        """``dropped`` ([T, k] bool) less the rows whose freed slots could not all be refilled on ranks the
+        row still visits (refilling elsewhere would add the rank visits the drops were meant to save)."""
+        ok = refill_stays_near(~self.survive | dropped, self.pick_rank, self.home, self.candidates, self.rank_mask)
+        return dropped & ok[:, None]
+
+
+def near_experts(freed: torch.Tensor, pick_rank: torch.Tensor, home: torch.Tensor, rank_mask: torch.Tensor
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(visited [T, N], near [T, E]) of rows whose ``freed`` ([T, k] bool) slots are emptied.
+
+    visited: the row's home and the ranks of its remaining picks; near: experts with a
+    replica on a visited rank. A 0/1 matmul (counts <= N are exact in fp32 and in TF32)
+    instead of a [T, E, N] temporary.
+    """
+    visited = visited_ranks(torch.cat([torch.where(freed, -1, pick_rank), home[:, None]], dim=1),
+                            rank_mask.shape[1])
+    return visited, (visited.float() @ rank_mask.float().T) > 0
+
+
+def refill_stays_near(freed: torch.Tensor, pick_rank: torch.Tensor, home: torch.Tensor, candidates: torch.Tensor,
+                      rank_mask: torch.Tensor) -> torch.Tensor:
+    """[T] bool: every ``freed`` slot of the row can take a ``candidates`` expert on a rank the row still visits."""
+    _, near = near_experts(freed, pick_rank, home, rank_mask)
+    return freed.sum(dim=1) <= (candidates & near).sum(dim=1)
 
 
 def plan_rank_aware(
@@ -225,26 +250,25 @@ def finish_rank_aware(plan: RankAwarePlan, dropped: torch.Tensor
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, SelectionInfo]:
     """Stages d-e given stage c's drops (a subset of ``plan.droppable``): refill, weights, outputs.
 
-    A row drops its picks only if the kept set can refill every slot it frees.
+    A row drops its picks only if every slot it frees can be refilled on a rank it still visits
+    (``RankAwarePlan.refillable``).
     """
     T, E = plan.logits.shape
-    N = plan.rank_mask.shape[1]
     dev = plan.logits.device
     router, keep, ids_c, pick_rank, rank_mask = plan.router, plan.keep, plan.ids_c, plan.pick_rank, plan.rank_mask
     row_ok, survive, topk_ids, topk_weights = plan.votes.row_ok, plan.survive, plan.topk_ids, plan.topk_weights
     k = router.top_k
     cand = plan.candidates
     n_cand = cand.sum(dim=1)
-    # Only when every freed slot can be refilled: rank dropping never leaves a slot (or a row) empty.
+    # Only where every freed slot can be refilled on a rank the row still visits: rank dropping never
+    # leaves a slot (or a row) empty, and never adds a rank visit.
     dropped = plan.refillable(dropped & plan.droppable)
     freed = ~survive | dropped
     changed = row_ok & freed.any(dim=1)
 
-    # d. Refill. visited[t, r]: the row's home and the ranks of its surviving picks.
-    visited = visited_ranks(torch.cat([torch.where(freed, -1, pick_rank), plan.home[:, None]], dim=1), N)
-    # near[t, e]: e has a replica on a rank row t visits. A 0/1 matmul (counts <= N are exact
-    # in fp32, and in TF32) instead of a [T, E, N] temporary.
-    near = (visited.float() @ rank_mask.float().T) > 0
+    # d. Refill. visited[t, r]: the row's home and the ranks of its surviving picks; near[t, e]: e has a
+    # replica on one of them.
+    visited, near = near_experts(freed, pick_rank, plan.home, rank_mask)
     # Order: score (desc, ties to the lower id by the stable sort), then the group, stably.
     cand_score = torch.where(cand, plan.sel, torch.full_like(plan.sel, float("-inf")))
     by_score = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
