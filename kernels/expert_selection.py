@@ -28,7 +28,7 @@ import triton.language as tl
 from lynx_sglang.config import POLICY_IDS, BudgetPolicy, LynxPolicy, OeaPolicy, Policy, RouterSpec
 from lynx_sglang.reference import BUDGET_WEIGHT_SCALE, MAX_GATE_WEIGHT
 
-_OFF, _LYNX, _OEA, _BUDGET = (POLICY_IDS[n] for n in ("off", "lynx", "oea", "budget"))
+_OFF, _LYNX, _OEA, _BUDGET = (tl.constexpr(POLICY_IDS[n]) for n in ("off", "lynx", "oea", "budget"))
 _MAX_W = tl.constexpr(MAX_GATE_WEIGHT)
 _Q_SCALE = tl.constexpr(BUDGET_WEIGHT_SCALE)
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
@@ -90,11 +90,13 @@ def _vote_kernel(
     m2 = in_t[:, None] & kmask[None, :]
 
     _, zmax, zsum, row_finite = _load_rows(logits_ptr, stride_l, rows, in_t, E, E_PAD)
-    ids = tl.load(ids_ptr + rows[:, None] * stride_i + kidx[None, :], mask=m2, other=0).to(tl.int32)
+    ids = tl.load(ids_ptr + rows[:, None] * stride_i + kidx[None, :], mask=m2, other=0)
     w = tl.load(w_ptr + rows[:, None] * stride_w + kidx[None, :], mask=m2, other=0.0).to(tl.float32)
 
-    # Row checks (reference.vote): in range, no duplicate ids, sane weights, real row.
+    # Row checks (reference.vote): in range, no duplicate ids, sane weights, real row. The range check is on
+    # the ids as given: narrowing int64 first would let 2**32 + e pass as e.
     ok_id = (ids >= 0) & (ids < E)
+    ids = ids.to(tl.int32)
     ok_w = (w >= 0.0) & (w <= _MAX_W)  # NaN fails both
     same = (ids[:, :, None] == ids[:, None, :]) & (kidx[:, None] != kidx[None, :])[None, :, :]
     same = same & kmask[None, :, None] & kmask[None, None, :]
@@ -119,7 +121,7 @@ def _vote_kernel(
     tl.atomic_add(picks_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask)
     tl.atomic_add(voters_ptr, tl.sum(row_ok.to(tl.int32), axis=0))
 
-    if POLICY == 1:  # lynx
+    if POLICY == _LYNX:
         z_r0 = tl.sum(tl.where((rank == 0) & kmask[None, :], z_p, 0.0), axis=1)
         affinity = tl.minimum(z_p - z_r0[:, None], 0.0)
         level = tl.minimum(-tl.floor(affinity * alpha), NB - 1.0)
@@ -138,9 +140,9 @@ def _vote_kernel(
             weaker = tl.sum(tl.where(weaker_or_self, q[:, None, :], 0), axis=2)
             held = weaker * 65536 > tl.sum(q, axis=1)[:, None] * move_q
             tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & held)
-    elif POLICY == 2:  # oea
+    elif POLICY == _OEA:
         tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & (rank < K0))
-    elif POLICY == 3:  # budget
+    elif POLICY == _BUDGET:
         q = tl.floor(w * _Q_SCALE + 0.5).to(tl.int64)
         tl.atomic_add(bscore_ptr + ids_c, q, mask=vmask)
 
@@ -165,11 +167,11 @@ def _keep_kernel(
     active = tl.load(picks_ptr + eidx, mask=emask, other=0) > 0
     voters = tl.load(voters_ptr)
 
-    if POLICY == 0:  # off
+    if POLICY == _OFF:
         keep = active
-    elif POLICY == 2:  # oea
+    elif POLICY == _OEA:
         keep = tl.load(flags_ptr + eidx, mask=emask, other=0) > 0
-    elif POLICY == 3:  # budget: rank = picked experts that beat e (more weight, or equal and lower id)
+    elif POLICY == _BUDGET:  # rank = picked experts that beat e (more weight, or equal and lower id)
         score = tl.load(bscore_ptr + eidx, mask=emask, other=0)
         rank = tl.zeros([E_PAD], tl.int32)
         for c in tl.static_range(0, E_PAD, CHUNK):
@@ -211,12 +213,12 @@ def _keep_kernel(
     tl.debug_barrier()
     tl.store(picks_ptr + eidx, tl.zeros([E_PAD], tl.int32), mask=emask)
     tl.store(voters_ptr, 0)
-    if POLICY == 1:
+    if POLICY == _LYNX:
         for j in tl.static_range(NB):
             tl.store(votes_ptr + eidx * NB + j, tl.zeros([E_PAD], tl.int32), mask=emask)
-    if POLICY == 1 or POLICY == 2:
+    if POLICY == _LYNX or POLICY == _OEA:
         tl.store(flags_ptr + eidx, tl.zeros([E_PAD], tl.int32), mask=emask)
-    if POLICY == 3:
+    if POLICY == _BUDGET:
         tl.store(bscore_ptr + eidx, tl.zeros([E_PAD], tl.int64), mask=emask)
 
 
@@ -242,7 +244,7 @@ def _reroute_kernel(
     row_ok = tl.load(row_ok_ptr + rows, mask=in_t, other=0) != 0
     keep_e = (tl.load(keep_ptr + eidx, mask=emask, other=0) != 0) & emask
 
-    ids_c = tl.minimum(tl.maximum(ids.to(tl.int32), 0), E - 1)
+    ids_c = tl.minimum(tl.maximum(ids, 0), E - 1).to(tl.int32)  # clamp before narrowing, as in the vote
     rmask = row_ok[:, None] & routed[None, :]
     survive = tl.load(keep_ptr + ids_c, mask=rmask, other=1) != 0
     changed = row_ok & (tl.min(survive.to(tl.int32), axis=1) == 0)
@@ -273,14 +275,13 @@ def _reroute_kernel(
     # Gate weights of the new set, rescaled to the row's original routed sum.
     held = (new_ids >= 0) & routed[None, :] & changed[:, None]
     z_new = tl.load(logits_ptr + rows[:, None] * stride_l + tl.maximum(new_ids, 0), mask=held, other=0.0).to(tl.float32)
-    if SOFTMAX:
-        z_max = tl.max(tl.where(held, z_new, float("-inf")), axis=1)
-        gate = tl.exp(z_new - z_max[:, None])
-    else:
-        gate = 1.0 / (1.0 + tl.exp(-z_new))
-    gate = tl.where(held, gate, 0.0)
+    if not SOFTMAX:  # log sigmoid, stably: a sigmoid gate itself underflows to 0 below logit -88
+        z_new = tl.minimum(z_new, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(z_new)))
+    # Relative to the row's largest held gate (softmax: the normaliser cancels; sigmoid: no underflow).
+    z_max = tl.max(tl.where(held, z_new, float("-inf")), axis=1)
+    gate = tl.where(held, tl.exp(z_new - z_max[:, None]), 0.0)
     row_sum = tl.sum(tl.where(routed[None, :], w.to(tl.float32), 0.0), axis=1)
-    # Every changed row holds >= 1 expert (the kept set is never empty), so its sum is > 0.
+    # Every changed row holds >= 1 expert (the kept set is never empty) and its largest gate is 1: sum >= 1.
     gate_sum = tl.where(changed, tl.sum(gate, axis=1), 1.0)
     new_w = row_sum[:, None] * gate / gate_sum[:, None]
 

@@ -113,7 +113,7 @@ def vote(
     z = logits.float()
 
     # A row votes only if it is real (not padding) and well formed; any other
-    # row passes through unchanged (docs/policies.md, "Rows that pass through").
+    # row passes through unchanged (docs/policies.md, "The contract").
     rows = torch.arange(T, device=dev)
     in_range = ((ids >= 0) & (ids < E)).all(dim=1)
     same = ids[:, :, None] == ids[:, None, :]
@@ -198,12 +198,11 @@ def gate_weights(router: RouterSpec, logits: torch.Tensor, new_ids: torch.Tensor
     z = logits.float()
     held = new_ids >= 0
     z_new = z.gather(1, new_ids.clamp(min=0))
-    if router.scoring_func == "softmax":
-        z_max = torch.where(held, z_new, torch.full_like(z_new, float("-inf"))).max(dim=1, keepdim=True).values
-        gate = torch.exp(z_new - z_max)
-    else:
-        gate = torch.sigmoid(z_new)
-    gate = torch.where(held, gate, torch.zeros_like(gate))
+    if router.scoring_func != "softmax":  # log sigmoid: a sigmoid gate itself underflows to 0 below logit -88
+        z_new = torch.nn.functional.logsigmoid(z_new)
+    # Relative to the row's largest held gate (softmax: the normaliser cancels; sigmoid: no underflow).
+    z_max = torch.where(held, z_new, torch.full_like(z_new, float("-inf"))).max(dim=1, keepdim=True).values
+    gate = torch.where(held, torch.exp(z_new - z_max), torch.zeros_like(z_new))
     row_sum = topk_weights[:, :k].float().sum(dim=1, keepdim=True)
     return row_sum * gate / gate.sum(dim=1, keepdim=True)
 

@@ -86,7 +86,11 @@ class ExpertSelector:
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
         policy.validate(router, max_tokens)
-        device = torch.device(device)
+        # With its index ("cuda" -> "cuda:0"): tensors report one, and run() compares devices.
+        device = torch.empty(0, device=device).device
+        if block_t is not None and (not isinstance(block_t, int) or block_t < 1 or block_t > 1024
+                                    or block_t & (block_t - 1)):
+            raise ConfigError(f"block_t must be None or a power of two in [1, 1024], got {block_t!r}")
         if ids_dtype not in (torch.int32, torch.int64):
             raise ConfigError(f"topk_ids dtype must be int32 or int64, got {ids_dtype}")
         if weights_dtype not in (torch.float32, torch.bfloat16, torch.float16):

@@ -61,6 +61,12 @@ def test_bias_must_match_the_router():
                        correction_bias=torch.zeros(7))
 
 
+@pytest.mark.parametrize("block_t", [0, 3, 2048, 16.0])
+def test_bad_block_size_fails_at_plan_time(block_t):
+    with pytest.raises(ConfigError, match="block_t"):
+        ExpertSelector(RouterSpec(8, 2), make_policy("lynx"), 4, block_t=block_t)
+
+
 def test_triton_backend_refuses_plain_cpu(monkeypatch):
     import lynx_sglang.kernels.expert_selection as ks
 

@@ -141,6 +141,35 @@ def test_padding_shared_slots_and_bad_rows_pass_through(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_int64_ids_beyond_int32_are_out_of_range(backend):
+    """2**32 + 7 is not expert 7: the row passes through and does not vote (the kernel checks before narrowing)."""
+    router = RouterSpec(8, 2)
+    batch = route(router, torch.randn(4, 8) * 3, ids_dtype=torch.int64)
+    want_votes = run(make_policy("lynx", keep_level=0, min_votes=2), router, batch, backend)[2].rows_voting
+    batch.topk_ids[1, 1] = 2**32 + 7
+    ids, w, stats = run(make_policy("lynx", keep_level=0, min_votes=2), router, batch, backend)
+    assert torch.equal(ids[1], batch.topk_ids[1]) and torch.equal(w[1], batch.topk_weights[1])
+    assert stats.rows_voting == want_votes - 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigmoid_rows_whose_gates_underflow_keep_finite_weights(backend):
+    """A row re-routed onto experts it scores near -100 (sigmoid gates that round to 0 in fp32) gets the gates'
+    ratios (computed in log space), not 0/0."""
+    router = RouterSpec(8, 2, scoring_func="sigmoid")
+    logits = torch.full((4, 8), -200.0)
+    logits[:3, :2] = torch.tensor([5.0, 4.0])  # rows 0-2 pick e0, e1
+    logits[3, [4, 5, 0, 1]] = torch.tensor([0.0, -1.0, -100.0, -101.0])  # row 3 picks e4, e5
+    batch = route(router, logits)
+    assert batch.topk_ids[3].tolist() == [4, 5] and torch.isfinite(batch.topk_weights).all()
+    ids, w, stats = run(make_policy("budget", max_experts=2), router, batch, backend)  # keeps e0, e1
+    assert ids[3].tolist() == [0, 1] and stats.rows_changed == 1
+    assert torch.isfinite(w).all() and (w >= 0).all()
+    g = torch.tensor([1.0, math.exp(-1.0)])  # sigmoid(-100) / sigmoid(-101) = e (to 1e-43)
+    torch.testing.assert_close(w[3], batch.topk_weights[3].sum() * g / g.sum())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["off", "lynx", "oea"])
 def test_all_equal_logits_follow_the_tie_rule(backend, name):
     # Every score ties: ranks, kept sets and fills all go to the lower expert id.
