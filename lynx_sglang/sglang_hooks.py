@@ -27,6 +27,7 @@ _FORWARD_BATCH_INIT = "sglang.srt.model_executor.forward_batch_info.ForwardBatch
 _PREPARE_MOE_TOPK = "sglang.srt.model_executor.model_runner_components.moe_ep_setup.prepare_moe_topk"
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 _CREATE_MOE_DISPATCHER = "sglang.srt.layers.moe.fused_moe_triton.layer.create_moe_dispatcher"
+_PADDING_COUNT = "sglang.srt.model_executor.forward_batch_info.enable_num_token_non_padded"
 
 # Attribute names we put on SGLang objects.
 _STAGE_ATTR = "_lynx_stage"
@@ -465,6 +466,16 @@ def _from_cli_args_around(original, *args, **kwargs):
     return original(*args, **kwargs)
 
 
+def _padding_count_around(original, *args, **kwargs):
+    """With selection stages, CUDA-graph decode always carries the real token count.
+
+    SGLang passes it (and masks padded top-k rows to -1) only under expert parallelism or
+    DP gathering. Under plain TP a replayed graph's padding rows (token 0, repeated) would
+    otherwise vote, bending the kept set towards their experts and counting in the statistics.
+    """
+    return True if _stages else original(*args, **kwargs)
+
+
 def _create_moe_dispatcher_around(original, moe_runner_config, *args, **kwargs):
     """Our all-to-all dispatcher for every FusedMoE layer when ``--moe-a2a-backend lynx``."""
     if LynxOptions.from_env().a2a_backend == "lynx":
@@ -507,3 +518,4 @@ def register_hooks() -> None:
     HookRegistry.register(_FORWARD_CONTEXT, _forward_context_around, HookType.AROUND)
     HookRegistry.register(_FORWARD_BATCH_INIT, _forward_batch_init_after, HookType.AFTER)
     HookRegistry.register(_PREPARE_MOE_TOPK, _prepare_moe_topk_after, HookType.AFTER)
+    HookRegistry.register(_PADDING_COUNT, _padding_count_around, HookType.AROUND)

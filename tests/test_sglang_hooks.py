@@ -317,6 +317,19 @@ def test_padded_rows_neither_vote_nor_change(sglang_layers, phase):
     assert torch.equal(out.topk_ids[:20], want_ids)
 
 
+def test_cuda_graph_decode_carries_the_real_token_count_once_stages_exist(sglang_layers, monkeypatch):
+    """Under plain TP SGLang leaves a replayed graph's padding rows unmarked; with our stages it must mark them."""
+    from sglang.srt.model_executor import forward_batch_info as fbi
+    from sglang.srt.model_executor.runner import decode_cuda_graph_runner as dcg
+
+    monkeypatch.setattr(hooks, "_stages", [])
+    assert fbi.enable_num_token_non_padded() is False  # stock answer at world size 1, no EP
+    layers = [_topk(sglang_layers, 0)]
+    monkeypatch.setattr(hooks, "_stages", hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts()))
+    assert fbi.enable_num_token_non_padded() is True
+    assert dcg.enable_num_token_non_padded() is True  # the graph runner's own import is the hooked one
+
+
 def _redundant_placement(E: int, g: torch.Generator):
     """EPLB-style maps: E logical experts on E + 8 physical slots, 8 of them replicated (SGLang's layout)."""
     physical_to_logical = torch.cat([torch.randperm(E, generator=g), torch.randperm(E, generator=g)[:8]])
