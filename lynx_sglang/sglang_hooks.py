@@ -28,6 +28,8 @@ _PREPARE_MOE_TOPK = "sglang.srt.model_executor.model_runner_components.moe_ep_se
 _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 _CREATE_MOE_DISPATCHER = "sglang.srt.layers.moe.fused_moe_triton.layer.create_moe_dispatcher"
 _PADDING_COUNT = "sglang.srt.model_executor.forward_batch_info.enable_num_token_non_padded"
+_INIT_GRAPHS = "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs"
+_PREFILL_GRAPHS_INIT = "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.__init__"
 
 # Attribute names we put on SGLang objects.
 _STAGE_ATTR = "_lynx_stage"
@@ -193,6 +195,12 @@ class TopKSelectionStage:
             self._warned.add(key)
             logger.warning("lynx-sglang layer %s: %s", self.layer_id, msg)
 
+    def _pass_through(self, topk_output):
+        """Leave this batch unchanged; under global selection still join the step's vote reduction, which the
+        other EP ranks run whatever this rank's batch looks like."""
+        self.run_without_tokens()
+        return topk_output
+
     def __call__(self, topk_output, num_token_non_padded: Optional[torch.Tensor]):
         """Rewrite ``topk_output`` for the decode rows of the current batch."""
         phase = Phase.current
@@ -203,14 +211,14 @@ class TopKSelectionStage:
             return topk_output
         if not isinstance(topk_output, self._standard):
             self._warn_once("format", f"top-k output {type(topk_output).__name__} is not rewritten (passes through)")
-            return topk_output
+            return self._pass_through(topk_output)
         w, ids, logits = topk_output.topk_weights, topk_output.topk_ids, topk_output.router_logits
         T = ids.shape[0]
         if phase[0] == "mixed":
             n = phase[1]
             if n > T:
                 self._warn_once("mixed", f"mixed batch reports {n} decode tokens of {T}; passes through")
-                return topk_output
+                return self._pass_through(topk_output)
             first, num_valid = T - n, None
             self.mixed_batches += 1
         else:
@@ -221,7 +229,7 @@ class TopKSelectionStage:
         if n_rows > self.options.max_batch:
             self._warn_once("size", f"decode batch of {n_rows} tokens exceeds --lynx-max-batch "
                                     f"{self.options.max_batch}; such batches pass through")
-            return topk_output
+            return self._pass_through(topk_output)
         if (ids.dtype, w.dtype) != (self.selector.ids_dtype, self.selector.weights_dtype):
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("lynx-sglang: top-k dtypes changed during CUDA-graph capture")
@@ -367,8 +375,21 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
         layer_id = getattr(module, "layer_id", None)
         if layer_id is None:
             layer_id = cfg.layer_id
+        if getattr(module, "is_draft", False):
+            # A speculative draft model's MoE (MTP): its batches are speculative, which we leave alone, and its
+            # layer ids lie past the target model's (EPLB maps do not cover them).
+            continue
         if not options.layer_enabled(layer_id):
             continue
+        if "forward" in module.__dict__:
+            raise ConfigError(f"--moe-backend lynx: the model replaces TopK.forward on layer {layer_id} (for "
+                              f"example with forward_native), so our hook would never run; not supported")
+        if getattr(module, "enable_waterfill", False):
+            raise ConfigError(f"--moe-backend lynx does not support waterfill shared experts (layer {layer_id}): "
+                              f"they widen top-k and remap ids per rank after routing")
+        if cfg.fused_gate_packed_ids:
+            raise ConfigError(f"--moe-backend lynx cannot rewrite packed top-k ids (layer {layer_id}, the fused "
+                              f"MXFP4 gate); choose a MoE runner with standard top-k output")
         if cfg.output_format in (TopKOutputFormat.BYPASSED, TopKOutputFormat.TRITON_KERNEL):
             raise ConfigError(
                 f"--moe-backend lynx cannot rewrite top-k for the MoE runner in use "
@@ -406,6 +427,10 @@ def _prepare_moe_topk_after(result, *args, model=None, model_config=None, **kwar
         if _two_batch_overlap():
             raise ConfigError("--moe-backend lynx does not support --enable-two-batch-overlap yet (both "
                               "micro-batches would share one layer's selection buffers)")
+        if _moe_input_gathered_over_dp():
+            raise ConfigError("--moe-backend lynx with attention DP (--attn-dp-size > 1) needs a DeepEP-family "
+                              "--moe-a2a-backend: with a2a none each rank's MoE sees every DP rank's rows "
+                              "gathered, while decode/prefill is known only for its own")
         _stages.extend(build_stages(model, model_config.hf_config, options, physical_ids=_eplb_remaps_ids(),
                                     ep=_ep_layout(options)))
     return result
@@ -437,6 +462,18 @@ def _two_batch_overlap() -> bool:
         return bool(get_exec().overlap.enable_two_batch_overlap)
     except (AttributeError, ValueError, AssertionError):
         return False  # no execution config published (unit tests): no overlap
+
+
+def _moe_input_gathered_over_dp() -> bool:
+    """Whether attention DP gathers every DP rank's rows into this rank's MoE input."""
+    from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks
+    from sglang.srt.runtime_context import get_parallel
+
+    try:
+        dp = int(get_parallel().attn_dp_size)
+    except (AttributeError, ValueError, AssertionError):
+        return False  # no parallel config published (unit tests): no attention DP
+    return dp > 1 and not is_moe_input_scattered_across_dp_ranks()
 
 
 def _eplb_remaps_ids() -> bool:
@@ -474,6 +511,33 @@ def _padding_count_around(original, *args, **kwargs):
     otherwise vote, bending the kept set towards their experts and counting in the statistics.
     """
     return True if _stages else original(*args, **kwargs)
+
+
+def _init_cuda_graphs_after(result, *args, **kwargs):
+    """Zero the statistics the graph warm-up and capture runs added (dummy decode batches), in place:
+    captured graphs keep adding to the same buffers."""
+    for stage in _stages:
+        stage.selector.reset_stats()
+        stage.mixed_batches = 0
+    from .expert_parallel.sglang_dispatcher import dispatchers
+
+    for d in dispatchers():
+        d.totals.zero_()
+    return result
+
+
+def _prefill_graphs_init_after(result, runner, *args, **kwargs):
+    """Mixed chunked-prefill batches run eager while Lynx has stages.
+
+    SGLang replays a mixed batch through the prefill graph captured for extend batches
+    (the default breakable prefill graphs on CUDA), where selection was captured as a
+    pass-through: its decode rows would never be selected on. Every rank decides the same
+    way (all have stages), so the attention-DP replay vote stays consistent.
+    """
+    if _stages and not getattr(runner, "prefer_eager_mixed_prefill", False):
+        runner.prefer_eager_mixed_prefill = True
+        logger.info("lynx-sglang: mixed prefill+decode batches run eager so that their decode rows are selected on")
+    return result
 
 
 def _create_moe_dispatcher_around(original, moe_runner_config, *args, **kwargs):
@@ -519,3 +583,5 @@ def register_hooks() -> None:
     HookRegistry.register(_FORWARD_BATCH_INIT, _forward_batch_init_after, HookType.AFTER)
     HookRegistry.register(_PREPARE_MOE_TOPK, _prepare_moe_topk_after, HookType.AFTER)
     HookRegistry.register(_PADDING_COUNT, _padding_count_around, HookType.AROUND)
+    HookRegistry.register(_INIT_GRAPHS, _init_cuda_graphs_after, HookType.AFTER)
+    HookRegistry.register(_PREFILL_GRAPHS_INIT, _prefill_graphs_init_after, HookType.AFTER)

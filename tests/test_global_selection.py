@@ -192,8 +192,9 @@ def test_policies_with_more_stages_are_refused():
         GlobalExpertSelector(RouterSpec(8, 2), Derived(), 8, group=None)
 
 
-def _stage_worker(rank, world):
-    """The SGLang stage under a DeepEP-style layout: rank 0 decodes the whole batch, rank 1 is idle."""
+def _stage_worker(rank, world, rank1_rows=0):
+    """The SGLang stage under a DeepEP-style layout: rank 0 decodes the whole batch; rank 1 is idle, or
+    (``rank1_rows`` > 0) decodes a batch too large for --lynx-max-batch, which it passes through."""
     import sglang.srt.layers.dp_attention as dp_attention
 
     from lynx_sglang import sglang_hooks as hooks
@@ -212,6 +213,12 @@ def _stage_worker(rank, world):
         out = stage(StandardTopKOutput(batch.topk_weights[:GLOBAL_TOKENS], batch.topk_ids[:GLOBAL_TOKENS],
                                        batch.logits[:GLOBAL_TOKENS]), None)
         result = (out.topk_ids, out.topk_weights)
+    elif rank1_rows:
+        hooks.Phase.current = ("decode",)
+        b = route(router, random_logits(rank1_rows, router.num_experts, generator=torch.Generator().manual_seed(12)))
+        big = StandardTopKOutput(b.topk_weights, b.topk_ids, b.logits)
+        out = stage(big, None)
+        result = out is big
     else:
         hooks.Phase.current = ("idle",)
         stage.run_without_tokens()  # what the TopK.empty_topk_output hook does on a token-less rank
@@ -230,3 +237,18 @@ def test_idle_ranks_join_the_global_selection_of_the_stage():
     assert info.rows_changed > 0
     assert torch.equal(got[0], want_ids) and torch.equal(got[1], want_w)
     assert steps0 == steps1 == 1  # both ranks ran the step's collective
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_passing_an_oversized_batch_through_still_joins_the_vote():
+    """Rank 1's batch exceeds --lynx-max-batch (64): it passes through unchanged, but must still join the
+    all-reduce rank 0 is waiting in (before, it returned early and rank 0 hung)."""
+    (got, steps0), (passed, steps1) = run_group(_stage_worker, 2, 65)
+    router = ROUTERS[0]
+    batch = _global_batch(router, 3.0, 11)
+    T = GLOBAL_TOKENS
+    want_ids, want_w, _ = reference.select(make_policy("lynx"), router, batch.logits[:T], batch.topk_ids[:T],
+                                           batch.topk_weights[:T])
+    assert passed is True  # rank 1: the very object SGLang made
+    assert torch.equal(got[0], want_ids) and torch.equal(got[1], want_w)  # rank 1 added no votes
+    assert steps0 == steps1 == 1

@@ -144,6 +144,41 @@ def test_runner_formats_we_cannot_rewrite_fail_at_start(sglang_layers):
         hooks.build_stages(_Model([_topk(sglang_layers, 0)]), SimpleNamespace(), _opts())
 
 
+@pytest.mark.parametrize("change,msg", [
+    (lambda t: setattr(t, "forward", t.forward_native), "replaces TopK.forward"),  # what longcat_flash does
+    (lambda t: setattr(t, "enable_waterfill", True), "waterfill"),
+    (lambda t: setattr(t.topk_config, "fused_gate_packed_ids", True), "packed top-k ids"),
+])
+def test_layers_our_hook_cannot_serve_fail_at_start(sglang_layers, change, msg):
+    t = _topk(sglang_layers, 0)
+    change(t)
+    with pytest.raises(ConfigError, match=msg):
+        hooks.build_stages(_Model([t]), SimpleNamespace(num_experts=16), _opts())
+
+
+def test_attention_dp_with_a_gathered_moe_input_fails_at_start(sglang_layers, monkeypatch):
+    """With a2a none, attention DP gathers every DP rank's rows into each MoE, but the phase is per rank."""
+    import sglang.srt.layers.moe.utils as moe_utils
+    import sglang.srt.runtime_context as rc
+
+    monkeypatch.setenv(ENV_VAR, json.dumps({"moe_backend": "lynx"}))
+    monkeypatch.setattr(rc, "get_parallel", lambda: SimpleNamespace(attn_dp_size=2))
+    model, cfg = _Model([_topk(sglang_layers, 0)]), SimpleNamespace(hf_config=SimpleNamespace(num_experts=16))
+    monkeypatch.setattr(moe_utils, "is_moe_input_scattered_across_dp_ranks", lambda: False)
+    with pytest.raises(ConfigError, match="attention DP"):
+        hooks._prepare_moe_topk_after(None, model=model, model_config=cfg)
+    assert hooks._moe_input_gathered_over_dp()
+    monkeypatch.setattr(moe_utils, "is_moe_input_scattered_across_dp_ranks", lambda: True)  # DeepEP: local rows
+    assert not hooks._moe_input_gathered_over_dp()
+
+
+def test_draft_model_layers_get_no_stage(sglang_layers):
+    draft = _topk(sglang_layers, 1)
+    draft.is_draft = True
+    stages = hooks.build_stages(_Model([_topk(sglang_layers, 0), draft]), SimpleNamespace(num_experts=16), _opts())
+    assert [s.layer_id for s in stages] == [0] and hooks._STAGE_ATTR not in draft.__dict__
+
+
 def _fb(mode, **kw):
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
 
@@ -202,6 +237,9 @@ def test_cli_flags_reach_workers_through_the_environment(sglang_layers, monkeypa
     (["--moe-backend", "lynx", "--lynx-oea-k0", "2"], "does not apply"),
     (["--moe-backend", "lynx", "--lynx-policy", "budget"], "needs max_experts"),
     (["--moe-backend", "lynx", "--lynx-layers", "a,b"], "comma-separated"),
+    (["--tp", "2", "--ep-size", "2", "--moe-a2a-backend", "lynx", "--attn-dp-size", "2"], "attn-dp-size"),
+    (["--tp", "2", "--ep-size", "2", "--moe-a2a-backend", "lynx", "--dp-size", "2", "--enable-dp-attention"],
+     "enable-dp-attention"),
 ])
 def test_bad_option_values_stop_start_up(sglang_layers, monkeypatch, argv, msg):
     monkeypatch.delenv(ENV_VAR, raising=False)
@@ -300,6 +338,44 @@ def test_registering_twice_wraps_once(sglang_layers):
     hooks.register_hooks()
     hooks.register_hooks()
     assert len(HookRegistry._hooks[f"{hooks._TOPK}.forward"]) == 1
+
+
+def test_every_hook_target_is_wrapped_in_the_installed_sglang(sglang_layers):
+    """apply_hooks only logs a target it cannot find: check each of ours resolved and was replaced."""
+    import pkgutil
+
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    ours = [t for t, hs in HookRegistry._hooks.items() if any(h.__module__.startswith("lynx_sglang") for _, h, _ in hs)]
+    assert {f"{hooks._TOPK}.forward", hooks._PADDING_COUNT, hooks._INIT_GRAPHS, hooks._PREFILL_GRAPHS_INIT} <= set(ours)
+    for target in ours:
+        owner, attr = target.rsplit(".", 1)
+        obj = pkgutil.resolve_name(owner)
+        fn = obj.__dict__[attr] if isinstance(obj, type) else getattr(obj, attr)
+        fn = getattr(fn, "__func__", fn)  # classmethods
+        assert getattr(fn, "__wrapped__", None) is not None or fn.__module__.startswith("sglang.srt.plugins"), target
+
+
+def test_graph_warm_up_steps_are_not_counted(sglang_layers, phase, monkeypatch):
+    layers = [_topk(sglang_layers, 0)]
+    stages = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    monkeypatch.setattr(hooks, "_stages", stages)
+    phase.current = ("decode",)
+    layers[0](torch.randn(8, 8), torch.randn(8, 16) * 3)  # a warm-up decode step before capture
+    assert stages[0].selector.stats().steps == 1
+    buf = stages[0].selector._stats
+    hooks._init_cuda_graphs_after(None, SimpleNamespace())
+    assert stages[0].selector.stats().steps == 0 and stages[0].selector._stats is buf  # zeroed in place
+
+
+def test_mixed_batches_run_eager_only_with_stages(sglang_layers, monkeypatch):
+    runner = SimpleNamespace(prefer_eager_mixed_prefill=False)
+    monkeypatch.setattr(hooks, "_stages", [])
+    hooks._prefill_graphs_init_after(None, runner)
+    assert runner.prefer_eager_mixed_prefill is False  # stock SGLang: unchanged
+    monkeypatch.setattr(hooks, "_stages", [object()])
+    hooks._prefill_graphs_init_after(None, runner)
+    assert runner.prefer_eager_mixed_prefill is True
 
 
 def test_padded_rows_neither_vote_nor_change(sglang_layers, phase):
