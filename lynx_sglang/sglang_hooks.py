@@ -362,6 +362,9 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
     if not _hooks_applied():
         raise RuntimeError("--moe-backend lynx: SGLang did not apply lynx-sglang's TopK hook "
                            "(see the log for 'Failed to apply hooks'); refusing to run without it")
+    if torch.version.hip is not None:
+        raise ConfigError("--moe-backend lynx is not supported on ROCm: a row left without a kept expert gets "
+                          "id -1, which SGLang's aiter MoE kernels cannot take")
     E = num_routed_experts(hf_config)
     device = _model_device(model)
     stages, hashed = [], 0
@@ -556,8 +559,11 @@ def _hooks_applied() -> bool:
     from sglang.srt.layers.moe.topk import TopK
 
     fn = TopK.__dict__.get("forward")  # TopK inherits forward; only a hook puts one on the class
-    cells = getattr(fn, "__closure__", None) or ()
-    return any(c.cell_contents is _topk_forward_around for c in cells)
+    while fn is not None:  # ours may sit under another plugin's wrapper: follow the chain
+        if any(c.cell_contents is _topk_forward_around for c in getattr(fn, "__closure__", None) or ()):
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
 
 
 _registered = False

@@ -356,6 +356,24 @@ def test_every_hook_target_is_wrapped_in_the_installed_sglang(sglang_layers):
         assert getattr(fn, "__wrapped__", None) is not None or fn.__module__.startswith("sglang.srt.plugins"), target
 
 
+def test_our_hook_is_found_under_another_plugins_wrapper(sglang_layers, monkeypatch):
+    import functools
+
+    from sglang.srt.layers.moe.topk import TopK
+
+    ours = TopK.__dict__["forward"]
+
+    @functools.wraps(ours)
+    def outer(*args, **kwargs):  # what a second plugin's AROUND hook looks like
+        return ours(*args, **kwargs)
+
+    outer.__wrapped__ = ours
+    monkeypatch.setattr(TopK, "forward", outer)
+    assert hooks._hooks_applied()
+    monkeypatch.setattr(TopK, "forward", ours.__wrapped__)  # SGLang's own, no hook
+    assert not hooks._hooks_applied()
+
+
 def test_graph_warm_up_steps_are_not_counted(sglang_layers, phase, monkeypatch):
     layers = [_topk(sglang_layers, 0)]
     stages = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
