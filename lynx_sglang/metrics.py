@@ -53,8 +53,8 @@ METRICS = {
 
 A2A_METRICS = {
     "steps": ("lynx:a2a_decode_steps_total", "Decode steps the lynx all-to-all dispatcher accounted."),
-    "dispatch_bytes": ("lynx:a2a_dispatch_bytes_total", "Bytes sent to other ranks by the dispatch all-to-all."),
-    "combine_bytes": ("lynx:a2a_combine_bytes_total", "Bytes sent back by the combine all-to-all."),
+    "dispatch_bytes": ("lynx:a2a_dispatch_bytes_total", "Bytes the dispatch all-to-all sends to other ranks (exact split; CUDA-graph steps send a fixed capacity)."),
+    "combine_bytes": ("lynx:a2a_combine_bytes_total", "Bytes the combine all-to-all sends back (exact split; CUDA-graph steps send a fixed capacity)."),
     "busiest_rank_experts": ("lynx:a2a_busiest_rank_experts_total", "Distinct experts of each step's busiest rank."),
     "busiest_rank_tokens": ("lynx:a2a_busiest_rank_tokens_total", "Token rows of each step's busiest rank."),
     "mixed_steps": ("lynx:a2a_mixed_steps_total", "Mixed chunked-prefill steps among them (decode rows costed)."),

@@ -368,6 +368,11 @@ def test_selector_configuration_errors():
     sel = ExpertSelector(router, make_policy("lynx_ep"), 4, rank_mask=mask)
     with pytest.raises(ValueError, match="pick_rank"):
         sel.run(batch.logits, batch.topk_ids, batch.topk_weights, pick_rank=torch.zeros(3, 1, dtype=torch.long))
+    N = mask.shape[1]
+    for name, bad in (("home", torch.tensor([0, N, 1])), ("pick_rank", torch.full((3, 2), -3))):
+        with pytest.raises(ValueError, match=f"{name} holds ranks outside"):  # before they index a table
+            sel.run(batch.logits, batch.topk_ids, batch.topk_weights, **{name: bad})
+    sel.run(batch.logits, batch.topk_ids, batch.topk_weights, home=torch.tensor([-1, 0, N - 1]))  # -1: no home
 
 
 def _options(argv):

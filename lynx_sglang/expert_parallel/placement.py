@@ -18,28 +18,22 @@ from ..config import ConfigError
 
 @dataclass(frozen=True)
 class ExpertPlacement:
-    """Physical expert slot -> (rank, index on that rank, logical expert).
+    """Physical expert slot -> (rank, logical expert).
 
     num_ranks: N, the expert-parallel group size.
     num_logical: E, experts the router ranks.
-    rank_of / local_index / logical_of: [P] int64 tensors over physical slots.
+    rank_of / logical_of: [P] int64 tensors over physical slots.
     """
 
     num_ranks: int
     num_logical: int
     rank_of: torch.Tensor
-    local_index: torch.Tensor
     logical_of: torch.Tensor
 
     @property
     def num_physical(self) -> int:
         """P, the number of physical expert slots (E plus redundant replicas)."""
         return int(self.rank_of.numel())
-
-    @property
-    def experts_per_rank(self) -> int:
-        """Slots each rank holds (SGLang's num_local_experts)."""
-        return self.num_physical // self.num_ranks
 
     @classmethod
     def contiguous(cls, num_experts: int, num_ranks: int, device="cpu") -> "ExpertPlacement":
@@ -63,7 +57,7 @@ class ExpertPlacement:
             raise ConfigError("every logical expert needs at least one physical slot")
         per = P // num_ranks
         slots = torch.arange(P, device=p2l.device)
-        return cls(num_ranks, E, slots // per, slots % per, p2l)
+        return cls(num_ranks, E, slots // per, p2l)
 
     def logical_on_rank(self) -> torch.Tensor:
         """[E, N] bool: logical expert e has a replica on rank r."""
@@ -81,8 +75,7 @@ class ExpertPlacement:
 
     def to(self, device) -> "ExpertPlacement":
         """The same placement with its tensors on ``device``."""
-        return ExpertPlacement(self.num_ranks, self.num_logical, self.rank_of.to(device),
-                               self.local_index.to(device), self.logical_of.to(device))
+        return ExpertPlacement(self.num_ranks, self.num_logical, self.rank_of.to(device), self.logical_of.to(device))
 
 
 def home_rank(num_tokens: int, num_ranks: int, device="cpu") -> torch.Tensor:

@@ -124,7 +124,7 @@ def _bound_per_rank(policy: RankAwareLynxPolicy, router: RouterSpec, votes: refe
     per_rank = torch.zeros(num_ranks, dtype=torch.int64, device=dev).scatter_add_(0, sit, keep.long())
     excess = (per_rank - bound).clamp(min=0)
 
-    score = reference.lynx_scores(votes.lynx_votes, votes.row_ok.sum())
+    score = reference.lynx_scores(votes.lynx_votes, votes.voting_rows())
     movable = keep & ~votes.mandatory
     ids = torch.arange(E, device=dev)
     # before[e, f]: f goes before e in the drop order (lower score, then higher id).

@@ -114,6 +114,7 @@ def make_dispatcher(moe_runner_config):
             _dispatchers.append(self)
 
         def dispatch(self, hidden_states: torch.Tensor, topk_output):
+            """Send this rank's owned rows to the ranks holding their picks; SGLang's runner gets what arrived."""
             if not isinstance(topk_output, StandardTopKOutput):
                 raise RuntimeError(f"--moe-a2a-backend lynx needs standard top-k output, got "
                                    f"{type(topk_output).__name__} (choose --moe-runner-backend triton)")
@@ -130,6 +131,7 @@ def make_dispatcher(moe_runner_config):
             return super().dispatch(sent.hidden_states, received)
 
         def combine(self, combine_input) -> torch.Tensor:
+            """Return expert outputs to their rows' home ranks: [T, d], owned rows filled, zeros elsewhere."""
             local = super().combine(combine_input)
             handle, T, lo, hi = self._pending
             self._pending = None
