@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lynx_sglang.config import POLICY_IDS, BudgetPolicy, LynxPolicy, OeaPolicy, Policy, RouterSpec
-from lynx_sglang.reference import BUDGET_WEIGHT_SCALE, MAX_GATE_WEIGHT
+from lynx_sglang.config import POLICY_IDS, WEIGHT_Q, BudgetPolicy, LynxPolicy, OeaPolicy, Policy, RouterSpec
+from lynx_sglang.reference import MAX_GATE_WEIGHT, WEIGHT_SCALE
 
 _OFF, _LYNX, _OEA, _BUDGET = (tl.constexpr(POLICY_IDS[n]) for n in ("off", "lynx", "oea", "budget"))
 _MAX_W = tl.constexpr(MAX_GATE_WEIGHT)
-_Q_SCALE = tl.constexpr(BUDGET_WEIGHT_SCALE)
+_Q_SCALE = tl.constexpr(WEIGHT_SCALE)
+_Q_INT = tl.constexpr(WEIGHT_Q)
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 
 
@@ -138,7 +139,7 @@ def _vote_kernel(
             q = tl.where(vmask, tl.floor(w * _Q_SCALE + 0.5), 0.0).to(tl.int64)
             weaker_or_self = (rank[:, None, :] >= rank[:, :, None]) & kmask[None, None, :]
             weaker = tl.sum(tl.where(weaker_or_self, q[:, None, :], 0), axis=2)
-            held = weaker * 65536 > tl.sum(q, axis=1)[:, None] * move_q
+            held = weaker * _Q_INT > tl.sum(q, axis=1)[:, None] * move_q
             tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & held)
     elif POLICY == _OEA:
         tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & (rank < K0))
@@ -384,10 +385,10 @@ def select_triton(
         nv_ptr, nv_int, T,
         ws.row_ok, ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters,
         float(lynx.alpha) if lynx else 1.0, float(lynx.margin) if lynx else 0.0,
-        lynx.moved_weight_q if lynx else 65536,
+        lynx.moved_weight_q if lynx else WEIGHT_Q,
         E=E, K=K, E_PAD=E_PAD, K_PAD=triton.next_power_of_2(K), NB=nb,
         K0=policy.resolved_k0(router) if isinstance(policy, OeaPolicy) else 0,
-        POLICY=pid, CAP_MOVES=bool(lynx and lynx.moved_weight_q < 65536), SOFTMAX=softmax, HAS_BIAS=has_bias, NV_FROM_PTR=nv_from_ptr, BLOCK_T=BT,
+        POLICY=pid, CAP_MOVES=bool(lynx and lynx.moved_weight_q < WEIGHT_Q), SOFTMAX=softmax, HAS_BIAS=has_bias, NV_FROM_PTR=nv_from_ptr, BLOCK_T=BT,
     )
     _keep_kernel[(1,)](
         ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters, ws.keep, stats,

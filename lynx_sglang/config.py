@@ -16,6 +16,9 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 MAX_EXPERTS = 1024
 MAX_ROUTED_TOP_K = 16
 MAX_BETA = 7
+# Weights and weight fractions compared in integer units of 1/WEIGHT_Q, so comparisons are exact and
+# independent of summation order (kernels and reference alike).
+WEIGHT_Q = 65536
 # Integer scores of the lynx policy must fit in int64: see LynxPolicy.validate.
 _INT64_BITS = 62
 
@@ -141,8 +144,8 @@ class LynxPolicy:
 
     @property
     def moved_weight_q(self) -> int:
-        """``max_moved_weight`` in units of 1/65536 (the comparison is exact in integers)."""
-        return int(round(self.max_moved_weight * 65536))
+        """``max_moved_weight`` in units of 1/WEIGHT_Q (the comparison is exact in integers)."""
+        return int(round(self.max_moved_weight * WEIGHT_Q))
 
     def resolved_min_keep(self, router: RouterSpec) -> int:
         """Minimum number of kept experts per batch."""
@@ -170,7 +173,7 @@ class RankAwareLynxPolicy(LynxPolicy):
        token still visits.
 
     rank_slack: per-rank kept-expert bound above the even share (None: no bound),
-        applied in units of 1/65536.
+        applied in units of 1/WEIGHT_Q.
     max_moved_weight: as for lynx, but 0.3 by default: the rank drops move far more
         rows than lynx does, and on the bundled model 0.3 kept the cost within
         0.35 points at EP = 4 while cutting all-to-all bytes 38 % (0.4: up to
@@ -192,8 +195,8 @@ class RankAwareLynxPolicy(LynxPolicy):
 
     @property
     def rank_slack_q(self) -> Optional[int]:
-        """``rank_slack`` in units of 1/65536 (the per-rank bound is exact in integers)."""
-        return None if self.rank_slack is None else int(round(self.rank_slack * 65536))
+        """``rank_slack`` in units of 1/WEIGHT_Q (the per-rank bound is exact in integers)."""
+        return None if self.rank_slack is None else int(round(self.rank_slack * WEIGHT_Q))
 
 
 @dataclass(frozen=True)

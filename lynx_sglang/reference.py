@@ -29,10 +29,10 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .config import BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
+from .config import WEIGHT_Q, BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
 
-# Gate weights are quantised to 1/65536 for the budget policy's integer scores.
-BUDGET_WEIGHT_SCALE = 65536.0
+# Gate weights are quantised to 1/WEIGHT_Q for integer scores (budget) and the moved-weight cap.
+WEIGHT_SCALE = float(WEIGHT_Q)
 # A row whose routed weights are negative, non-finite or above this is malformed and passes through.
 MAX_GATE_WEIGHT = 1.0e6
 
@@ -152,16 +152,21 @@ def vote(
             confident = torch.ones(T, dtype=torch.bool, device=dev)
         r0 = ids_c.gather(1, rank.argmin(dim=1, keepdim=True))[:, 0]
         out.mandatory = _count(r0, (row_ok & confident).long(), E) > 0
-        if policy.moved_weight_q < int(BUDGET_WEIGHT_SCALE):
+        if policy.moved_weight_q < WEIGHT_Q:
             held = held_by_cap(policy, w, rank, voting > 0)
             out.mandatory |= _count(ids_c, voting * held, E) > 0
     elif isinstance(policy, OeaPolicy):
         core = voting * (rank < policy.resolved_k0(router))
         out.oea_core = _count(ids_c, core, E) > 0
     elif isinstance(policy, BudgetPolicy):
-        q = torch.floor(w * BUDGET_WEIGHT_SCALE + 0.5).long()
+        q = quantized(w)
         out.budget_score = _count(ids_c, q * voting, E)
     return out
+
+
+def quantized(w: torch.Tensor) -> torch.Tensor:
+    """int64 weights in units of 1/WEIGHT_Q, rounded half up (as the kernels round)."""
+    return torch.floor(w * WEIGHT_SCALE + 0.5).long()
 
 
 def affinity_level(policy: LynxPolicy, z: torch.Tensor, ids_c: torch.Tensor, rank: torch.Tensor,
@@ -183,12 +188,12 @@ def held_by_cap(policy: LynxPolicy, w: torch.Tensor, rank: torch.Tensor, voting:
 
     A pick may move only while the weight of it and every weaker pick of its row
     stays within max_moved_weight of the row's weight; the others are held.
-    Integers (weights in 1/65536) keep the comparison exact and independent of
+    Integers (weights in 1/WEIGHT_Q) keep the comparison exact and independent of
     summation order. Rows that do not vote hold nothing.
     """
-    q = torch.floor(torch.where(voting, w, 0.0) * BUDGET_WEIGHT_SCALE + 0.5).long()
+    q = quantized(torch.where(voting, w, 0.0))
     weaker = (q[:, None, :] * (rank[:, None, :] >= rank[:, :, None])).sum(dim=-1)
-    return weaker * int(BUDGET_WEIGHT_SCALE) > q.sum(dim=1, keepdim=True) * policy.moved_weight_q
+    return weaker * WEIGHT_Q > q.sum(dim=1, keepdim=True) * policy.moved_weight_q
 
 
 def gate_weights(router: RouterSpec, logits: torch.Tensor, new_ids: torch.Tensor,

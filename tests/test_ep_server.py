@@ -12,10 +12,12 @@ from lynx_sglang.server_process import REPO, free_port, running_server, start_se
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU server tests (launch/cpu_server.sh)")
 
-BASE = ("--dtype", "float32")  # float32: batching order cannot flip a greedy pick on a near tie
+from conftest import STOCK_ARGS as BASE  # noqa: E402  the shared stock server's arguments
+from conftest import STOCK_MAX_NEW as MAX_NEW  # noqa: E402
+from conftest import STOCK_PROMPTS  # noqa: E402
+
 EP = (*BASE, "--tp", "2", "--ep-size", "2", "--moe-a2a-backend", "lynx", "--moe-backend", "lynx",
       "--enable-metrics", "--decode-log-interval", "1")
-MAX_NEW = 16
 
 
 def _greedy(server, prompts):
@@ -34,19 +36,18 @@ def _transfer_bytes_per_token(url) -> dict[int, float]:
 def off_run(tmp_path_factory):
     """Policy off through our dispatcher: answers and traffic of the router's own choice."""
     with running_server(*EP, "--lynx-policy", "off", log_dir=tmp_path_factory.mktemp("a2a_off")) as srv:
-        greedy = _greedy(srv, PROMPTS[:6])
+        greedy = _greedy(srv, PROMPTS[:STOCK_PROMPTS])
         answers = complete(srv.url, PROMPTS, max_tokens=MAX_NEW, concurrency=16)
         yield {"greedy": greedy, "answers": answers, "bytes_per_token": _transfer_bytes_per_token(srv.url),
                "a2a": scrape_a2a_metrics(srv.url)}
 
 
-def test_a2a_dispatch_with_policy_off_equals_the_single_process_server(off_run, tmp_path):
-    with running_server(*BASE, log_dir=tmp_path / "single") as srv:
-        assert _greedy(srv, PROMPTS[:6]) == off_run["greedy"]
+def test_a2a_dispatch_with_policy_off_equals_the_single_process_server(off_run, stock, tmp_path):
+    assert stock["greedy"] == off_run["greedy"]
     # SGLang's own expert-parallel path (a2a none: experts sharded, outputs all-reduced) with the plugin.
     a2a_none = (*BASE, "--tp", "2", "--ep-size", "2", "--moe-backend", "lynx", "--lynx-policy", "off")
     with running_server(*a2a_none, log_dir=tmp_path / "a2a_none") as srv:
-        assert _greedy(srv, PROMPTS[:6]) == off_run["greedy"]
+        assert _greedy(srv, PROMPTS[:STOCK_PROMPTS]) == off_run["greedy"]
     assert len(off_run["answers"]) == len(PROMPTS)
     for layer, m in off_run["a2a"].items():
         assert m["steps"] > 0 and m["dispatch_bytes"] > 0 and m["combine_bytes"] > 0, layer
@@ -85,7 +86,7 @@ def test_two_node_launch_serves_like_one_node(off_run, tmp_path):
                          log_dir=tmp_path / "node1")
     try:
         with running_server(*BASE, env={**env, "NODE_RANK": "0"}, script=script, log_dir=tmp_path / "node0") as srv:
-            assert _greedy(srv, PROMPTS[:6]) == off_run["greedy"]
+            assert _greedy(srv, PROMPTS[:STOCK_PROMPTS]) == off_run["greedy"]
     finally:
         node1.stop()
     assert "TP1 EP1" in node1.log_tail(400), "node 1 did not run the second rank"
@@ -105,7 +106,7 @@ def test_live_eplb_rebalancing_under_our_dispatcher(off_run, tmp_path):
     eplb = (*EP, "--ep-num-redundant-experts", "2", "--enable-eplb", "--eplb-rebalance-num-iterations", "8")
     env = {"SGLANG_LOG_EXPERT_LOCATION_METADATA": "1"}
     with running_server(*eplb, "--lynx-policy", "off", env=env, log_dir=tmp_path / "off") as srv:
-        assert _greedy(srv, PROMPTS[:6]) == off_run["greedy"]
+        assert _greedy(srv, PROMPTS[:STOCK_PROMPTS]) == off_run["greedy"]
         moved = _rebalances(srv)
     assert len(moved) >= 3 and all(m > 0 for m in moved), moved
     with running_server(*eplb, "--lynx-policy", "lynx_ep", env=env, log_dir=tmp_path / "lynx_ep") as srv:

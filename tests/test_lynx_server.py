@@ -14,11 +14,12 @@ from lynx_sglang.server_process import DEFAULT_MODEL, running_server, start_serv
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU server tests (launch/cpu_server.sh)")
 
-# float32 (the bundled model is stored in bf16) so batching order cannot flip a greedy pick on a near tie.
-BASE = ("--dtype", "float32")
+from conftest import STOCK_ARGS as BASE  # noqa: E402  the shared stock server's arguments
+from conftest import STOCK_MAX_NEW as MAX_NEW  # noqa: E402
+from conftest import STOCK_PROMPTS  # noqa: E402
+
 # The product's defaults: on the trained model they re-route (docs/accuracy.md).
 STRICT = ("--moe-backend", "lynx")
-MAX_NEW = 16
 
 
 def _greedy(server, prompts):
@@ -31,16 +32,9 @@ def _prompt_logprobs(server, prompt):
     return [lp for lp, _tok, *_ in out["meta_info"]["input_token_logprobs"] if lp is not None]
 
 
-@pytest.fixture(scope="module")
-def stock(tmp_path_factory):
-    """Reference answers from a server without --moe-backend lynx."""
-    with running_server(*BASE, log_dir=tmp_path_factory.mktemp("stock")) as srv:
-        yield {"greedy": _greedy(srv, PROMPTS[:6]), "prefill": _prompt_logprobs(srv, PROMPTS[1])}
-
-
 def test_policy_off_equals_stock(stock, tmp_path):
     with running_server(*BASE, "--moe-backend", "lynx", "--lynx-policy", "off", log_dir=tmp_path) as srv:
-        assert _greedy(srv, PROMPTS[:6]) == stock["greedy"]
+        assert _greedy(srv, PROMPTS[:STOCK_PROMPTS]) == stock["greedy"]
 
 
 def test_lynx_serves_concurrent_requests_with_fewer_experts_and_leaves_prefill_alone(stock, tmp_path):

@@ -49,10 +49,10 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
-from ..config import LynxPolicy, RankAwareLynxPolicy, RouterSpec
-from ..reference import BUDGET_WEIGHT_SCALE, SelectionInfo
+from ..config import WEIGHT_Q, LynxPolicy, RankAwareLynxPolicy, RouterSpec
+from ..reference import SelectionInfo
 
-_SCALE = int(BUDGET_WEIGHT_SCALE)
+_SCALE = WEIGHT_Q
 
 
 def lowest_rank(mask: torch.Tensor) -> torch.Tensor:
@@ -118,7 +118,7 @@ def _bound_per_rank(policy: RankAwareLynxPolicy, router: RouterSpec, votes: refe
     E = keep.numel()
     dev = keep.device
     n_keep = keep.sum()
-    # ceil((1 + slack) * |keep| / N) with slack in 1/65536: exact integers, no float rounding.
+    # ceil((1 + slack) * |keep| / N) with slack in 1/WEIGHT_Q: exact integers, no float rounding.
     num = (_SCALE + policy.rank_slack_q) * n_keep
     bound = (num + _SCALE * num_ranks - 1) // (_SCALE * num_ranks)
     per_rank = torch.zeros(num_ranks, dtype=torch.int64, device=dev).scatter_add_(0, sit, keep.long())
