@@ -101,8 +101,8 @@ from benchmarks.results_io import RESULTS_DIR, cpu_threads, environment, pyplot
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
 from lynx_sglang.config import policy_params
 from lynx_sglang.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, step_traffic
-from lynx_sglang.expert_parallel.accounting import ID_BYTES, WEIGHT_BYTES
-from lynx_sglang.expert_parallel.rank_aware import default_pick_rank, physical_ids, remote_ranks, visited_ranks
+from lynx_sglang.expert_parallel.accounting import ID_BYTES, WEIGHT_BYTES, visited_ranks
+from lynx_sglang.expert_parallel.rank_aware import default_pick_rank, physical_ids, remote_ranks
 from lynx_sglang.routing_stats import load_trace, scaled_logits
 from lynx_sglang.synthetic import route
 

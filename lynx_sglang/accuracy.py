@@ -55,8 +55,8 @@ from . import reference
 from .config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
 from .corpus import DOMAINS, HELDOUT, read_jsonl
 from .expert_parallel import ExpertPlacement, home_rank, step_traffic
-from .expert_parallel.rank_aware import (finish_rank_aware, plan_rank_aware, refill_stays_near, visited_ranks,
-                                         weak_rank_drops)
+from .expert_parallel.accounting import visited_ranks
+from .expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, refill_stays_near, weak_rank_drops
 from .selector import ExpertSelector
 
 RANDOM = "random"  # the control: random experts, matched in count

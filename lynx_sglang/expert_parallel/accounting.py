@@ -49,16 +49,19 @@ class StepTraffic:
         }
 
 
+def visited_ranks(slot_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """[T, N] bool: the ranks each row's slots go to (``slot_rank`` [T, k]; -1 slots go nowhere)."""
+    dest = torch.zeros(slot_rank.shape[0], num_ranks + 1, dtype=torch.bool, device=slot_rank.device)
+    # -1 slots land in a spare column that is dropped.
+    dest.scatter_(1, torch.where(slot_rank >= 0, slot_rank.long(), num_ranks), True)
+    return dest[:, :num_ranks]
+
+
 def destinations(topk_ids: torch.Tensor, placement: ExpertPlacement) -> torch.Tensor:
     """[T, N] bool: row t has at least one (physical) pick on rank r; -1 slots go nowhere."""
-    T = topk_ids.shape[0]
     ids = topk_ids.long()
-    valid = ids >= 0
     ranks = placement.rank_of[ids.clamp(min=0)]
-    dest = torch.zeros(T, placement.num_ranks + 1, dtype=torch.bool, device=ids.device)
-    # Invalid slots land in a spare column that is dropped.
-    dest.scatter_(1, torch.where(valid, ranks, placement.num_ranks), True)
-    return dest[:, : placement.num_ranks]
+    return visited_ranks(torch.where(ids >= 0, ranks, -1), placement.num_ranks)
 
 
 def step_traffic(topk_ids: torch.Tensor, placement: ExpertPlacement, home: torch.Tensor,

@@ -51,6 +51,7 @@ import torch
 from .. import reference
 from ..config import WEIGHT_Q, LynxPolicy, RankAwareLynxPolicy, RouterSpec
 from ..reference import SelectionInfo
+from .accounting import visited_ranks
 
 _SCALE = WEIGHT_Q
 
@@ -82,13 +83,6 @@ def physical_ids(ids: torch.Tensor, slot_rank: torch.Tensor, replica_on_rank: to
     E, N = replica_on_rank.shape
     phys = replica_on_rank[ids.clamp(0, E - 1), slot_rank.clamp(0, N - 1)]
     return torch.where(ok, phys, torch.full_like(phys, -1))
-
-
-def visited_ranks(slot_rank: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """[T, N] bool: the ranks each row's slots go to (-1 slots go nowhere)."""
-    dest = torch.zeros(slot_rank.shape[0], num_ranks + 1, dtype=torch.bool, device=slot_rank.device)
-    dest.scatter_(1, torch.where(slot_rank >= 0, slot_rank.long(), num_ranks), True)
-    return dest[:, :num_ranks]
 
 
 def remote_ranks(slot_rank: torch.Tensor, home: Optional[torch.Tensor], num_ranks: int) -> torch.Tensor:
