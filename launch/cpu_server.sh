@@ -3,8 +3,9 @@
 # the plugin entry point, supplies what SGLang lacks there).
 #
 #   launch/cpu_server.sh                      # tiny Qwen3-MoE on 127.0.0.1:30000
-#   launch/cpu_server.sh --tp 2 --port 30201  # extra arguments pass through to sglang.launch_server
+#   launch/cpu_server.sh --tp-size 2 --port 30201  # extra arguments pass through to sglang.launch_server
 #   MODEL=/path/to/model launch/cpu_server.sh
+#   PYTHON=/path/to/python launch/cpu_server.sh   # another environment with sglang and lynx-sglang (default .venv)
 #
 # Passed-through arguments come last, so they override the defaults below (except on/off flags).
 #   --device cpu                     no GPU
@@ -20,7 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # SGLang's is_cpu() is False without it (cpu_support also defaults it, but only once plugins load).
 export SGLANG_USE_CPU_ENGINE=1
 
-exec "$ROOT/.venv/bin/python" -m sglang.launch_server \
+exec "${PYTHON:-$ROOT/.venv/bin/python}" -m sglang.launch_server \
     --model-path "${MODEL:-$ROOT/models/trained-qwen3-moe}" \
     --device cpu \
     --attention-backend torch_native \

@@ -3,11 +3,12 @@
 #
 #   GPUS=4 MODEL=Qwen/Qwen3-30B-A3B launch/ep_server.sh                 # our all-to-all + rank-aware lynx_ep
 #   GPUS=8 A2A=none MODEL=... launch/ep_server.sh                       # experts sharded, outputs all-reduced
-#   GPUS=8 A2A=deepep MODEL=... launch/ep_server.sh --enable-dp-attention --dp 8   # DeepEP: global selection
+#   GPUS=8 A2A=deepep MODEL=... launch/ep_server.sh --attn-dp-size 8   # DeepEP: global selection
 #   GPUS=2 POLICY=off launch/ep_server.sh --port 30001                  # same data path, router's choice
 #
 #   GPUS    expert-parallel size = tensor-parallel size (2, 4 or 8; default 2)
 #   A2A     --moe-a2a-backend: lynx (default; lynx-sglang's all-to-all), none, or a DeepEP-family backend
+#   PYTHON  the interpreter (default .venv/bin/python)
 #   POLICY  --lynx-policy (default: lynx_ep with lynx/none; lynx with DeepEP, where each rank only
 #           sees its own tokens and the kept set is reduced over the EP group)
 set -euo pipefail

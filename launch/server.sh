@@ -5,7 +5,7 @@
 #   MODEL=/models/qwen3 launch/server.sh --moe-backend lynx --lynx-policy oea --port 30001
 #   MODEL=/models/qwen3 launch/server.sh                      # stock SGLang behaviour
 #
-# Default model: the bundled one. Later flags win in argparse, so passed-through
+# Default model: the bundled one; PYTHON: the interpreter (default .venv/bin/python). Later flags win in argparse, so passed-through
 # arguments override the defaults below.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

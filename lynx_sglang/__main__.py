@@ -1,8 +1,8 @@
 """``python -m lynx_sglang``: what each policy does to a decode batch at real model shapes.
 
-Until the SGLang server integration and the bundled model land, this is the
-main job: synthetic router logits (with a per-batch skew) at the router shapes
-of Qwen3-30B-A3B, DeepSeek-V2-Lite and Mixtral-8x7B, through every policy.
+Synthetic router logits (with a per-batch skew) at the router shapes of
+Qwen3-30B-A3B, DeepSeek-V2-Lite and Mixtral-8x7B, through every policy: a quick
+look without a model or a server (the main job is ``python -m lynx_sglang.main_job``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
+import glob
 import os
 import pkgutil
 import sys
@@ -90,6 +91,9 @@ def install() -> bool:
     if has_accelerator():
         _installed = False
         return False
+    if glob.glob("/dev/nvidia[0-9]*"):  # a GPU the driver or torch cannot reach: say so before SGLang fails later
+        logger.warning("lynx-sglang: NVIDIA device files exist but torch sees no CUDA device; installing CPU "
+                       "support (SGLang will run on the CPU, or fail without sgl-kernel if asked for a GPU)")
     _set_env_defaults()
     install_sgl_kernel_standin()
     _put_standin_on_spawn_path()

@@ -16,7 +16,7 @@ import argparse
 import time
 
 from .client import PROMPTS, complete, scrape_lynx_metrics
-from .server_process import DEFAULT_MODEL, running_server
+from .server_process import DEFAULT_MODEL, START_TIMEOUT_S, flag_value, running_server
 
 
 def main() -> None:
@@ -25,21 +25,26 @@ def main() -> None:
     ap.add_argument("--policy", default="lynx", choices=["lynx", "oea", "budget", "off"])
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=24)
+    ap.add_argument("--start-timeout", type=float, default=START_TIMEOUT_S,
+                    help="seconds to wait for the server to serve (a large model on a GPU needs more)")
     ap.add_argument("server_args", nargs="*", help="extra sglang.launch_server arguments (after --)")
     args = ap.parse_args()
 
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
     server_flags = ["--model-path", args.model_path, "--moe-backend", "lynx", "--lynx-policy", args.policy,
                     "--enable-metrics", "--decode-log-interval", "1", *args.server_args]
-    if args.policy == "budget" and "--lynx-budget-experts" not in args.server_args:
+    if args.policy == "budget" and flag_value(args.server_args, "--lynx-budget-experts") is None:
         server_flags += ["--lynx-budget-experts", "4"]
     print(f"starting SGLang with: {' '.join(server_flags)}", flush=True)
-    with running_server(*server_flags) as server:
-        print(f"server up in {server.started_in_s:.0f} s at {server.url}", flush=True)
+    with running_server(*server_flags, timeout=args.start_timeout) as server:
+        print(f"server up in {server.started_in_s:.0f} s at {server.url} (log: {server.log_path})", flush=True)
         t0 = time.monotonic()
-        answers = complete(server.url, prompts, max_tokens=args.max_tokens, concurrency=args.requests)
-        elapsed = time.monotonic() - t0
-        layers = scrape_lynx_metrics(server.url)
+        try:
+            answers = complete(server.url, prompts, max_tokens=args.max_tokens, concurrency=args.requests)
+            elapsed = time.monotonic() - t0
+            layers = scrape_lynx_metrics(server.url)
+        except Exception as e:
+            raise RuntimeError(f"{e}\n--- server log (tail) ---\n{server.log_tail()}") from e
 
     print(f"\n{len(prompts)} concurrent requests, {args.max_tokens} tokens each, in {elapsed:.1f} s\n")
     print(f"Lynx ({args.policy}) per MoE layer over the decode steps of this run:")

@@ -178,6 +178,11 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
             raise ConfigError(f"--lynx-layers must be comma-separated ints, got {args.lynx_layers!r}") from e
     if args.lynx_max_batch is not None:
         opts.max_batch = args.lynx_max_batch
+    given = [f"--{f.replace('_', '-')}" for f in ("lynx_policy", *_POLICY_FLAGS, "lynx_layers", "lynx_max_batch")
+             if getattr(args, f, None) is not None]
+    if given and not opts.enabled:
+        raise ConfigError(f"{', '.join(given)} only take effect with --moe-backend lynx (without it the server "
+                          f"is stock SGLang)")
     opts.a2a_backend = take_a2a_choice(args)
     opts.validate()
     return opts

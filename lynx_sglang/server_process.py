@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -43,8 +44,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def flag_value(args, flag: str) -> str | None:
+    """The last value given to ``flag`` in ``args`` (``--flag V`` or ``--flag=V``), else None."""
+    value = None
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
 def _server_env() -> dict[str, str]:
     env = dict(os.environ)
+    # The launch scripts run SGLang with this interpreter unless PYTHON is set (a conda env, a system install).
+    env.setdefault("PYTHON", sys.executable)
     # The test suite sets TRITON_INTERPRET=1 for the kernel tests; a server must run as the
     # launch script runs it by hand, not with Triton kernels silently interpreted.
     env.pop("TRITON_INTERPRET", None)
@@ -144,8 +158,14 @@ def start_server(
     Raises RuntimeError (with the tail of the server log) if it exits or is not healthy
     within ``timeout`` seconds; the process group is killed in that case too.
     """
-    port = free_port() if port is None else port
-    args = ("--port", str(port), *extra_args)
+    given = flag_value(extra_args, "--port")
+    if given is not None:  # the caller's --port wins (argparse takes the last), so poll that one
+        if port is not None and int(given) != port:
+            raise ValueError(f"port={port} and --port {given} disagree")
+        port, args = int(given), tuple(extra_args)
+    else:
+        port = free_port() if port is None else port
+        args = ("--port", str(port), *extra_args)
     log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.mkdtemp(prefix="lynx-sglang-server-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"server-{port}.log"

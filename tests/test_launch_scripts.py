@@ -56,3 +56,27 @@ def test_cpu_demo_matches_the_single_process_moe():
     lines = [line for line in out.stdout.splitlines() if "max|err|" in line]
     assert [line.split()[0] for line in lines] == ["off", "lynx", "lynx_ep"]
     assert all(float(line.split("max|err|")[1].split()[0]) < 1e-4 for line in lines)
+
+
+def test_cpu_launch_scripts_take_the_python_they_are_given():
+    assert _command("cpu_server.sh", "--port", "1")[:3] == ["-m", "sglang.launch_server", "--model-path"]
+    cmd = _command("ep_cpu.sh")
+    assert _flag(cmd, "--tp-size") == _flag(cmd, "--ep-size") == "2"
+
+
+def test_a_port_in_the_server_arguments_is_the_one_polled(tmp_path):
+    """main_job -- --port P: the server listens on P (argparse takes the last), so start_server must poll P."""
+    from lynx_sglang.server_process import flag_value, start_server
+
+    assert flag_value(["--port", "1", "--x", "--port=5"], "--port") == "5"
+    assert flag_value(["--lynx-budget-experts=8"], "--lynx-budget-experts") == "8"
+    assert flag_value(["--portx", "1"], "--port") is None
+    stub = tmp_path / "stub.sh"
+    stub.write_text("#!/usr/bin/env bash\necho \"$@\"\n")
+    stub.chmod(0o755)
+    srv = start_server("--foo", "--port", "30123", script=stub, wait_healthy=False, log_dir=tmp_path)
+    srv.proc.wait(timeout=30)
+    assert srv.port == 30123 and srv.log_path.read_text().split() == ["--foo", "--port", "30123"]
+    srv = start_server("--foo", script=stub, wait_healthy=False, log_dir=tmp_path / "b")
+    srv.proc.wait(timeout=30)
+    assert srv.log_path.read_text().split() == ["--port", str(srv.port), "--foo"]

@@ -237,6 +237,7 @@ def test_cli_flags_reach_workers_through_the_environment(sglang_layers, monkeypa
     (["--moe-backend", "lynx", "--lynx-oea-k0", "2"], "does not apply"),
     (["--moe-backend", "lynx", "--lynx-policy", "budget"], "needs max_experts"),
     (["--moe-backend", "lynx", "--lynx-layers", "a,b"], "comma-separated"),
+    (["--lynx-policy", "oea"], "only take effect with --moe-backend lynx"),
     (["--tp", "2", "--ep-size", "2", "--moe-a2a-backend", "lynx", "--attn-dp-size", "2"], "attn-dp-size"),
     (["--tp", "2", "--ep-size", "2", "--moe-a2a-backend", "lynx", "--dp-size", "2", "--enable-dp-attention"],
      "enable-dp-attention"),
