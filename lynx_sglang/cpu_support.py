@@ -18,11 +18,11 @@ Only the standard library is imported at module level: this runs in every proces
 
 from __future__ import annotations
 
+import glob
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import logging
-import glob
 import os
 import pkgutil
 import sys
