@@ -26,25 +26,40 @@ from lynx_sglang.synthetic import random_logits, route
 POLICIES = [("lynx", {}), ("oea", {}), ("budget", {"max_experts": 32}), ("off", {})]
 
 
+def _recorded(check: str, fields: dict, fn) -> dict:
+    """``fn()``'s row, or a failed row with the error: one failing case must not lose the others' results."""
+    try:
+        return fn()
+    except Exception as e:
+        return {"check": check, **fields, "ok": False, "error": f"{type(e).__name__}: {e}"}
+
+
 def agreement(device, shapes) -> list[dict]:
     """Kernels on ``device`` against the torch reference on CPU: ids equal, weights close, stats equal."""
     rows = []
     for E, k, shared, T in shapes:
         for name, params in POLICIES:
-            router = RouterSpec(E, k, shared)
-            policy = make_policy(name, **params)
-            g = torch.Generator().manual_seed(E + 7 * T + k)
-            batch = route(router, random_logits(T, E, skew=1.0, generator=g).to(torch.bfloat16))
-            ref = ExpertSelector(router, policy, T, "cpu", backend="torch")
-            ker = ExpertSelector(router, policy, T, device, backend="triton")
-            nv = max(1, T - 3)
-            r_ids, r_w = ref.run(batch.logits, batch.topk_ids, batch.topk_weights, nv)
-            k_ids, k_w = ker.run(batch.logits.to(device), batch.topk_ids.to(device), batch.topk_weights.to(device),
-                                 torch.tensor(nv, device=device))
-            ok = (torch.equal(k_ids.cpu(), r_ids) and torch.allclose(k_w.cpu(), r_w, rtol=1e-5, atol=1e-6)
-                  and ker.stats() == ref.stats())
-            rows.append({"check": "agreement", "policy": name, "E": E, "k": k, "shared": shared, "T": T, "ok": ok})
+            fields = {"policy": name, "E": E, "k": k, "shared": shared, "T": T}
+            rows.append(_recorded("agreement", fields, lambda: _agreement_one(device, name, params, E, k, shared, T)))
     return rows
+
+
+def _agreement_one(device, name: str, params: dict, E: int, k: int, shared: int, T: int) -> dict:
+    router = RouterSpec(E, k, shared)
+    if "max_experts" in params:  # the budget cannot exceed the experts there are
+        params = {**params, "max_experts": min(params["max_experts"], E)}
+    policy = make_policy(name, **params)
+    g = torch.Generator().manual_seed(E + 7 * T + k)
+    batch = route(router, random_logits(T, E, skew=1.0, generator=g).to(torch.bfloat16))
+    ref = ExpertSelector(router, policy, T, "cpu", backend="torch")
+    ker = ExpertSelector(router, policy, T, device, backend="triton")
+    nv = max(1, T - 3)
+    r_ids, r_w = ref.run(batch.logits, batch.topk_ids, batch.topk_weights, nv)
+    k_ids, k_w = ker.run(batch.logits.to(device), batch.topk_ids.to(device), batch.topk_weights.to(device),
+                         torch.tensor(nv, device=device))
+    ok = (torch.equal(k_ids.cpu(), r_ids) and torch.allclose(k_w.cpu(), r_w, rtol=1e-5, atol=1e-6)
+          and ker.stats() == ref.stats())
+    return {"check": "agreement", "policy": name, "E": E, "k": k, "shared": shared, "T": T, "ok": bool(ok)}
 
 
 EP_RANKS = 4  # lynx_ep checks: contiguous placement over this many ranks
@@ -64,18 +79,22 @@ def rank_aware_agreement(device, shapes) -> list[dict]:
     """lynx_ep on ``device`` against lynx_ep on CPU: ids, slot ranks and stats equal, weights close."""
     rows = []
     for E, k, T in shapes:
-        router = RouterSpec(E, k)
-        g = torch.Generator().manual_seed(E + 7 * T + k)
-        batch = route(router, random_logits(T, E, skew=1.0, generator=g))
-        ref, ref_kw = _selector("lynx_ep", router, T, "cpu")
-        dev, dev_kw = _selector("lynx_ep", router, T, device)
-        r_ids, r_w = ref.run(batch.logits, batch.topk_ids, batch.topk_weights, **ref_kw)
-        d_ids, d_w = dev.run(batch.logits.to(device), batch.topk_ids.to(device), batch.topk_weights.to(device),
-                             **dev_kw)
-        ok = (torch.equal(d_ids.cpu(), r_ids) and torch.equal(dev.last_slot_rank.cpu(), ref.last_slot_rank)
-              and torch.allclose(d_w.cpu(), r_w, rtol=1e-5, atol=1e-6) and dev.stats() == ref.stats())
-        rows.append({"check": "agreement", "policy": "lynx_ep", "E": E, "k": k, "T": T, "ok": bool(ok)})
+        fields = {"policy": "lynx_ep", "E": E, "k": k, "T": T}
+        rows.append(_recorded("agreement", fields, lambda: _rank_aware_one(device, E, k, T)))
     return rows
+
+
+def _rank_aware_one(device, E: int, k: int, T: int) -> dict:
+    router = RouterSpec(E, k)
+    g = torch.Generator().manual_seed(E + 7 * T + k)
+    batch = route(router, random_logits(T, E, skew=1.0, generator=g))
+    ref, ref_kw = _selector("lynx_ep", router, T, "cpu")
+    dev, dev_kw = _selector("lynx_ep", router, T, device)
+    r_ids, r_w = ref.run(batch.logits, batch.topk_ids, batch.topk_weights, **ref_kw)
+    d_ids, d_w = dev.run(batch.logits.to(device), batch.topk_ids.to(device), batch.topk_weights.to(device), **dev_kw)
+    ok = (torch.equal(d_ids.cpu(), r_ids) and torch.equal(dev.last_slot_rank.cpu(), ref.last_slot_rank)
+          and torch.allclose(d_w.cpu(), r_w, rtol=1e-5, atol=1e-6) and dev.stats() == ref.stats())
+    return {"check": "agreement", "policy": "lynx_ep", "E": E, "k": k, "T": T, "ok": bool(ok)}
 
 
 def cuda_graph_replay(device, policies=("lynx", "lynx_ep")) -> list[dict]:
@@ -83,11 +102,8 @@ def cuda_graph_replay(device, policies=("lynx", "lynx_ep")) -> list[dict]:
     rows = []
     for name in policies:
         for E, k, T in ((128, 8, 16), (128, 8, 64), (256, 8, 64)):
-            try:
-                rows.append(_graph_replay_one(device, name, RouterSpec(E, k), T))
-            except Exception as e:  # a capture that fails is a failed check, recorded; the others still run
-                rows.append({"check": "cuda_graph_replay", "policy": name, "E": E, "k": k, "T": T, "ok": False,
-                             "error": f"{type(e).__name__}: {e}"})
+            rows.append(_recorded("cuda_graph_replay", {"policy": name, "E": E, "k": k, "T": T},
+                                  lambda: _graph_replay_one(device, name, RouterSpec(E, k), T)))
     return rows
 
 
@@ -128,7 +144,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="few shapes (for the CPU interpreter)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    shapes = [(64, 8, 0, 16), (128, 8, 2, 5)] if args.quick else [
+    shapes = [(8, 2, 0, 16), (64, 8, 0, 16), (128, 8, 2, 5)] if args.quick else [
         (E, k, s, T) for E in (8, 64, 128, 256) for k, s in ((2, 0), (8, 1)) if k <= E for T in (1, 16, 64, 256, 512)]
     rows = agreement(device, shapes)
     rows += rank_aware_agreement(device, [(64, 8, 16), (128, 8, 64)] if args.quick else

@@ -87,39 +87,50 @@ def check(device: torch.device, shape_name: str, layers: int, batches, policy: s
     Phase.current = ("decode",)  # what SGLang's forward context publishes for a decode batch
     try:
         for B in batches:
-            moe = kern.prepare(shape, B, dtype, device)
-            captured = HookedMoEStack(shape, layers, moe, routers, weights, policy, max(batches), device)
-            eager = HookedMoEStack(shape, layers, moe, routers, weights, policy, max(batches), device)
-            xs = [torch.randn(B, shape.hidden, generator=gen).to(device=device, dtype=dtype) for _ in range(steps + 1)]
-            static_x, nv = xs[0].clone(), torch.tensor(B, device=device)
-            captured.forward(static_x, nv)  # warm-up outside the graph (compiles the Triton kernels)
-            run = lambda: captured.forward(static_x, nv)  # noqa: E731
-            if graph:
-                torch.cuda.synchronize()
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    static_out = captured.forward(static_x, nv)
-                run = lambda: (g.replay(), static_out)[1]  # noqa: E731
-            for s in captured.stages:
-                s.selector.reset_stats()
-            ok, max_diff = True, 0.0
-            for x in xs[1:]:
-                static_x.copy_(x)
-                got = run().clone()
-                want = eager.forward(x, nv)
-                ok &= torch.equal(got, want)
-                max_diff = max(max_diff, float((got.float() - want.float()).abs().max()))
-            st_c, st_e = captured.stats(), eager.stats()
-            ok &= st_c == st_e
-            rows.append({"check": "hooked_moe_stack_graph_replay" if graph else "hooked_moe_stack_eager_repeat",
-                         "shape": shape_name, "layers": layers, "B": B, "policy": policy, "steps": steps,
-                         "ok": bool(ok), "max_abs_diff": max_diff,
-                         "experts_before": sum(s.experts_before for s in st_c),
-                         "experts_after": sum(s.experts_after for s in st_c),
-                         "rows_changed": sum(s.rows_changed for s in st_c)})
+            try:
+                rows.append(_check_batch(device, shape, shape_name, layers, B, policy, kern, weights, routers, dtype,
+                                         max(batches), gen, graph, steps))
+            except Exception as e:  # a failed capture is a failed check, recorded; the other sizes still run
+                rows.append({"check": "hooked_moe_stack", "shape": shape_name, "layers": layers, "B": B,
+                             "policy": policy, "ok": False, "error": f"{type(e).__name__}: {e}"})
     finally:
         Phase.current = prev
     return rows
+
+
+def _check_batch(device, shape, shape_name, layers, B, policy, kern, weights, routers, dtype, max_batch, gen,
+                 graph, steps) -> dict:
+    """One batch size of ``check``: captured (or a second eager) stack against an eager one."""
+    moe = kern.prepare(shape, B, dtype, device)
+    captured = HookedMoEStack(shape, layers, moe, routers, weights, policy, max_batch, device)
+    eager = HookedMoEStack(shape, layers, moe, routers, weights, policy, max_batch, device)
+    xs = [torch.randn(B, shape.hidden, generator=gen).to(device=device, dtype=dtype) for _ in range(steps + 1)]
+    static_x, nv = xs[0].clone(), torch.tensor(B, device=device)
+    captured.forward(static_x, nv)  # warm-up outside the graph (compiles the Triton kernels)
+    run = lambda: captured.forward(static_x, nv)  # noqa: E731
+    if graph:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = captured.forward(static_x, nv)
+        run = lambda: (g.replay(), static_out)[1]  # noqa: E731
+    for s in captured.stages:
+        s.selector.reset_stats()
+    ok, max_diff = True, 0.0
+    for x in xs[1:]:
+        static_x.copy_(x)
+        got = run().clone()
+        want = eager.forward(x, nv)
+        ok &= torch.equal(got, want)
+        max_diff = max(max_diff, float((got.float() - want.float()).abs().max()))
+    st_c, st_e = captured.stats(), eager.stats()
+    ok &= st_c == st_e
+    return {"check": "hooked_moe_stack_graph_replay" if graph else "hooked_moe_stack_eager_repeat",
+            "shape": shape_name, "layers": layers, "B": B, "policy": policy, "steps": steps,
+            "ok": bool(ok), "max_abs_diff": max_diff,
+            "experts_before": sum(s.experts_before for s in st_c),
+            "experts_after": sum(s.experts_after for s in st_c),
+            "rows_changed": sum(s.rows_changed for s in st_c)}
 
 
 def main() -> int:

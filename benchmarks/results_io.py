@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -15,6 +16,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
 def _git_commit() -> str:
+    """HEAD (``-dirty`` with uncommitted changes), or LYNX_COMMIT where the tree has no .git (the GPU machine)."""
+    if os.environ.get("LYNX_COMMIT"):
+        return os.environ["LYNX_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=RESULTS_DIR.parent)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,

@@ -372,3 +372,15 @@ def test_hooked_stack_is_router_topk_then_our_selection_then_the_moe():
         h = h + moe(h, w, ids, wts)
     assert torch.equal(out, h)
     assert changed > 0  # selection really rewrote rows here
+
+
+def test_gpu_checks_logic_on_cpu_every_policy_at_every_expert_count():
+    """benchmarks/gpu_checks (the lent GPU's first step) under the interpreter: E=8 included (budget's 32 is capped
+    at E), and a case that raises is a recorded failure, not the end of the run."""
+    from benchmarks import gpu_checks as gc
+
+    cpu = torch.device("cpu")
+    rows = gc.agreement(cpu, [(8, 2, 0, 16)]) + gc.rank_aware_agreement(cpu, [(64, 8, 16)])
+    assert len(rows) == len(gc.POLICIES) + 1 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
+    bad = gc._recorded("agreement", {"E": 8}, lambda: 1 / 0)
+    assert bad["ok"] is False and bad["E"] == 8 and "ZeroDivisionError" in bad["error"]

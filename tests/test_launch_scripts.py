@@ -80,3 +80,37 @@ def test_a_port_in_the_server_arguments_is_the_one_polled(tmp_path):
     srv = start_server("--foo", script=stub, wait_healthy=False, log_dir=tmp_path / "b")
     srv.proc.wait(timeout=30)
     assert srv.log_path.read_text().split() == ["--port", str(srv.port), "--foo"]
+
+
+def test_gpu_run_script_goes_on_after_a_failed_step_and_keeps_its_results(tmp_path):
+    """benchmarks/run_gpu.sh (never run on a GPU yet): each step is timed out and noted if it fails, the others
+    still run, and the results so far plus the log reach $OUT as one file (the device returns at most 8)."""
+    import tarfile
+
+    tree = tmp_path / "tree"
+    (tree / "benchmarks").mkdir(parents=True)
+    script = tree / "benchmarks" / "run_gpu.sh"
+    script.write_text((ROOT / "benchmarks" / "run_gpu.sh").read_text())
+    script.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "python3"  # writes a result file per benchmark module; gpu_hook_capture fails
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {calls}
+case "$*" in
+  *gpu_hook_capture*) exit 3 ;;
+  *"-m benchmarks."*) m="$2"; echo '{{}}' > "benchmarks/results/${{m#benchmarks.}}_cuda.json" ;;
+esac
+exit 0
+""")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run([str(script), "checks"], cwd=tree, env={**os.environ, "PYTHON": str(fake), "OUT": str(out)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "FAILED steps: gpu_hook_capture" in res.stdout, res.stdout + res.stderr
+    ran = calls.read_text()
+    assert "benchmarks.gpu_checks" in ran and "benchmarks.bench_selection --device cuda" in ran
+    with tarfile.open(out / "results_cuda.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"benchmarks/results/gpu_checks_cuda.json", "benchmarks/results/bench_selection_cuda.json",
+            "benchmarks/results/run_gpu_checks_cuda.log"} <= names, names
