@@ -75,7 +75,9 @@ def main() -> None:
                     fn()
                     row = {"policy": name, "E": E, "k": k, "B": B, "backend": sel.backend}
                     if device.type == "cuda":
-                        row["graph_us"] = time_cuda(fn, max(1, args.iters // 20), per_block=20, graph=True)
+                        # 20 selections per captured graph: a decode graph holds one per MoE layer, back to back.
+                        row["graph_us"] = time_cuda(fn, max(1, args.iters // 20), per_block=5, graph=True,
+                                                    calls_per_graph=20)
                         row["eager_us"] = time_cuda(fn, max(1, args.iters // 20), per_block=20, graph=False)
                         key = "graph_us"
                     else:
@@ -92,7 +94,7 @@ def main() -> None:
     out_name = args.name or f"selection_{device.type}"
     payload = {
         "benchmark": "expert-selection stage time per MoE layer",
-        "timing": "CUDA graph replay, CUDA events, median" if device.type == "cuda"
+        "timing": "CUDA graph replay (20 selections per graph), CUDA events, median" if device.type == "cuda"
         else "CPU wall clock of the torch reference backend, median; relative numbers only",
         "routing": "Gaussian logits (scale 2) plus a shared per-batch skew (scale 1)",
         "gpu_target_us_at_B_le_64": GPU_TARGET_US,

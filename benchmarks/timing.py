@@ -7,8 +7,12 @@ from typing import List
 import torch
 
 
-def time_cuda(fn, reps: int, per_block: int = 10, graph: bool = True) -> List[float]:
-    """Time per call of ``fn`` from CUDA events around blocks of ``per_block`` calls (graph replays), microseconds."""
+def time_cuda(fn, reps: int, per_block: int = 10, graph: bool = True, calls_per_graph: int = 1) -> List[float]:
+    """Time per call of ``fn`` from CUDA events around blocks of ``per_block`` calls (graph replays), microseconds.
+
+    ``calls_per_graph``: with ``graph``, capture that many calls in one graph (and divide), so a graph of a
+    few small kernels is not charged a whole graph launch per call.
+    """
     fn()
     torch.cuda.synchronize()
     if graph:
@@ -19,7 +23,8 @@ def time_cuda(fn, reps: int, per_block: int = 10, graph: bool = True) -> List[fl
             fn()  # warm the allocator on the capture stream
         torch.cuda.current_stream().wait_stream(s)
         with torch.cuda.graph(g):
-            fn()
+            for _ in range(calls_per_graph):
+                fn()
         fn = g.replay
     for _ in range(5):
         fn()
@@ -32,5 +37,5 @@ def time_cuda(fn, reps: int, per_block: int = 10, graph: bool = True) -> List[fl
             fn()
         b.record()
         torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1e3 / per_block)
+        out.append(a.elapsed_time(b) * 1e3 / (per_block * (calls_per_graph if graph else 1)))
     return out
