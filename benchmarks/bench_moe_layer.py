@@ -867,6 +867,14 @@ def _policy(name: str, shape: MoEShape, budget: Optional[int]):
     return make_policy(name)
 
 
+def _iqr(times: List[float]) -> float:
+    """Interquartile range of the per-block times (the spread a median's difference should exceed)."""
+    if len(times) < 2:
+        return 0.0
+    q = statistics.quantiles(times, n=4)
+    return q[2] - q[0]
+
+
 def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: float,
               trace: Optional[dict]) -> List[dict]:
     """Every (routing, B, policy) point of one shape."""
@@ -932,7 +940,16 @@ def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: flo
                               "before": [distinct_experts(b.ids, shape.experts) for b in batches],
                               "after": [distinct_experts(select(c)[0], shape.experts) for c in range(copies)]})
             try:
-                step_times = timed([c["step"] for c in cases])
+                # GPU: the policies are timed one after another, so "off" is timed again at the end; the drift
+                # between its two medians is the noise a speedup near 1 must beat.
+                steps = [c["step"] for c in cases] + ([cases[0]["step"]] if cuda else [])
+                step_times = timed(steps)
+                if cuda:
+                    off_again = step_times.pop()
+                    extra_noise = {"off_again_us": statistics.median(off_again),
+                                   "off_drift": statistics.median(off_again) / statistics.median(step_times[0]) - 1}
+                else:
+                    extra_noise = {}
                 with_sel = [c for c in cases if c["sels"]]
                 sel_times = dict(zip([c["policy"] for c in with_sel], timed([c["select_all"] for c in with_sel])))
                 extra = {}
@@ -969,7 +986,8 @@ def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: flo
                     "selection_share": sel_med / t_med if t_med else 0.0,
                     "selection_backend": c["sels"][0].backend if c["sels"] else None,
                     "speedup": base / t_med if t_med else float("nan"),
-                    **extra, **info,
+                    "iqr_us": _iqr(times),
+                    **extra, **extra_noise, **info,
                 }
                 rows.append(r)
                 print(f"{shape.name:16s} {routing:6s} B={B:4d} {r['policy']:6s} {t_med:10.1f} us  "
