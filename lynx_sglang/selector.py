@@ -160,8 +160,9 @@ class ExpertSelector:
                 raise ValueError(f"{name} must be an int32/int64 tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
             if t.device != self.device:
                 raise ValueError(f"{name} is on {t.device}, selector planned for {self.device}")
-            # Values only where checking costs no device sync; on GPUs our hook derives them from the placement.
-            if t.device.type == "cpu":
+            # Values only where checking costs no device sync (and not while torch.compile traces: a
+            # data-dependent branch would break the graph); on GPUs our hook derives them from the placement.
+            if t.device.type == "cpu" and not torch.compiler.is_compiling():
                 N = self.rank_mask.shape[1]
                 if t.numel() and bool(((t < -1) | (t >= N)).any()):
                     raise ValueError(f"{name} holds ranks outside [-1, {N}) (the rank mask has {N} ranks; -1: none)")
