@@ -146,11 +146,11 @@ def take_a2a_choice(args: argparse.Namespace) -> str:
     if ep < 2 or ep != tp:
         raise ConfigError(f"--moe-a2a-backend {A2A_BACKEND} needs --ep-size equal to --tp-size and >= 2 "
                           f"(got --tp-size {tp}, --ep-size {ep})")
-    for flag in ("enable_dp_attention", "enable_two_batch_overlap", "attn_dp_size", "attn_cp_size"):
-        value = getattr(args, flag, None)
-        if value is not None and value is not False and not (flag.startswith("attn_") and value <= 1):
-            raise ConfigError(f"--moe-a2a-backend {A2A_BACKEND} does not support --{flag.replace('_', '-')} "
-                              f"(it assumes every rank holds the same rows and one batch in flight per layer)")
+    on = [f for f in ("enable_dp_attention", "enable_two_batch_overlap") if getattr(args, f, False)]
+    on += [f for f in ("attn_dp_size", "attn_cp_size") if (getattr(args, f, None) or 1) > 1]
+    if on:
+        raise ConfigError(f"--moe-a2a-backend {A2A_BACKEND} does not support --{on[0].replace('_', '-')} "
+                          f"(it assumes every rank holds the same rows and one batch in flight per layer)")
     args.moe_a2a_backend = "none"
     return A2A_BACKEND
 

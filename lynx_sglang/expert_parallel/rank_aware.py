@@ -53,8 +53,6 @@ from ..config import WEIGHT_Q, LynxPolicy, RankAwareLynxPolicy, RouterSpec
 from ..reference import SelectionInfo
 from .accounting import visited_ranks
 
-_SCALE = WEIGHT_Q
-
 
 def lowest_rank(mask: torch.Tensor) -> torch.Tensor:
     """Index of the first True along the last dimension, -1 where there is none (int64)."""
@@ -101,7 +99,7 @@ def _weak_picks(policy: LynxPolicy, logits: torch.Tensor, topk_weights: torch.Te
     """[T, k] bool: picks the cap lets move and whose lynx level is above keep_level (as in the vote)."""
     below = (reference.affinity_level(policy, logits.float(), ids_c, rank, row_ok[:, None]) > policy.keep_level)
     below &= row_ok[:, None]
-    if policy.moved_weight_q >= _SCALE:
+    if policy.moved_weight_q >= WEIGHT_Q:
         return below
     return below & ~reference.held_by_cap(policy, topk_weights[:, :k].float(), rank, row_ok[:, None])
 
@@ -113,8 +111,8 @@ def _bound_per_rank(policy: RankAwareLynxPolicy, router: RouterSpec, votes: refe
     dev = keep.device
     n_keep = keep.sum()
     # ceil((1 + slack) * |keep| / N) with slack in 1/WEIGHT_Q: exact integers, no float rounding.
-    num = (_SCALE + policy.rank_slack_q) * n_keep
-    bound = (num + _SCALE * num_ranks - 1) // (_SCALE * num_ranks)
+    num = (WEIGHT_Q + policy.rank_slack_q) * n_keep
+    bound = (num + WEIGHT_Q * num_ranks - 1) // (WEIGHT_Q * num_ranks)
     per_rank = torch.zeros(num_ranks, dtype=torch.int64, device=dev).scatter_add_(0, sit, keep.long())
     excess = (per_rank - bound).clamp(min=0)
 
