@@ -132,8 +132,8 @@ def torch_cap_roundtrip(x, ids, w, group, expert):
 
 def project_roundtrip_factory(group, capacity):
     """The project's AllToAllDispatcher (exact splits, or fixed capacity when capacity is set)."""
-    from lynx_sglang.expert_parallel.dispatch import AllToAllDispatcher
-    from lynx_sglang.expert_parallel.placement import ExpertPlacement
+    from lynx_sglang.runtime.expert_parallel.dispatch import AllToAllDispatcher
+    from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement
     disp = AllToAllDispatcher(ExpertPlacement.contiguous(E, WORLD), dist.get_rank(group), group)
 
     def rt(x, ids, w, group, expert=None):

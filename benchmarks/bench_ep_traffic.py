@@ -99,10 +99,10 @@ import torch
 from benchmarks.bench_moe_layer import DEFAULT_TRACE, SHAPES, MoEShape
 from benchmarks.results_io import RESULTS_DIR, cpu_threads, environment, pyplot
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
-from lynx_sglang.config import policy_params
-from lynx_sglang.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, step_traffic
-from lynx_sglang.expert_parallel.accounting import ID_BYTES, WEIGHT_BYTES, visited_ranks
-from lynx_sglang.expert_parallel.rank_aware import default_pick_rank, physical_ids, remote_ranks
+from lynx_sglang.runtime.selection.config import policy_params
+from lynx_sglang.runtime.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, step_traffic
+from lynx_sglang.runtime.expert_parallel.accounting import ID_BYTES, WEIGHT_BYTES, visited_ranks
+from lynx_sglang.runtime.expert_parallel.rank_aware import RankAwareSelector, default_pick_rank, physical_ids, remote_ranks
 from lynx_sglang.routing_stats import load_trace, scaled_logits
 from lynx_sglang.synthetic import route
 
@@ -264,8 +264,10 @@ class Point:
         self.policy = make_policy(name, **params)
         self.rank_aware = name == "lynx_ep"
         self.selectors = [
-            ExpertSelector(source.router(), self.policy, self.B, "cpu", correction_bias=bias, backend="torch",
-                           rank_mask=self.mask if self.rank_aware else None)
+            RankAwareSelector(source.router(), self.policy, self.B, "cpu", correction_bias=bias, backend="torch",
+                              rank_mask=self.mask)
+            if self.rank_aware else
+            ExpertSelector(source.router(), self.policy, self.B, "cpu", correction_bias=bias, backend="torch")
             for bias in biases
         ]
         self.samples: List[dict] = []

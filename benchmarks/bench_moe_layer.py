@@ -62,7 +62,7 @@ What runs (the JSON's ``kernel`` says it again, with file hashes):
   (cuBLAS), as SGLang runs them beside the fused MoE.
 * CPU, ``--kernel sglang_native`` (default there): SGLang's CPU MoE,
   ``fused_moe_native.moe_forward_native`` (per-expert loop, reads only experts in
-  use), through ``lynx_sglang.cpu_support.moe_forward_skipping_unused_slots``:
+  use), through ``lynx_sglang.runtime.cpu.support.moe_forward_skipping_unused_slots``:
   exactly what our CPU server runs. ``--kernel torch_loop``: a plain torch
   per-expert loop (no SGLang import). Selection uses the torch backend there.
 
@@ -588,7 +588,7 @@ class SGLangNativeMoE(MoEKernel):
     def __init__(self):
         # Imported as tests/test_cpu_server.py does, without cpu_support.install() (process-wide changes): this
         # import path needs no sgl_kernel on CPU, and without AMX the CPU engine's SiLU is the native one anyway.
-        from lynx_sglang import cpu_support
+        from lynx_sglang.runtime.cpu import support
         from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
         from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
 
@@ -600,7 +600,7 @@ class SGLangNativeMoE(MoEKernel):
 
         return {"name": self.name, "sglang_version": sglang.__version__,
                 "runs": "SGLang's CPU MoE sglang.srt.layers.moe.fused_moe_native.moe_forward_native (per-expert "
-                        "loop, reads only experts in use) through lynx_sglang.cpu_support."
+                        "loop, reads only experts in use) through lynx_sglang.runtime.cpu.support."
                         "moe_forward_skipping_unused_slots, as the CPU server runs it; eager"}
 
     def prepare(self, shape, B, dtype, device):

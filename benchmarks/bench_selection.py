@@ -19,7 +19,7 @@ import torch
 from benchmarks.results_io import RESULTS_DIR, environment, pyplot, save
 from benchmarks.timing import time_cuda
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
-from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
+from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank
 from lynx_sglang.synthetic import random_logits, route
 
 GPU_TARGET_US = 10.0  # per layer at B <= 64 (issue: Lynx core)

@@ -303,7 +303,7 @@ def _environment() -> dict:
     import torch
 
     from benchmarks.results_io import environment
-    from lynx_sglang.cpu_support import has_accelerator
+    from lynx_sglang.runtime.cpu.support import has_accelerator
 
     info = environment(torch.device("cuda" if has_accelerator() else "cpu"))
     try:
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
             generate("stock_repeat", url)
 
     if args.start:
-        from lynx_sglang.cpu_support import has_accelerator
+        from lynx_sglang.runtime.cpu.support import has_accelerator
         from lynx_sglang.server_process import running_server
 
         launch = start_args(args.model_path, args.server_args, args.lynx_args, cpu=not has_accelerator())

@@ -20,7 +20,7 @@ import torch
 
 from benchmarks.results_io import environment, save
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
-from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
+from lynx_sglang.runtime.expert_parallel import ExpertPlacement, RankAwareSelector, home_rank
 from lynx_sglang.synthetic import random_logits, route
 
 POLICIES = [("lynx", {}), ("oea", {}), ("budget", {"max_experts": 32}), ("off", {})]
@@ -71,7 +71,7 @@ def _selector(policy_name: str, router: RouterSpec, T: int, device, **kw) -> tup
     if policy_name != "lynx_ep":
         return ExpertSelector(router, policy, T, device, **kw), {}
     mask = ExpertPlacement.contiguous(router.num_experts, EP_RANKS).logical_on_rank()
-    sel = ExpertSelector(router, policy, T, device, backend="torch", rank_mask=mask)
+    sel = RankAwareSelector(router, policy, T, device, backend="torch", rank_mask=mask)
     return sel, {"home": home_rank(T, EP_RANKS, device)}
 
 

@@ -35,8 +35,8 @@ import torch
 
 from benchmarks.bench_moe_layer import SHAPES, LayerWeights, make_kernel, make_weights
 from benchmarks.results_io import environment, save
-from lynx_sglang.server_options import LynxOptions
-from lynx_sglang.sglang_hooks import Phase, TopKSelectionStage
+from lynx_sglang.runtime.sglang.options import LynxOptions
+from lynx_sglang.runtime.sglang.hooks import Phase, TopKSelectionStage
 
 
 class TopKOutput(NamedTuple):

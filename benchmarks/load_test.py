@@ -554,7 +554,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _device() -> "torch.device":  # noqa: F821 - torch imported lazily
     import torch
 
-    from lynx_sglang.cpu_support import has_accelerator
+    from lynx_sglang.runtime.cpu.support import has_accelerator
 
     return torch.device("cuda" if has_accelerator() else "cpu")
 

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.results_io import environment, save
 from lynx_sglang.accuracy import Rule, domain_streams, load_model, sweep
-from lynx_sglang.config import make_policy
+from lynx_sglang.runtime.selection.config import make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from lynx_sglang.config import RouterSpec, make_policy
+from lynx_sglang.runtime.selection.config import RouterSpec, make_policy
 from lynx_sglang.kernels import expert_selection as ks
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",

@@ -1,6 +1,6 @@
 """Fused Triton kernels for batch-aware expert selection: three launches per MoE layer.
 
-Read top to bottom beside its spec, ``lynx_sglang/reference.py`` (same three
+Read top to bottom beside its spec, ``lynx_sglang/runtime/selection/reference.py`` (same three
 stages, same names):
 
 1. ``_vote_kernel``    (T / BLOCK_T programs): validate rows, rank each row's picks,
@@ -25,14 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from lynx_sglang.config import POLICY_IDS, WEIGHT_Q, BudgetPolicy, LynxPolicy, OeaPolicy, Policy, RouterSpec
-from lynx_sglang.reference import MAX_GATE_WEIGHT, WEIGHT_SCALE
+from lynx_sglang.runtime.selection.config import POLICY_IDS, WEIGHT_Q, BudgetPolicy, LynxPolicy, OeaPolicy, Policy, RouterSpec
+from lynx_sglang.runtime.selection.reference import MAX_GATE_WEIGHT, WEIGHT_SCALE
+from lynx_sglang.runtime.selection.stats import StatField
 
 _OFF, _LYNX, _OEA, _BUDGET = (tl.constexpr(POLICY_IDS[n]) for n in ("off", "lynx", "oea", "budget"))
 _MAX_W = tl.constexpr(MAX_GATE_WEIGHT)
 _Q_SCALE = tl.constexpr(WEIGHT_SCALE)
 _Q_INT = tl.constexpr(WEIGHT_Q)
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
+# Offsets of the statistics vector (one layout: lynx_sglang.runtime.selection.stats.StatField).
+_STEPS, _BEFORE, _AFTER, _CHANGED, _VOTING = (tl.constexpr(int(f)) for f in (
+    StatField.STEPS, StatField.EXPERTS_BEFORE, StatField.EXPERTS_AFTER, StatField.ROWS_CHANGED, StatField.ROWS_VOTING))
 
 
 @triton.jit
@@ -205,10 +209,10 @@ def _keep_kernel(
 
     tl.store(keep_ptr + eidx, keep.to(tl.int8), mask=emask)
     # Statistics: steps, distinct experts before / after, (rows changed: reroute), rows voting.
-    tl.store(stats_ptr + 0, tl.load(stats_ptr + 0) + 1)
-    tl.store(stats_ptr + 1, tl.load(stats_ptr + 1) + tl.sum(active.to(tl.int64), axis=0))
-    tl.store(stats_ptr + 2, tl.load(stats_ptr + 2) + tl.sum(keep.to(tl.int64), axis=0))
-    tl.store(stats_ptr + 4, tl.load(stats_ptr + 4) + voters.to(tl.int64))
+    tl.store(stats_ptr + _STEPS, tl.load(stats_ptr + _STEPS) + 1)
+    tl.store(stats_ptr + _BEFORE, tl.load(stats_ptr + _BEFORE) + tl.sum(active.to(tl.int64), axis=0))
+    tl.store(stats_ptr + _AFTER, tl.load(stats_ptr + _AFTER) + tl.sum(keep.to(tl.int64), axis=0))
+    tl.store(stats_ptr + _VOTING, tl.load(stats_ptr + _VOTING) + voters.to(tl.int64))
 
     # Leave the scratch buffers zeroed for the next call (saves a memset launch).
     tl.debug_barrier()
@@ -249,7 +253,7 @@ def _reroute_kernel(
     rmask = row_ok[:, None] & routed[None, :]
     survive = tl.load(keep_ptr + ids_c, mask=rmask, other=1) != 0
     changed = row_ok & (tl.min(survive.to(tl.int32), axis=1) == 0)
-    tl.atomic_add(stats_ptr + 3, tl.sum(changed.to(tl.int64), axis=0))
+    tl.atomic_add(stats_ptr + _CHANGED, tl.sum(changed.to(tl.int64), axis=0))
 
     # Candidates: kept experts the row does not already hold.
     z, zmax, zsum, _ = _load_rows(logits_ptr, stride_l, rows, in_t & changed, E, E_PAD)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start the stock SGLang server on a CPU-only machine (lynx_sglang.cpu_support, loaded through
+# Start the stock SGLang server on a CPU-only machine (lynx_sglang.runtime.cpu.support, loaded through
 # the plugin entry point, supplies what SGLang lacks there).
 #
 #   launch/cpu_server.sh                      # tiny Qwen3-MoE on 127.0.0.1:30000

@@ -10,7 +10,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [ "${1:-}" = "demo" ]; then
     shift
-    exec "${PYTHON:-$ROOT/.venv/bin/python}" -m lynx_sglang.expert_parallel.demo "$@"
+    exec "${PYTHON:-$ROOT/.venv/bin/python}" -m lynx_sglang.ep_demo "$@"
 fi
 EP="${EP:-2}"
 A2A="${A2A:-lynx}"

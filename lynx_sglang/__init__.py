@@ -1,6 +1,6 @@
 """lynx-sglang: batch-aware expert selection (Lynx and peers) for MoE decode in SGLang."""
 
-from .config import (
+from lynx_sglang.runtime.selection.config import (
     BudgetPolicy,
     ConfigError,
     LynxPolicy,
@@ -9,7 +9,7 @@ from .config import (
     RouterSpec,
     make_policy,
 )
-from .selector import ExpertSelector, SelectionStats
+from lynx_sglang.runtime.selection.selector import ExpertSelector, SelectionStats
 
 __version__ = "0.1.0"
 __all__ = [

@@ -51,13 +51,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import reference
-from .config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
-from .corpus import DOMAINS, HELDOUT, read_jsonl
-from .expert_parallel import ExpertPlacement, home_rank, step_traffic
-from .expert_parallel.accounting import visited_ranks
-from .expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, refill_stays_near, weak_rank_drops
-from .selector import ExpertSelector
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
+from lynx_sglang.corpus import DOMAINS, HELDOUT, read_jsonl
+from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank, step_traffic
+from lynx_sglang.runtime.expert_parallel.accounting import visited_ranks
+from lynx_sglang.runtime.expert_parallel.rank_aware import (
+    RankAwareSelector,
+    finish_rank_aware,
+    plan_rank_aware,
+    refill_stays_near,
+    weak_rank_drops,
+)
+from lynx_sglang.runtime.selection.selector import ExpertSelector
 
 RANDOM = "random"  # the control: random experts, matched in count
 RANK_DROP = "random-rank-drop"  # the control of lynx_ep's rank drops: random visits, matched in count
@@ -77,7 +83,7 @@ class EvalBatch:
 
 def domain_streams(tokenizer, heldout: Path = HELDOUT) -> Dict[str, torch.Tensor]:
     """Held-out documents of every domain, tokenised and concatenated (end-of-text between)."""
-    from .train_model import token_streams
+    from lynx_sglang.train_model import token_streams
 
     return token_streams(read_jsonl(heldout), tokenizer)
 
@@ -219,11 +225,9 @@ class SelectionPatch:
         sel = self.selectors.get(layer)
         if sel is None or sel.max_tokens < rows:
             rank_aware = isinstance(self.rule, RankAwareLynxPolicy) and self.placement is not None
-            sel = ExpertSelector(
-                self.router, self.rule, max(rows, 1), logits.device,
-                ids_dtype=ids.dtype, weights_dtype=torch.float32, backend="torch",
-                rank_mask=self.placement.logical_on_rank() if rank_aware else None,
-            )
+            common = (self.router, self.rule, max(rows, 1), logits.device, ids.dtype, torch.float32)
+            sel = (RankAwareSelector(*common, backend="torch", rank_mask=self.placement.logical_on_rank())
+                   if rank_aware else ExpertSelector(*common, backend="torch"))
             self.selectors[layer] = sel
         return sel
 
@@ -241,7 +245,7 @@ class SelectionPatch:
         else:
             sel = self._selector(layer, ids.shape[0], logits, ids)
             new_ids, new_w = sel.run(logits.float().contiguous(), ids.contiguous(), weights.float().contiguous(),
-                                     home=home if sel.rank_mask is not None else None)
+                                     home=home if isinstance(sel, RankAwareSelector) else None)
             new_ids, new_w = new_ids.clone(), new_w.clone().to(weights.dtype)
         self.counts.append((layer, before, _distinct(new_ids, E)))
         self.rows[0] += int((new_ids != ids).any(dim=1).sum())
@@ -809,7 +813,7 @@ def _generate_batch(url: str, prompts: torch.Tensor, steps: int, timeout: float)
     """B concurrent greedy requests (so the scheduler decodes them as one batch)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .client import _post
+    from lynx_sglang.client import _post
 
     def one(ids):
         out = _post(
@@ -843,7 +847,7 @@ def compare_servers(
     forcing: the in-process path). Expert counts come from the policy server's
     Prometheus metrics (``--enable-metrics``), as differences around each kind.
     """
-    from .client import scrape_lynx_metrics
+    from lynx_sglang.client import scrape_lynx_metrics
 
     def totals():
         stats = scrape_lynx_metrics(rule_url)
@@ -902,7 +906,7 @@ def run_server_comparison(model_path: Path, args, rule_args: List[str]) -> List[
     """Start a selection-off server and a policy server (CPU launch script) and compare them."""
     from transformers import AutoTokenizer
 
-    from .server_process import running_server
+    from lynx_sglang.server_process import running_server
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     streams = domain_streams(tokenizer)

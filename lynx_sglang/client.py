@@ -7,8 +7,8 @@ import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from .metrics import METRICS
-from .selector import SelectionStats
+from lynx_sglang.runtime.sglang.metrics import METRICS
+from lynx_sglang.runtime.selection.selector import SelectionStats
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -77,7 +77,7 @@ def parse_lynx_metrics(text: str) -> dict[int, SelectionStats]:
 
 def scrape_a2a_metrics(base_url: str, timeout: float = 30.0) -> dict[int, dict]:
     """Per-layer all-to-all counters (``--moe-a2a-backend lynx``): scalars, and per-rank lists."""
-    from .metrics import A2A_METRICS, A2A_RANK_METRICS
+    from lynx_sglang.runtime.sglang.metrics import A2A_METRICS, A2A_RANK_METRICS
 
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:
         text = resp.read().decode()

@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .client import PROMPTS, complete, scrape_lynx_metrics
-from .server_process import DEFAULT_MODEL, START_TIMEOUT_S, flag_value, running_server
+from lynx_sglang.client import PROMPTS, complete, scrape_lynx_metrics
+from lynx_sglang.server_process import DEFAULT_MODEL, START_TIMEOUT_S, flag_value, running_server
 
 
 def main() -> None:

@@ -46,8 +46,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .corpus import DOMAINS, HELDOUT, Document, read_jsonl
-from .train_model import fixed_windows, token_streams
+from lynx_sglang.corpus import DOMAINS, HELDOUT, Document, read_jsonl
+from lynx_sglang.train_model import fixed_windows, token_streams
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 KINDS = ("contiguous", "independent_domain", "independent_mixed")

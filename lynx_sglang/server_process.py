@@ -32,7 +32,7 @@ START_TIMEOUT_S = 180.0
 
 def launch_script() -> Path:
     """The launch script for this machine: the CPU one unless torch sees a GPU."""
-    from .cpu_support import has_accelerator
+    from lynx_sglang.runtime.cpu.support import has_accelerator
 
     return REPO / "launch" / ("server.sh" if has_accelerator() else "cpu_server.sh")
 

@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from .config import RouterSpec
-from .reference import selection_score
+from lynx_sglang.runtime.selection.config import RouterSpec
+from lynx_sglang.runtime.selection.reference import selection_score
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lynx_sglang import reference
-from lynx_sglang.config import BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, RouterSpec
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, RouterSpec
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:

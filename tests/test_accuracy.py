@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lynx_sglang import accuracy as A
-from lynx_sglang.config import make_policy
+from lynx_sglang.runtime.selection.config import make_policy
 from lynx_sglang.server_process import DEFAULT_MODEL
 
 
@@ -87,8 +87,8 @@ def test_small_sweep_end_to_end(model_and_streams, tmp_path):
 
 def test_expert_parallel_rules_cost_traffic(model_and_streams, tmp_path):
     """ep rules: off is the router's own choice costed by the accounting; lynx_ep moves fewer bytes."""
-    from lynx_sglang.config import ConfigError
-    from lynx_sglang.expert_parallel import ExpertPlacement, home_rank, step_traffic
+    from lynx_sglang.runtime.selection.config import ConfigError
+    from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank, step_traffic
 
     model, streams = model_and_streams
     cfg = model.config
@@ -150,9 +150,9 @@ def test_random_control_must_follow_its_rule(model_and_streams):
 
 def test_rank_drop_control_drops_as_many_visits_chosen_blind_to_weakness():
     """The control frees lynx_ep's count of (row, remote rank) visits, strong picks included, and stays valid."""
-    from lynx_sglang.config import RouterSpec
-    from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
-    from lynx_sglang.expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
+    from lynx_sglang.runtime.selection.config import RouterSpec
+    from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank
+    from lynx_sglang.runtime.expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
     from lynx_sglang.synthetic import random_logits, route
 
     router, N, T = RouterSpec(num_experts=32, top_k=4), 4, 64

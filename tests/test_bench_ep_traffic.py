@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from benchmarks import bench_ep_traffic as bt
-from lynx_sglang.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, step_traffic
+from lynx_sglang.runtime.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, step_traffic
 from lynx_sglang.routing_stats import load_trace
 from lynx_sglang.synthetic import route
 

@@ -339,8 +339,8 @@ def test_hooked_stack_is_router_topk_then_our_selection_then_the_moe():
     is the residual sum of those MoE outputs."""
     from benchmarks import gpu_hook_capture as ghc
     from lynx_sglang import ExpertSelector
-    from lynx_sglang.server_options import LynxOptions
-    from lynx_sglang.sglang_hooks import Phase
+    from lynx_sglang.runtime.sglang.options import LynxOptions
+    from lynx_sglang.runtime.sglang.hooks import Phase
 
     shape, dev, B = bm.SHAPES["tiny"], torch.device("cpu"), 8
     moe = bm.make_kernel("torch_loop", dev, None).prepare(shape, B, torch.float32, dev)

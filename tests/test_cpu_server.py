@@ -1,4 +1,4 @@
-"""lynx_sglang.cpu_support: the real SGLang server on a CPU-only machine, and its pieces.
+"""lynx_sglang.runtime.cpu.support: the real SGLang server on a CPU-only machine, and its pieces.
 
 The server tests start ``launch/cpu_server.sh`` (stock ``sglang.launch_server``; our plugin
 installs the CPU support) and talk to it over HTTP. ``install()`` itself only ever runs in
@@ -20,7 +20,7 @@ import pytest
 import torch
 from lynx_sglang.server_process import REPO, running_server, start_server
 
-from lynx_sglang import cpu_support
+from lynx_sglang.runtime.cpu import support
 
 PROMPTS = ["Hello, world", "The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
 MAX_NEW_TOKENS = 16
@@ -200,7 +200,7 @@ def test_install_on_cpu():
         _run_python(
             """
             import json, os, sys
-            from lynx_sglang import cpu_support
+            from lynx_sglang.runtime.cpu import support
             r = {"first": cpu_support.install(), "second": cpu_support.install()}
             import sgl_kernel
             from sgl_kernel import assign_req_to_token_pool_cpu, copy_all_layer_kv_cache_cpu
@@ -252,7 +252,7 @@ def test_install_is_inert_with_a_gpu():
             import json, os, sys
             import torch
             from sglang.srt.plugins.hook_registry import HookRegistry  # before the pretence: sglang probes the GPU
-            from lynx_sglang import cpu_support
+            from lynx_sglang.runtime.cpu import support
             torch.cuda.is_available = lambda: True   # pretend there is a GPU
             path, meta = list(sys.path), list(sys.meta_path)
             r = {"installed": cpu_support.install(), "again": cpu_support.install()}

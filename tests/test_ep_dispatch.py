@@ -11,13 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lynx_sglang import RouterSpec, make_policy, reference
-from lynx_sglang.config import ConfigError
-from lynx_sglang.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, owned_rows, step_traffic
-from lynx_sglang.expert_parallel.dispatch import AllToAllDispatcher
-from lynx_sglang.expert_parallel.ep_moe import ExpertWeights, ep_moe_forward, moe_reference
-from lynx_sglang.expert_parallel.local_group import run_group
-from lynx_sglang.expert_parallel.rank_aware import select_rank_aware
+from lynx_sglang import RouterSpec, make_policy
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import ConfigError
+from lynx_sglang.runtime.expert_parallel import ExpertPlacement, capacity_bytes, home_rank, owned_rows, step_traffic
+from lynx_sglang.runtime.expert_parallel.dispatch import AllToAllDispatcher
+from lynx_sglang.ep_oracle import ExpertWeights, ep_moe_forward, moe_reference
+from lynx_sglang.local_group import run_group
+from lynx_sglang.runtime.expert_parallel.rank_aware import select_rank_aware
 from lynx_sglang.synthetic import random_logits, route
 
 E, K, D, F = 16, 4, 32, 24
@@ -150,7 +151,7 @@ def test_traffic_counts_remote_transfers_only():
 
 def test_step_accounting_by_phase():
     """The SGLang dispatcher's per-step vector: decode steps whole, mixed steps by their decode rows only."""
-    from lynx_sglang.expert_parallel.sglang_dispatcher import step_totals, totals_dict
+    from lynx_sglang.runtime.sglang.a2a_dispatcher import step_totals, totals_dict
 
     placement = ExpertPlacement.contiguous(8, 4)
     ids = torch.tensor([[0, 1], [0, 2], [6, 7], [-1, 4]])

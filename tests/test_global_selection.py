@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from lynx_sglang import ConfigError, LynxPolicy, RouterSpec, make_policy, reference
-from lynx_sglang.expert_parallel.global_selection import GlobalExpertSelector, all_reduce_votes
-from lynx_sglang.expert_parallel.local_group import run_group
-from lynx_sglang.selector import ExpertSelector
+from lynx_sglang import ConfigError, LynxPolicy, RouterSpec, make_policy
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.expert_parallel.global_selection import GlobalExpertSelector, all_reduce_votes
+from lynx_sglang.local_group import run_group
+from lynx_sglang.runtime.selection.selector import ExpertSelector
 from lynx_sglang.synthetic import random_logits, route
 
 GLOBAL_TOKENS = 23
@@ -197,8 +198,8 @@ def _stage_worker(rank, world, rank1_rows=0):
     (``rank1_rows`` > 0) decodes a batch too large for --lynx-max-batch, which it passes through."""
     import sglang.srt.layers.dp_attention as dp_attention
 
-    from lynx_sglang import sglang_hooks as hooks
-    from lynx_sglang.server_options import LynxOptions
+    from lynx_sglang.runtime.sglang import hooks as hooks
+    from lynx_sglang.runtime.sglang.options import LynxOptions
 
     dp_attention.get_is_extend_in_batch = lambda: False  # no extend anywhere this step
     router = ROUTERS[0]

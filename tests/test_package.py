@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_sglang_plugin_entry_point_is_registered():
     eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "lynx"]
-    assert len(eps) == 1 and eps[0].value == "lynx_sglang.plugin:register"
+    assert len(eps) == 1 and eps[0].value == "lynx_sglang.runtime.sglang.plugin:register"
 
 
 def test_sglang_loads_our_plugin_once_per_process():
@@ -21,9 +21,9 @@ def test_sglang_loads_our_plugin_once_per_process():
 import json
 import sglang.srt.plugins as plugins
 from sglang.srt.plugins.hook_registry import HookRegistry
-from lynx_sglang.plugin import register
+from lynx_sglang.runtime.sglang.plugin import register
 
-from lynx_sglang.sglang_hooks import _hooks_applied
+from lynx_sglang.runtime.sglang.hooks import _hooks_applied
 
 plugins.load_plugins()  # what every SGLang process runs: our register(), then HookRegistry.apply_hooks()
 counts = {t: len(h) for t, h in HookRegistry._hooks.items()}

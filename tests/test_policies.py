@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
-from lynx_sglang import reference
+from lynx_sglang.runtime.selection import reference
 from lynx_sglang.synthetic import route
 
 BACKENDS = ["torch", "triton"]

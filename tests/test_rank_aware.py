@@ -1,4 +1,4 @@
-"""lynx_ep: rank-aware Lynx selection under expert parallelism (lynx_sglang.expert_parallel.rank_aware)."""
+"""lynx_ep: rank-aware Lynx selection under expert parallelism (lynx_sglang.runtime.expert_parallel.rank_aware)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,17 @@ import math
 import pytest
 import torch
 
-from lynx_sglang import ConfigError, ExpertSelector, RouterSpec, make_policy, reference
-from lynx_sglang.expert_parallel import ExpertPlacement, home_rank, step_traffic
-from lynx_sglang.expert_parallel.rank_aware import default_pick_rank, physical_ids, remote_ranks, select_rank_aware
-from lynx_sglang.server_options import add_cli_args, options_from_args
+from lynx_sglang import ConfigError, ExpertSelector, RouterSpec, make_policy
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank, step_traffic
+from lynx_sglang.runtime.expert_parallel.rank_aware import (
+    RankAwareSelector,
+    default_pick_rank,
+    physical_ids,
+    remote_ranks,
+    select_rank_aware,
+)
+from lynx_sglang.runtime.sglang.options import add_cli_args, options_from_args
 from lynx_sglang.synthetic import random_logits, route
 
 
@@ -50,7 +57,7 @@ def test_hand_made_example_drops_a_weak_rank():
     assert torch.equal(lynx_ids, batch.topk_ids)  # lynx keeps e4: t0 visits ranks 0, 1, 2
     assert lynx_info.keep.nonzero().flatten().tolist() == [0, 1, 2, 4, 5, 6, 7]
 
-    sel = ExpertSelector(router, make_policy("lynx_ep", rank_slack=None, **HAND_PARAMS), 3, rank_mask=mask)
+    sel = RankAwareSelector(router, make_policy("lynx_ep", rank_slack=None, **HAND_PARAMS), 3, rank_mask=mask)
     home = torch.tensor([0, 2, 3])
     ids, w = sel.run(batch.logits, batch.topk_ids, batch.topk_weights, home=home)
     assert ids.tolist() == [[0, 2, 1], [4, 1, 5], [6, 2, 7]]
@@ -239,7 +246,7 @@ def test_deterministic_and_selector_matches_function():
     a = ep(router, batch, mask, home=home)
     b = ep(router, batch, mask, home=home)
     assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))
-    sel = ExpertSelector(router, make_policy("lynx_ep"), 128, rank_mask=mask)
+    sel = RankAwareSelector(router, make_policy("lynx_ep"), 128, rank_mask=mask)
     for _ in range(2):
         ids, w = sel.run(batch.logits, batch.topk_ids, batch.topk_weights, home=home)
         assert torch.equal(ids, a[0]) and torch.equal(w, a[1]) and torch.equal(sel.last_slot_rank, a[2])
@@ -280,7 +287,7 @@ def test_rank_drops_never_add_a_rank_visit(E, N, k, T):
     """Per row: with its rank drops, a row visits strictly fewer remote ranks than the same kept set and refill
     without them (a drop whose freed slots could only be refilled on other ranks is not taken). Small
     batches are where this bites: seed 2 at E=16, N=4, T=8 once sent row 5 from one remote rank to two."""
-    from lynx_sglang.expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
+    from lynx_sglang.runtime.expert_parallel.rank_aware import finish_rank_aware, plan_rank_aware, weak_rank_drops
 
     router, policy = RouterSpec(E, k), make_policy("lynx_ep")
     mask = ExpertPlacement.contiguous(E, N).logical_on_rank()
@@ -338,34 +345,36 @@ def test_replicated_experts_go_to_ranks_that_hold_them():
 @pytest.mark.parametrize("slack", [-0.1, 16.5, float("nan"), float("inf"), "0.5"])
 def test_bad_rank_slack(slack):
     with pytest.raises(ConfigError, match="rank_slack"):
-        ExpertSelector(RouterSpec(8, 2), make_policy("lynx_ep", rank_slack=slack), 4,
-                       rank_mask=torch.ones(8, 2, dtype=torch.bool))
+        RankAwareSelector(RouterSpec(8, 2), make_policy("lynx_ep", rank_slack=slack), 4,
+                          rank_mask=torch.ones(8, 2, dtype=torch.bool))
 
 
 def test_selector_configuration_errors():
     router = RouterSpec(8, 2)
     mask = ExpertPlacement.contiguous(8, 2).logical_on_rank()
-    with pytest.raises(ConfigError, match="needs rank_mask"):
+    with pytest.raises(ConfigError, match="needs the expert placement"):
         ExpertSelector(router, make_policy("lynx_ep"), 4)
+    with pytest.raises(ConfigError, match="needs rank_mask"):
+        RankAwareSelector(router, make_policy("lynx_ep"), 4, rank_mask=None)
     with pytest.raises(ConfigError, match="rank_mask must be"):
-        ExpertSelector(router, make_policy("lynx_ep"), 4, rank_mask=torch.ones(7, 2, dtype=torch.bool))
+        RankAwareSelector(router, make_policy("lynx_ep"), 4, rank_mask=torch.ones(7, 2, dtype=torch.bool))
     with pytest.raises(ConfigError, match="rank_mask must be"):
-        ExpertSelector(router, make_policy("lynx_ep"), 4, rank_mask=mask.long())
+        RankAwareSelector(router, make_policy("lynx_ep"), 4, rank_mask=mask.long())
     lonely = mask.clone()
     lonely[3] = False
     with pytest.raises(ConfigError, match="at least one rank"):
-        ExpertSelector(router, make_policy("lynx_ep"), 4, rank_mask=lonely)
+        RankAwareSelector(router, make_policy("lynx_ep"), 4, rank_mask=lonely)
     with pytest.raises(ConfigError, match="torch backend only"):
-        ExpertSelector(router, make_policy("lynx_ep"), 4, rank_mask=mask, backend="triton")
-    with pytest.raises(ConfigError, match="only to policy lynx_ep"):
-        ExpertSelector(router, make_policy("lynx"), 4, rank_mask=mask)
-    assert ExpertSelector(router, make_policy("lynx_ep", rank_slack=None), 4, rank_mask=mask).backend == "torch"
+        RankAwareSelector(router, make_policy("lynx_ep"), 4, rank_mask=mask, backend="triton")
+    with pytest.raises(ConfigError, match="runs policy lynx_ep, not lynx"):
+        RankAwareSelector(router, make_policy("lynx"), 4, rank_mask=mask)
+    assert RankAwareSelector(router, make_policy("lynx_ep", rank_slack=None), 4, rank_mask=mask).backend == "torch"
 
     batch = route(router, torch.randn(3, 8))
     plain = ExpertSelector(router, make_policy("lynx"), 4, backend="torch")
-    with pytest.raises(ValueError, match="only to policy lynx_ep"):
+    with pytest.raises(TypeError, match="home"):  # only RankAwareSelector.run takes ranks
         plain.run(batch.logits, batch.topk_ids, batch.topk_weights, home=torch.zeros(3, dtype=torch.long))
-    sel = ExpertSelector(router, make_policy("lynx_ep"), 4, rank_mask=mask)
+    sel = RankAwareSelector(router, make_policy("lynx_ep"), 4, rank_mask=mask)
     with pytest.raises(ValueError, match="pick_rank"):
         sel.run(batch.logits, batch.topk_ids, batch.topk_weights, pick_rank=torch.zeros(3, 1, dtype=torch.long))
     N = mask.shape[1]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lynx_sglang import ConfigError, ExpertSelector, RouterSpec, make_policy
-from lynx_sglang import sglang_hooks as hooks
-from lynx_sglang.server_options import ENV_VAR, LynxOptions
+from lynx_sglang.runtime.sglang import hooks as hooks
+from lynx_sglang.runtime.sglang.options import ENV_VAR, LynxOptions
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_config_file_and_flags(tmp_path, sglang_layers, monkeypatch):
 def test_metrics_publish_what_the_selectors_counted(sglang_layers, phase, monkeypatch):
     from prometheus_client import REGISTRY
 
-    from lynx_sglang import metrics
+    from lynx_sglang.runtime.sglang import metrics
 
     layers = [_topk(sglang_layers, 7)]
     stages = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
@@ -301,13 +301,14 @@ def test_metrics_publish_what_the_selectors_counted(sglang_layers, phase, monkey
 def test_client_parses_the_metrics_exposition():
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from lynx_sglang import client, metrics
+    from lynx_sglang import client
+    from lynx_sglang.runtime.sglang import metrics
 
     class _Stage:
         def __init__(self, layer_id, stats):
             self.layer_id, self.selector = layer_id, SimpleNamespace(stats=lambda: stats)
 
-    from lynx_sglang.selector import SelectionStats
+    from lynx_sglang.runtime.selection.selector import SelectionStats
 
     registry = CollectorRegistry()
     m = metrics.LynxMetrics({"tp_rank": "0"}, registry=registry)
@@ -319,7 +320,7 @@ def test_client_parses_the_metrics_exposition():
 
 
 def test_every_rank_can_dump_its_decisions(sglang_layers, phase, monkeypatch, tmp_path):
-    from lynx_sglang import metrics
+    from lynx_sglang.runtime.sglang import metrics
 
     layers = [_topk(sglang_layers, 2)]
     stages = hooks.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
@@ -473,8 +474,8 @@ def test_eplb_selects_on_logical_ids_and_maps_back_to_replicas(sglang_layers, ph
 
 def test_rank_aware_policy_under_eplb_follows_the_live_placement(sglang_layers, phase, monkeypatch):
     """lynx_ep with replicas: slots land on replicas of the ranks it chose, and a rebalanced map is re-read."""
-    from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
-    from lynx_sglang.expert_parallel.rank_aware import select_rank_aware
+    from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank
+    from lynx_sglang.runtime.expert_parallel.rank_aware import select_rank_aware
 
     E, k, T, N = 16, 4, 32, 2
     g = torch.Generator().manual_seed(7)

@@ -21,11 +21,11 @@ def test_selector_compiles_in_one_graph_and_matches_eager():
 
 def test_rank_aware_selector_compiles_in_one_graph_and_matches_eager():
     """lynx_ep runs the torch path on GPUs too: one graph (no host sync) is what CUDA-graph capture needs."""
-    from lynx_sglang.expert_parallel import ExpertPlacement, home_rank
+    from lynx_sglang.runtime.expert_parallel import ExpertPlacement, RankAwareSelector, home_rank
 
     router = RouterSpec(32, 4)
     mask = ExpertPlacement.contiguous(32, 4).logical_on_rank()
-    sel = ExpertSelector(router, make_policy("lynx_ep"), 64, backend="torch", rank_mask=mask)
+    sel = RankAwareSelector(router, make_policy("lynx_ep"), 64, backend="torch", rank_mask=mask)
     batch = route(router, random_logits(64, 32, scale=2.0, skew=1.5, generator=torch.Generator().manual_seed(1)))
     nv, home = torch.tensor(60), home_rank(64, 4)
     want = [t.clone() for t in sel.run(batch.logits, batch.topk_ids, batch.topk_weights, nv, home=home)]

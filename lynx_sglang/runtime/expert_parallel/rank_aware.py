@@ -48,10 +48,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from .. import reference
-from ..config import WEIGHT_Q, LynxPolicy, RankAwareLynxPolicy, RouterSpec
-from ..reference import SelectionInfo
-from .accounting import visited_ranks
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import WEIGHT_Q, ConfigError, LynxPolicy, RankAwareLynxPolicy, RouterSpec
+from lynx_sglang.runtime.selection.reference import SelectionInfo
+from lynx_sglang.runtime.selection.selector import ExpertSelector
+from lynx_sglang.runtime.expert_parallel.accounting import visited_ranks
 
 
 def lowest_rank(mask: torch.Tensor) -> torch.Tensor:
@@ -328,3 +329,74 @@ def select_rank_aware(
     plan = plan_rank_aware(policy, router, logits, topk_ids, topk_weights, rank_mask, pick_rank, home,
                            num_valid, correction_bias)
     return finish_rank_aware(plan, weak_rank_drops(plan))
+
+
+class RankAwareSelector(ExpertSelector):
+    """``ExpertSelector`` for policy ``lynx_ep``: knows which ranks hold each expert.
+
+    Same plan/run contract as ``ExpertSelector`` (torch backend only: the kernels do
+    not implement ``lynx_ep``). ``rank_mask`` [E, N] bool says that logical expert e
+    has a replica on expert-parallel rank r (``ExpertPlacement.logical_on_rank``); it
+    is kept as given, so a caller may rewrite it in place when EPLB rebalances.
+    After each ``run`` the rank of every output routed slot is in ``last_slot_rank``.
+    """
+
+    _rank_aware = True
+
+    def __init__(self, router: RouterSpec, policy: RankAwareLynxPolicy, max_tokens: int,
+                 device: torch.device | str = "cpu", ids_dtype: torch.dtype = torch.int32,
+                 weights_dtype: torch.dtype = torch.float32, correction_bias: Optional[torch.Tensor] = None,
+                 backend: str = "auto", *, rank_mask: torch.Tensor, stats: Optional[torch.Tensor] = None):
+        if not isinstance(policy, RankAwareLynxPolicy):
+            raise ConfigError(f"RankAwareSelector runs policy lynx_ep, not {policy.name}")
+        super().__init__(router, policy, max_tokens, device, ids_dtype, weights_dtype, correction_bias,
+                         backend, stats=stats)
+        self.rank_mask = self._plan_rank_mask(router, rank_mask, self.device)
+        self._slot_rank = torch.empty(max_tokens, router.top_k, dtype=torch.int64, device=self.device)
+        self.last_slot_rank: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _plan_rank_mask(router: RouterSpec, rank_mask: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+        E = router.num_experts
+        if rank_mask is None:
+            raise ConfigError("policy lynx_ep needs rank_mask ([E, N] bool: which ranks hold each expert)")
+        if rank_mask.dim() != 2 or rank_mask.shape[0] != E or rank_mask.shape[1] < 1 or rank_mask.dtype != torch.bool:
+            raise ConfigError(f"rank_mask must be a [{E}, N] bool tensor, got {rank_mask.dtype} {tuple(rank_mask.shape)}")
+        if not bool(rank_mask.any(dim=1).all()):  # one sync, at plan time
+            raise ConfigError("rank_mask: every expert needs a replica on at least one rank")
+        return rank_mask.to(device).contiguous()
+
+    def _check_ranks(self, T: int, pick_rank, home) -> None:
+        for name, t, shape in (("pick_rank", pick_rank, (T, self.router.top_k)), ("home", home, (T,))):
+            if t is None:
+                continue
+            if tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"{name} must be an int32/int64 tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device}, selector planned for {self.device}")
+            # Values only where checking costs no device sync (and not while torch.compile traces: a
+            # data-dependent branch would break the graph); on GPUs our hook derives them from the placement.
+            if t.device.type == "cpu" and not torch.compiler.is_compiling():
+                N = self.rank_mask.shape[1]
+                if t.numel() and bool(((t < -1) | (t >= N)).any()):
+                    raise ValueError(f"{name} holds ranks outside [-1, {N}) (the rank mask has {N} ranks; -1: none)")
+
+    def run(self, router_logits: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+            num_valid: Optional[int | torch.Tensor] = None, pick_rank: Optional[torch.Tensor] = None,
+            home: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``ExpertSelector.run`` plus ``pick_rank`` [T, k] (rank each routed pick goes to; None: the lowest
+        rank holding it) and ``home`` [T] (rank owning each row; None or -1: none); the output slots'
+        ranks are then in ``last_slot_rank`` [T, k] (-1 for empty slots)."""
+        self._check(router_logits, topk_ids, topk_weights, num_valid)
+        T = router_logits.shape[0]
+        self._check_ranks(T, pick_rank, home)
+        self.last_slot_rank = self._slot_rank[:T]
+        return self._run(router_logits, topk_ids, topk_weights, num_valid, pick_rank=pick_rank, home=home)
+
+    def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, pick_rank=None, home=None):
+        ids, w, slot_rank, info = select_rank_aware(
+            self.policy, self.router, router_logits, topk_ids, topk_weights, self.rank_mask,
+            pick_rank, home, num_valid, self.correction_bias,
+        )
+        self.last_slot_rank.copy_(slot_rank)
+        return ids, w, info

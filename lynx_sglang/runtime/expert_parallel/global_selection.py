@@ -6,7 +6,7 @@ set has to be decided on the whole batch, and identically on every rank:
 otherwise ranks would keep different experts and the saving (experts whose
 weights are never read) would not happen anywhere.
 
-The selection stages of ``lynx_sglang.reference`` make this cheap. Stage 1's
+The selection stages of ``lynx_sglang.runtime.selection.reference`` make this cheap. Stage 1's
 votes are integer sums (and ORs) over rows, so the votes of the global batch
 are the element-wise sum of every rank's votes; stage 2 (the kept set) reads
 only those and the voting-row count; stage 3 (re-routing) is per row. One
@@ -28,9 +28,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .. import reference
-from ..config import BudgetPolicy, ConfigError, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
-from ..selector import ExpertSelector
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import BudgetPolicy, ConfigError, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
+from lynx_sglang.runtime.selection.selector import ExpertSelector
 
 # Policies whose whole rule is reference.vote / keep_set / reroute (exact types: a subclass such as
 # a rank-aware lynx variant may add stages that a vote reduction alone does not make global).

@@ -76,7 +76,7 @@ def has_accelerator() -> bool:
     return bool(acc is not None and acc.is_available())
 
 
-SPAWN_PATH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_cpu_path")
+SPAWN_PATH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawn_path")
 
 
 def install() -> bool:
@@ -181,7 +181,7 @@ class NotProvidedError(NotImplementedError, AttributeError):
 def _not_provided_message(qualname: str) -> str:
     return (
         f"{qualname} is not provided by lynx-sglang's CPU support: sgl-kernel has no CPU build here, "
-        f"and lynx_sglang.cpu_support implements only the functions the CPU server path calls "
+        f"and lynx_sglang.runtime.cpu.support implements only the functions the CPU server path calls "
         f"({', '.join(sorted(_IMPLEMENTED))})"
     )
 
@@ -296,7 +296,7 @@ def _real_submodule_names() -> frozenset[str]:
 def install_sgl_kernel_standin() -> types.ModuleType:
     """Make ``import sgl_kernel`` (and its submodules) resolve to the pure-torch stand-in; returns it.
 
-    Idempotent. Also called from ``_cpu_path/sgl_kernel.py`` in spawned processes.
+    Idempotent. Also called from ``_spawn_path/sgl_kernel.py`` in spawned processes.
     """
     mod = sys.modules.get("sgl_kernel")
     if getattr(mod, "__lynx_cpu_standin__", False):

@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from .config import MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy
+from lynx_sglang.runtime.selection.config import MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy
 
 ENV_VAR = "LYNX_SGLANG_OPTIONS"
 MOE_BACKENDS = ("default", "lynx")

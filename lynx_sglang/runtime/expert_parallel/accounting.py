@@ -15,11 +15,12 @@ Counting rules (variable-size all-to-all, ``AllToAllDispatcher``):
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 
-from .placement import ExpertPlacement
+from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank
 
 ID_BYTES = 4  # int32 expert ids
 WEIGHT_BYTES = 4  # fp32 gate weights
@@ -105,3 +106,61 @@ def capacity_bytes(tokens_per_rank: int, num_ranks: int, hidden_size: int, activ
     per_row_dispatch = hidden_size * activation_bytes + top_k * (ID_BYTES + WEIGHT_BYTES)
     pairs = num_ranks * (num_ranks - 1) * tokens_per_rank
     return pairs * (per_row_dispatch + hidden_size * activation_bytes)
+
+
+class A2ATotals:
+    """The one layout of the all-to-all dispatcher's per-layer totals vector (int64, summed over steps).
+
+    ``Field`` offsets come first, then ``rank_experts`` [N] and ``rank_tokens`` [N]. The
+    dispatcher adds ``step(...)`` on the device each decode step; the metrics and the stats
+    dump read it back with ``as_dict``.
+    """
+
+    class Field(enum.IntEnum):
+        """Scalar offsets of the totals vector."""
+
+        STEPS = 0  # decode steps accounted (mixed batches included)
+        DISPATCH_BYTES = 1
+        COMBINE_BYTES = 2
+        BUSIEST_RANK_EXPERTS = 3
+        BUSIEST_RANK_TOKENS = 4
+        MIXED_STEPS = 5  # of those, mixed chunked-prefill batches (decode rows costed)
+
+    #: Keys of the per-rank lists, in vector order after the scalar fields.
+    RANK_KEYS = ("rank_experts", "rank_tokens")
+
+    @classmethod
+    def size(cls, num_ranks: int) -> int:
+        """Length of the vector for ``num_ranks`` ranks."""
+        return len(cls.Field) + len(cls.RANK_KEYS) * num_ranks
+
+    @classmethod
+    def step(cls, topk_ids: torch.Tensor, placement: ExpertPlacement, first_decode_row: int, hidden_size: int,
+             activation_bytes: int) -> torch.Tensor:
+        """One decode step's vector (no host sync). Rows before ``first_decode_row`` (the extend rows of a
+        mixed batch) cost nothing; ``first_decode_row`` > 0 marks the step as mixed."""
+        N = placement.num_ranks
+        T = topk_ids.shape[0]
+        dev = topk_ids.device
+        mixed = first_decode_row > 0
+        decode_rows = torch.arange(T, device=dev) >= first_decode_row if mixed else None
+        t = step_traffic(topk_ids, placement, home_rank(T, N, dev), hidden_size, activation_bytes,
+                         valid_rows=decode_rows)
+        scalars = {cls.Field.STEPS: torch.ones(1, dtype=torch.int64, device=dev),
+                   cls.Field.DISPATCH_BYTES: t.dispatch_bytes.view(1),
+                   cls.Field.COMBINE_BYTES: t.combine_bytes.view(1),
+                   cls.Field.BUSIEST_RANK_EXPERTS: t.rank_experts.max().view(1),
+                   cls.Field.BUSIEST_RANK_TOKENS: t.rank_tokens.max().view(1),
+                   cls.Field.MIXED_STEPS: torch.full((1,), int(mixed), dtype=torch.int64, device=dev)}
+        return torch.cat([scalars[f] for f in cls.Field] + [t.rank_experts, t.rank_tokens])
+
+    @classmethod
+    def as_dict(cls, values: list, num_ranks: int) -> dict:
+        """A host copy of the vector by name (per-rank fields as lists)."""
+        if len(values) != cls.size(num_ranks):
+            raise ValueError(f"a2a totals for {num_ranks} ranks have {cls.size(num_ranks)} values, got {len(values)}")
+        out = {f.name.lower(): values[f] for f in cls.Field}
+        base = len(cls.Field)
+        for i, key in enumerate(cls.RANK_KEYS):
+            out[key] = list(values[base + i * num_ranks: base + (i + 1) * num_ranks])
+        return out

@@ -13,32 +13,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import reference
-from .config import ConfigError, Policy, RankAwareLynxPolicy, RouterSpec
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import ConfigError, Policy, RankAwareLynxPolicy, RouterSpec
+from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats, StatField
 
 BACKENDS = ("auto", "triton", "torch")
-_STAT_FIELDS = ("steps", "experts_before", "experts_after", "rows_changed", "rows_voting")
-
-
-@dataclass(frozen=True)
-class SelectionStats:
-    """Totals since the last reset (sums over steps; divide by ``steps`` for means)."""
-
-    steps: int
-    experts_before: int
-    experts_after: int
-    rows_changed: int
-    rows_voting: int
-
-    @property
-    def mean_experts_before(self) -> float:
-        """Distinct experts per step as the router picked them."""
-        return self.experts_before / self.steps if self.steps else 0.0
-
-    @property
-    def mean_experts_after(self) -> float:
-        """Distinct experts per step after selection."""
-        return self.experts_after / self.steps if self.steps else 0.0
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -52,7 +31,7 @@ class ExpertSelector:
 
     Args:
         router: the layer's router (experts, top-k, shared slots, scoring function).
-        policy: a policy from ``lynx_sglang.config`` (``make_policy``).
+        policy: a policy from ``lynx_sglang.runtime.selection.config`` (``make_policy``).
         max_tokens: largest batch ``run`` will see (buffers are sized for it).
         device: where the router's tensors live.
         ids_dtype / weights_dtype: dtypes of ``topk_ids`` / ``topk_weights``
@@ -61,14 +40,19 @@ class ExpertSelector:
         backend: ``triton`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``torch`` (the reference, any device), or ``auto`` (triton on CUDA, else torch).
         block_t: rows per Triton program (None: a per-device default; results do not depend on it).
-        rank_mask: [E, N] bool, logical expert e has a replica on expert-parallel rank r
-            (``ExpertPlacement.logical_on_rank``); required by ``lynx_ep`` and only by it.
-            ``lynx_ep`` runs on the torch backend (the kernels do not implement it); after each
-            ``run`` the rank of every output routed slot is in ``last_slot_rank``.
+        stats: an int64 [NUM_STATS] device tensor to accumulate the statistics into (laid out by
+            ``StatField``; e.g. a row of a [layers, NUM_STATS] table the metrics read with one copy),
+            or None for a buffer of its own. It is kept as given (never reallocated), so a
+            re-planned selector can keep accumulating into the buffer a captured graph writes.
+
+    Policy ``lynx_ep`` needs the expert placement: it runs in
+    ``lynx_sglang.runtime.expert_parallel.rank_aware.RankAwareSelector``.
     """
 
     # A subclass whose selection is a collective (GlobalExpertSelector) runs on empty batches too.
     _collective = False
+    # Set by the subclass that runs lynx_ep (RankAwareSelector).
+    _rank_aware = False
 
     def __init__(
         self,
@@ -81,7 +65,7 @@ class ExpertSelector:
         correction_bias: Optional[torch.Tensor] = None,
         backend: str = "auto",
         block_t: Optional[int] = None,
-        rank_mask: Optional[torch.Tensor] = None,
+        stats: Optional[torch.Tensor] = None,
     ):
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -105,14 +89,17 @@ class ExpertSelector:
             correction_bias = correction_bias.to(device=device, dtype=torch.float32).contiguous()
         if backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        rank_aware = isinstance(policy, RankAwareLynxPolicy)
-        if rank_aware:
-            rank_mask = self._plan_rank_mask(router, rank_mask, device)
+        if isinstance(policy, RankAwareLynxPolicy):
+            if not self._rank_aware:
+                raise ConfigError("policy lynx_ep needs the expert placement: use "
+                                  "lynx_sglang.runtime.expert_parallel.RankAwareSelector")
             if backend == "triton":
                 raise ConfigError("policy lynx_ep runs on the torch backend only (the Triton kernels do not implement it)")
             backend = "torch"
-        elif rank_mask is not None:
-            raise ConfigError(f"rank_mask applies only to policy lynx_ep, not {policy.name}")
+        if stats is not None and (stats.shape != (NUM_STATS,) or stats.dtype != torch.int64
+                                  or stats.device != device or not stats.is_contiguous()):
+            raise ConfigError(f"stats must be a contiguous int64 [{NUM_STATS}] tensor on {device}, got "
+                              f"{stats.dtype} {tuple(stats.shape)} on {stats.device}")
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "torch"
         if backend == "triton" and not _triton_usable(device):
@@ -122,50 +109,16 @@ class ExpertSelector:
         self.device, self.backend, self.block_t = device, backend, block_t
         self.ids_dtype, self.weights_dtype = ids_dtype, weights_dtype
         self.correction_bias = correction_bias
-        self.rank_mask = rank_mask
         kt = router.total_slots
         self._out_ids = torch.empty(max_tokens, kt, dtype=ids_dtype, device=device)
         self._out_weights = torch.empty(max_tokens, kt, dtype=weights_dtype, device=device)
-        self._stats = torch.zeros(len(_STAT_FIELDS), dtype=torch.int64, device=device)
+        self._stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device) if stats is None else stats
         self._ws = self._launch = None
-        # lynx_ep: the rank each output routed slot goes to (a view of this buffer after run()).
-        self._slot_rank = torch.empty(max_tokens, router.top_k, dtype=torch.int64, device=device) if rank_aware else None
-        self.last_slot_rank: Optional[torch.Tensor] = None
         if backend == "triton":
             from lynx_sglang.kernels.expert_selection import Workspace, num_bins, select_triton
 
             self._ws = Workspace.allocate(router.num_experts, num_bins(policy), max_tokens, device)
             self._launch = select_triton  # resolved once: run() is on every MoE layer's hot path
-
-    @staticmethod
-    def _plan_rank_mask(router: RouterSpec, rank_mask: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
-        E = router.num_experts
-        if rank_mask is None:
-            raise ConfigError("policy lynx_ep needs rank_mask ([E, N] bool: which ranks hold each expert)")
-        if rank_mask.dim() != 2 or rank_mask.shape[0] != E or rank_mask.shape[1] < 1 or rank_mask.dtype != torch.bool:
-            raise ConfigError(f"rank_mask must be a [{E}, N] bool tensor, got {rank_mask.dtype} {tuple(rank_mask.shape)}")
-        if not bool(rank_mask.any(dim=1).all()):  # one sync, at plan time
-            raise ConfigError("rank_mask: every expert needs a replica on at least one rank")
-        return rank_mask.to(device).contiguous()
-
-    def _check_ranks(self, T: int, pick_rank, home) -> None:
-        if self.rank_mask is None:
-            if pick_rank is not None or home is not None:
-                raise ValueError(f"pick_rank / home apply only to policy lynx_ep, not {self.policy.name}")
-            return
-        for name, t, shape in (("pick_rank", pick_rank, (T, self.router.top_k)), ("home", home, (T,))):
-            if t is None:
-                continue
-            if tuple(t.shape) != shape or t.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"{name} must be an int32/int64 tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
-            if t.device != self.device:
-                raise ValueError(f"{name} is on {t.device}, selector planned for {self.device}")
-            # Values only where checking costs no device sync (and not while torch.compile traces: a
-            # data-dependent branch would break the graph); on GPUs our hook derives them from the placement.
-            if t.device.type == "cpu" and not torch.compiler.is_compiling():
-                N = self.rank_mask.shape[1]
-                if t.numel() and bool(((t < -1) | (t >= N)).any()):
-                    raise ValueError(f"{name} holds ranks outside [-1, {N}) (the rank mask has {N} ranks; -1: none)")
 
     def _check(self, logits, topk_ids, topk_weights, num_valid) -> None:
         T = logits.shape[0] if logits.dim() == 2 else -1
@@ -202,23 +155,19 @@ class ExpertSelector:
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         num_valid: Optional[int | torch.Tensor] = None,
-        pick_rank: Optional[torch.Tensor] = None,
-        home: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Select experts for one batch; returns views of this selector's output buffers.
 
         Rows at and after ``num_valid`` (padding) and malformed rows come back
         unchanged; the outputs stay valid until the next ``run``.
-        ``lynx_ep`` only: ``pick_rank`` [T, k] (rank each routed pick goes to; None: the lowest
-        rank holding it) and ``home`` [T] (rank owning each row; None or -1: none); the output
-        slots' ranks are then in ``last_slot_rank`` [T, k] (-1 for empty slots).
         """
         self._check(router_logits, topk_ids, topk_weights, num_valid)
+        return self._run(router_logits, topk_ids, topk_weights, num_valid)
+
+    def _run(self, router_logits, topk_ids, topk_weights, num_valid, **extra) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``run`` after its checks; ``extra`` goes to ``_select_torch`` (a subclass's per-step inputs)."""
         T = router_logits.shape[0]
-        self._check_ranks(T, pick_rank, home)
         out_ids, out_w = self._out_ids[:T], self._out_weights[:T]
-        if self._slot_rank is not None:
-            self.last_slot_rank = self._slot_rank[:T]
         if T == 0 and not self._collective:
             return out_ids, out_w
         if router_logits.stride(1) != 1:
@@ -232,33 +181,25 @@ class ExpertSelector:
                 self.correction_bias, self._ws, self._stats, out_ids, out_w, self.block_t,
             )
         else:
-            ids, w, info = self._select_torch(router_logits, topk_ids, topk_weights, num_valid, pick_rank, home)
+            ids, w, info = self._select_torch(router_logits, topk_ids, topk_weights, num_valid, **extra)
             out_ids.copy_(ids)
             out_w.copy_(w)
             one = torch.ones((), dtype=torch.int64, device=self.device)
-            self._stats += torch.stack(
-                [one, info.experts_before, info.experts_after, info.rows_changed, info.rows_voting]
-            )
+            step = {StatField.STEPS: one, StatField.EXPERTS_BEFORE: info.experts_before,
+                    StatField.EXPERTS_AFTER: info.experts_after, StatField.ROWS_CHANGED: info.rows_changed,
+                    StatField.ROWS_VOTING: info.rows_voting}
+            self._stats += torch.stack([step[f] for f in StatField])
         return out_ids, out_w
 
-    def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, pick_rank, home):
+    def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid):
         """The torch backend on one batch: (ids, weights, ``reference.SelectionInfo``)."""
-        if self.rank_mask is not None:
-            from .expert_parallel.rank_aware import select_rank_aware
-
-            ids, w, slot_rank, info = select_rank_aware(
-                self.policy, self.router, router_logits, topk_ids, topk_weights, self.rank_mask,
-                pick_rank, home, num_valid, self.correction_bias,
-            )
-            self.last_slot_rank.copy_(slot_rank)
-            return ids, w, info
         return reference.select(
             self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias
         )
 
     def stats(self) -> SelectionStats:
         """Read the accumulated statistics (the only host synchronisation)."""
-        return SelectionStats(**dict(zip(_STAT_FIELDS, self._stats.tolist())))
+        return SelectionStats.from_values(self._stats.tolist())
 
     def reset_stats(self) -> None:
         """Zero the accumulated statistics."""

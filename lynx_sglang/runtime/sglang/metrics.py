@@ -40,6 +40,8 @@ import json
 import os
 from typing import Iterable
 
+from lynx_sglang.runtime.sglang import a2a_dispatcher, stage
+
 STATS_DIR_ENV = "LYNX_SGLANG_STATS_DIR"
 
 METRICS = {
@@ -87,17 +89,17 @@ class LynxMetrics:
 
     def publish(self, stages: Iterable) -> None:
         """Read every stage's totals (one sync) and add the increments."""
-        for stage in stages:
-            totals = stage.selector.stats()
-            last = self._last.get(stage.layer_id)
+        for layer_stage in stages:
+            totals = layer_stage.selector.stats()
+            last = self._last.get(layer_stage.layer_id)
             for key, counter in self.counters.items():
                 value = getattr(totals, key)
                 delta = value - (getattr(last, key) if last is not None else 0)
                 if delta < 0:  # the selector was re-planned (stats reset): count from zero
                     delta = value
                 if delta:
-                    counter.labels(**self.labels, layer=str(stage.layer_id)).inc(delta)
-            self._last[stage.layer_id] = totals
+                    counter.labels(**self.labels, layer=str(layer_stage.layer_id)).inc(delta)
+            self._last[layer_stage.layer_id] = totals
 
 
     def publish_a2a(self, dispatchers: Iterable) -> None:
@@ -143,16 +145,14 @@ def dump_stats(stages, directory: str, dispatchers=()) -> str:
     return path
 
 
-def _report_decode_stats_after(result, reporter, *args, **kwargs):
+def report_decode_stats_after(result, reporter, *args, **kwargs):
     """After SGLang's own decode-stats reporting: publish ours at the same cadence and on the same rank."""
     global _metrics
-    from . import sglang_hooks
-    from .expert_parallel.sglang_dispatcher import dispatchers
 
     interval = max(1, getattr(reporter, "decode_log_interval", 40))
     if getattr(reporter, "forward_ct_decode", 0) % interval != 0:
         return result
-    stages, a2a = sglang_hooks.stages(), dispatchers()
+    stages, a2a = stage.stages(), a2a_dispatcher.dispatchers()
     if not stages and not a2a:
         return result
     if os.environ.get(STATS_DIR_ENV):
@@ -165,21 +165,3 @@ def _report_decode_stats_after(result, reporter, *args, **kwargs):
     _metrics.publish(stages)
     _metrics.publish_a2a(a2a)
     return result
-
-
-_registered = False
-
-
-def register_hooks() -> None:
-    """Hook SGLang's scheduler metrics reporter (applied by ``load_plugins``); idempotent."""
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.metrics_reporter.SchedulerMetricsReporter.report_decode_stats",
-        _report_decode_stats_after,
-        HookType.AFTER,
-    )

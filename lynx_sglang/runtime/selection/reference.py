@@ -19,7 +19,7 @@ Ties between experts always go to the lower expert id.
 Because the votes are integer sums (and ORs) over rows, votes of disjoint row
 shards add up to the votes of the whole batch: ``select(..., vote_reduce=...)``
 lets expert parallelism reduce them over ranks so that every rank keeps the
-global batch's expert set (``lynx_sglang.expert_parallel.global_selection``).
+global batch's expert set (``lynx_sglang.runtime.expert_parallel.global_selection``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .config import WEIGHT_Q, BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
+from lynx_sglang.runtime.selection.config import WEIGHT_Q, BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, Policy, RouterSpec
 
 # Gate weights are quantised to 1/WEIGHT_Q for integer scores (budget) and the moved-weight cap.
 WEIGHT_SCALE = float(WEIGHT_Q)

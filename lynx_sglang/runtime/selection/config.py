@@ -179,7 +179,7 @@ class RankAwareLynxPolicy(LynxPolicy):
         0.35 points at EP = 4 while cutting all-to-all bytes 38 % (0.4: up to
         0.47 points for 45 %; docs/accuracy.md, "Expert parallelism").
 
-    The rule lives in ``lynx_sglang.expert_parallel.rank_aware`` (it needs the
+    The rule lives in ``lynx_sglang.runtime.expert_parallel.rank_aware`` (it needs the
     expert placement); the Triton kernels do not implement it and
     ``reference.select`` treats it as plain lynx. See docs/policies.md.
     """

@@ -28,10 +28,11 @@ from __future__ import annotations
 import logging
 import torch
 
-from ..config import ConfigError
-from .accounting import step_traffic
-from .dispatch import AllToAllDispatcher
-from .placement import ExpertPlacement, home_rank, owned_rows
+from lynx_sglang.runtime.selection.config import ConfigError
+from lynx_sglang.runtime.expert_parallel.accounting import A2ATotals
+from lynx_sglang.runtime.expert_parallel.dispatch import AllToAllDispatcher
+from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, owned_rows
+from lynx_sglang.runtime.sglang.phase import current as current_phase
 
 logger = logging.getLogger(__name__)
 
@@ -45,39 +46,6 @@ def dispatchers() -> list:
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
-def step_totals(topk_ids: torch.Tensor, placement: ExpertPlacement, phase, hidden_size: int,
-                activation_bytes: int):
-    """One step's accounting vector, or None where the phase is not a decode step (no host sync).
-
-    [steps, dispatch bytes, combine bytes, busiest-rank experts, busiest-rank tokens, mixed steps,
-    per-rank experts (N), per-rank tokens (N)]. ``phase`` is ``sglang_hooks.Phase.current``; a mixed
-    batch costs only its trailing decode rows.
-    """
-    if phase is None or phase[0] not in ("decode", "mixed"):
-        return None
-    N = placement.num_ranks
-    T = topk_ids.shape[0]
-    dev = topk_ids.device
-    mixed = phase[0] == "mixed"
-    # SGLang appends a mixed batch's decode rows after its extend rows (sglang_hooks.phase_of).
-    decode_rows = torch.arange(T, device=dev) >= T - phase[1] if mixed else None
-    t = step_traffic(topk_ids, placement, home_rank(T, N, dev), hidden_size, activation_bytes,
-                     valid_rows=decode_rows)
-    return torch.cat([torch.ones(1, dtype=torch.int64, device=dev),
-                      t.dispatch_bytes.view(1), t.combine_bytes.view(1),
-                      t.rank_experts.max().view(1), t.rank_tokens.max().view(1),
-                      torch.full((1,), int(mixed), dtype=torch.int64, device=dev),
-                      t.rank_experts, t.rank_tokens])
-
-
-def totals_dict(values: list, num_ranks: int) -> dict:
-    """Summed ``step_totals`` vectors (as a list) by name, as the metrics and the stats dump read them."""
-    N = num_ranks
-    return {"steps": values[0], "dispatch_bytes": values[1], "combine_bytes": values[2],
-            "busiest_rank_experts": values[3], "busiest_rank_tokens": values[4], "mixed_steps": values[5],
-            "rank_experts": values[6:6 + N], "rank_tokens": values[6 + N:6 + 2 * N]}
 
 
 def make_dispatcher(moe_runner_config):
@@ -108,9 +76,9 @@ def make_dispatcher(moe_runner_config):
             self.placement = ExpertPlacement.contiguous(self.num_experts, self.moe_ep_size, get_device())
             self.a2a = AllToAllDispatcher(self.placement, self.moe_ep_rank, group.device_group)
             self._pending = None
-            # ``step_totals`` summed in place on the device (so a captured CUDA graph keeps adding to
+            # ``A2ATotals.step`` summed in place on the device (so a captured CUDA graph keeps adding to
             # the same buffer), read by the metrics.
-            self.totals = torch.zeros(6 + 2 * self.moe_ep_size, dtype=torch.int64, device=get_device())
+            self.totals = torch.zeros(A2ATotals.size(self.moe_ep_size), dtype=torch.int64, device=get_device())
             _dispatchers.append(self)
 
         def dispatch(self, hidden_states: torch.Tensor, topk_output):
@@ -141,15 +109,14 @@ def make_dispatcher(moe_runner_config):
             return out
 
         def _account(self, hidden_states, topk_ids):
-            from ..sglang_hooks import Phase
-
-            step = step_totals(topk_ids, self.placement, Phase.current, hidden_states.shape[1],
-                               hidden_states.element_size())
-            if step is not None:
-                self.totals += step
+            phase = current_phase()
+            if phase is None or not (phase.is_decode or phase.is_mixed):
+                return
+            self.totals += A2ATotals.step(topk_ids, self.placement, phase.first_decode_row(topk_ids.shape[0]),
+                                          hidden_states.shape[1], hidden_states.element_size())
 
         def stats(self) -> dict:
             """Totals over decode steps (mixed batches' decode rows included) so far (one host sync)."""
-            return totals_dict(self.totals.tolist(), self.moe_ep_size)
+            return A2ATotals.as_dict(self.totals.tolist(), self.moe_ep_size)
 
     return LynxAllToAllDispatcher(moe_runner_config)

@@ -30,9 +30,9 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..config import ConfigError
-from .accounting import destinations
-from .placement import ExpertPlacement
+from lynx_sglang.runtime.selection.config import ConfigError
+from lynx_sglang.runtime.expert_parallel.accounting import destinations
+from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement
 
 @dataclass
 class DispatchHandle:

@@ -1,105 +1,37 @@
-"""Where lynx-sglang enters SGLang 0.5.23: the hooks and the per-layer selection stage.
+"""The per-layer selection stage: what our ``TopK.forward`` hook runs on every MoE layer.
 
-Data path (docs/architecture.md): ``TopK.forward`` -> [our AROUND hook:
-``TopKSelectionStage``] -> dispatcher -> MoE runner. The stage rewrites the
-router's ``StandardTopKOutput`` for decode rows only; the phase comes from the
-``ForwardBatch`` published through SGLang's ``forward_context``.
+``build_stages`` (called once after the model loads, before CUDA-graph capture)
+attaches one ``TopKSelectionStage`` to every enabled ``TopK`` layer and refuses
+what we cannot serve; each stage owns its layer's ``ExpertSelector`` (planned
+once) and rewrites the router's ``StandardTopKOutput`` for the decode rows of the
+current ``Phase``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .config import ConfigError, RouterSpec
-from .selector import ExpertSelector
-from .server_options import LynxOptions, add_a2a_choice, add_cli_args, options_from_args
+from lynx_sglang.runtime.selection.config import ConfigError, RouterSpec
+from lynx_sglang.runtime.expert_parallel.global_selection import GlobalExpertSelector
+from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank, rank_tables
+from lynx_sglang.runtime.expert_parallel.rank_aware import RankAwareSelector, physical_ids
+from lynx_sglang.runtime.selection.selector import ExpertSelector
+from lynx_sglang.runtime.sglang.options import LynxOptions
+from lynx_sglang.runtime.sglang.phase import Phase
+from lynx_sglang.runtime.sglang.phase import current as current_phase
 
 logger = logging.getLogger(__name__)
 
-_TOPK = "sglang.srt.layers.moe.topk.TopK"
-_FORWARD_CONTEXT = "sglang.srt.model_executor.forward_context.forward_context"
-_FORWARD_BATCH_INIT = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
-_PREPARE_MOE_TOPK = "sglang.srt.model_executor.model_runner_components.moe_ep_setup.prepare_moe_topk"
-_SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
-_CREATE_MOE_DISPATCHER = "sglang.srt.layers.moe.fused_moe_triton.layer.create_moe_dispatcher"
-_PADDING_COUNT = "sglang.srt.model_executor.forward_batch_info.enable_num_token_non_padded"
-_INIT_GRAPHS = "sglang.srt.model_executor.model_runner.ModelRunner.init_cuda_graphs"
-_PREFILL_GRAPHS_INIT = "sglang.srt.model_executor.runner.prefill_cuda_graph_runner.PrefillCudaGraphRunner.__init__"
-
-# Attribute names we put on SGLang objects.
-_STAGE_ATTR = "_lynx_stage"
-_DECODE_TOKENS_ATTR = "_lynx_decode_tokens"
+# Attribute name of the stage on SGLang's TopK module.
+STAGE_ATTR = "_lynx_stage"
 
 # Expert-count fields of the HF configs SGLang's MoE models use.
 _EXPERT_COUNT_FIELDS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
 
-
-# ----------------------------------------------------------------------------- phase
-
-class Phase:
-    """Which rows of the current forward are decode tokens (set per forward by the hooks)."""
-
-    # ("decode",), ("mixed", n_decode_tokens), ("idle",) (no rows), or None: extend/prefill, unknown
-    # (never rewritten)
-    current: Optional[tuple] = None
-
-
-def phase_of(forward_batch) -> Optional[tuple]:
-    """Decode-row description of a ForwardBatch, or None where nothing may be rewritten.
-
-    Decided from ``forward_mode`` (not ``get_is_extend_in_batch``, which was seen
-    to report a prefill as decode under plain TP). In a mixed chunked-prefill
-    batch SGLang appends the running decode requests, one token each, after the
-    extend tokens; speculative batches are left alone.
-    """
-    mode = getattr(forward_batch, "forward_mode", None)
-    if mode is None:
-        return None
-    if getattr(forward_batch, "spec_info", None) is not None:
-        return None
-    if mode.is_decode():
-        return ("decode",)
-    if mode.is_idle():
-        return ("idle",)  # a rank with no tokens: takes part in global selection only
-    if mode.is_mixed():
-        n = getattr(forward_batch, _DECODE_TOKENS_ATTR, 0)
-        return ("mixed", n) if n > 0 else None
-    return None
-
-
-def _forward_context_around(original, ctx, *args, forward_batch=None, **kwargs):
-    """Publish the phase of ``forward_batch`` for exactly the scope SGLang publishes it."""
-    inner = original(ctx, *args, forward_batch=forward_batch, **kwargs)
-    if forward_batch is None:
-        return inner  # a nested override without a batch keeps the outer phase
-
-    @contextlib.contextmanager
-    def scope():
-        with inner as value:
-            prev, Phase.current = Phase.current, phase_of(forward_batch)
-            try:
-                yield value
-            finally:
-                Phase.current = prev
-
-    return scope()
-
-
-def _forward_batch_init_after(result, *args, **kwargs):
-    """Remember how many decode tokens a mixed batch carries (its ScheduleBatch knows, ForwardBatch does not)."""
-    batch = args[1] if len(args) > 1 else kwargs.get("batch")
-    mode = getattr(result, "forward_mode", None)
-    if batch is not None and mode is not None and mode.is_mixed():
-        setattr(result, _DECODE_TOKENS_ATTR, len(getattr(batch, "decoding_reqs", None) or ()))
-    return result
-
-
-# ----------------------------------------------------------------------------- the stage
 
 @dataclass(frozen=True)
 class EpLayout:
@@ -144,8 +76,6 @@ class TopKSelectionStage:
 
     def _placement(self):
         """This layer's expert placement over the EP ranks (None without expert parallelism)."""
-        from .expert_parallel import ExpertPlacement
-
         if self.ep.num_ranks < 2:
             return None
         if self.physical_ids:
@@ -163,20 +93,18 @@ class TopKSelectionStage:
         policy = self.options.make_policy()
         common = (self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype)
         if self.ep.global_votes:
-            from .expert_parallel.global_selection import GlobalExpertSelector
-
             return GlobalExpertSelector(*common, correction_bias=self.correction_bias, group=self.ep.group)
         if self.rank_aware:
             if self.placement is None:
                 raise ConfigError("--lynx-policy lynx_ep needs expert parallelism (--ep-size >= 2); "
                                   "use lynx on a single expert-parallel rank")
-            return ExpertSelector(*common, correction_bias=self.correction_bias,
-                                  rank_mask=self.placement.logical_on_rank())
+            return RankAwareSelector(*common, correction_bias=self.correction_bias,
+                                     rank_mask=self.placement.logical_on_rank())
         return ExpertSelector(*common, correction_bias=self.correction_bias)
 
-    def _participates(self, phase) -> bool:
+    def _participates(self, phase: Optional[Phase]) -> bool:
         """Global selection: all EP ranks run it together or none does (its all-reduce must match)."""
-        if phase is None or phase[0] not in ("decode", "idle"):
+        if phase is None or not (phase.is_decode or phase.is_idle):
             return False
         from sglang.srt.layers.dp_attention import get_is_extend_in_batch
 
@@ -184,7 +112,7 @@ class TopKSelectionStage:
 
     def run_without_tokens(self) -> None:
         """Join the step's global vote reduction from a rank that routes no tokens."""
-        if self.ep.global_votes and self._participates(Phase.current):
+        if self.ep.global_votes and self._participates(current_phase()):
             kt = self.router.total_slots
             self.selector.run(torch.empty(0, self.router.num_experts, device=self.device),
                               torch.empty(0, kt, dtype=self.selector.ids_dtype, device=self.device),
@@ -203,19 +131,19 @@ class TopKSelectionStage:
 
     def __call__(self, topk_output, num_token_non_padded: Optional[torch.Tensor]):
         """Rewrite ``topk_output`` for the decode rows of the current batch."""
-        phase = Phase.current
+        phase = current_phase()
         if self.ep.global_votes:
             if not self._participates(phase):
                 return topk_output
-        elif phase is None or phase[0] == "idle":
+        elif phase is None or phase.is_idle:
             return topk_output
         if not isinstance(topk_output, self._standard):
             self._warn_once("format", f"top-k output {type(topk_output).__name__} is not rewritten (passes through)")
             return self._pass_through(topk_output)
         w, ids, logits = topk_output.topk_weights, topk_output.topk_ids, topk_output.router_logits
         T = ids.shape[0]
-        if phase[0] == "mixed":
-            n = phase[1]
+        if phase.is_mixed:
+            n = phase.decode_rows
             if n > T:
                 self._warn_once("mixed", f"mixed batch reports {n} decode tokens of {T}; passes through")
                 return self._pass_through(topk_output)
@@ -247,8 +175,6 @@ class TopKSelectionStage:
 
     def _rank_args(self, T: int, first: int, ids: torch.Tensor) -> dict:
         """lynx_ep's per-step inputs: the home rank of each row (with our dispatcher) and pick ranks."""
-        from .expert_parallel import home_rank
-
         args = {}
         if self.ep.a2a_home:
             args["home"] = home_rank(T, self.ep.num_ranks, ids.device)[first:]
@@ -278,8 +204,6 @@ class TopKSelectionStage:
         new_logical = new_ids[:, :k]
         target = new_logical.clamp(min=0).long()
         if self.rank_aware:  # the replica on the rank lynx_ep chose for the slot
-            from .expert_parallel.rank_aware import physical_ids
-
             replica = physical_ids(new_logical, self.selector.last_slot_rank, self._replica_table).to(ids.dtype)
         else:
             row = torch.arange(ids.shape[0], device=ids.device)[:, None]
@@ -291,8 +215,6 @@ class TopKSelectionStage:
     def _refresh_rank_tables(self, physical_to_logical: torch.Tensor) -> None:
         """lynx_ep under EPLB: re-read which ranks hold each expert from the live map (rebalancing
         rewrites it in place), into the selector's rank mask and our replica table, without a sync."""
-        from .expert_parallel.placement import rank_tables
-
         if getattr(self, "_replica_table", None) is None:
             self._replica_table = torch.empty_like(self.selector.rank_mask, dtype=torch.long)
         rank_tables(physical_to_logical, self.placement.rank_of, self.selector.rank_mask, self._replica_table)
@@ -309,27 +231,6 @@ def eplb_maps(layer_id: int):
     md = get_global_expert_location_metadata()
     return (md.physical_to_logical_map[layer_id], md.logical_to_all_physical_map[layer_id],
             md.logical_to_all_physical_map_num_valid[layer_id])
-
-
-def _empty_topk_output_around(original, self, *args, **kwargs):
-    """A rank without tokens still joins global selection's all-reduce (DeepEP-family a2a)."""
-    out = original(self, *args, **kwargs)
-    stage = self.__dict__.get(_STAGE_ATTR)
-    if stage is not None:
-        stage.run_without_tokens()
-    return out
-
-
-def _topk_forward_around(original, self, hidden_states, router_logits, *args, **kwargs):
-    out = original(self, hidden_states, router_logits, *args, **kwargs)
-    stage = self.__dict__.get(_STAGE_ATTR)
-    if stage is None or Phase.current is None:  # prefill/extend: skip even resolving the padding bound
-        return out
-    num_valid = kwargs.get("num_token_non_padded")
-    if num_valid is None:
-        # SGLang resolves the bound from the forward context when the caller does not pass it.
-        num_valid, _ = self._resolve_routing_inputs(None, kwargs.get("expert_location_dispatch_info"))
-    return stage(out, num_valid)
 
 
 # ----------------------------------------------------------------------------- plan after load
@@ -359,9 +260,6 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
     from sglang.srt.layers.moe.hash_topk import HashTopK
     from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
 
-    if not _hooks_applied():
-        raise RuntimeError("--moe-backend lynx: SGLang did not apply lynx-sglang's TopK hook "
-                           "(see the log for 'Failed to apply hooks'); refusing to run without it")
     if torch.version.hip is not None:
         raise ConfigError("--moe-backend lynx is not supported on ROCm: a row left without a kept expert gets "
                           "id -1, which SGLang's aiter MoE kernels cannot take")
@@ -405,7 +303,7 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
         router = RouterSpec(E, cfg.top_k - shared, shared, cfg.scoring_func, cfg.correction_bias is not None)
         bias = cfg.correction_bias.detach().float() if cfg.correction_bias is not None else None
         stage = TopKSelectionStage(layer_id, router, options, device, bias, physical_ids, ep)
-        object.__setattr__(module, _STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
+        object.__setattr__(module, STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
         stages.append(stage)
     if hashed:
         logger.warning("lynx-sglang: %d hash-routed MoE layer(s) (HashTopK) are left unchanged", hashed)
@@ -424,19 +322,18 @@ def stages() -> list[TopKSelectionStage]:
     return list(_stages)
 
 
-def _prepare_moe_topk_after(result, *args, model=None, model_config=None, **kwargs):
-    options = LynxOptions.from_env()
-    if options.enabled and model is not None:
-        if _two_batch_overlap():
-            raise ConfigError("--moe-backend lynx does not support --enable-two-batch-overlap yet (both "
-                              "micro-batches would share one layer's selection buffers)")
-        if _moe_input_gathered_over_dp():
-            raise ConfigError("--moe-backend lynx with attention DP (--attn-dp-size > 1) needs a DeepEP-family "
-                              "--moe-a2a-backend: with a2a none each rank's MoE sees every DP rank's rows "
-                              "gathered, while decode/prefill is known only for its own")
-        _stages.extend(build_stages(model, model_config.hf_config, options, physical_ids=_eplb_remaps_ids(),
-                                    ep=_ep_layout(options)))
-    return result
+def prepare(model, hf_config, options: LynxOptions) -> list[TopKSelectionStage]:
+    """Refuse what this process cannot serve, then build and register the stages of ``model``."""
+    if _two_batch_overlap():
+        raise ConfigError("--moe-backend lynx does not support --enable-two-batch-overlap yet (both "
+                          "micro-batches would share one layer's selection buffers)")
+    if _moe_input_gathered_over_dp():
+        raise ConfigError("--moe-backend lynx with attention DP (--attn-dp-size > 1) needs a DeepEP-family "
+                          "--moe-a2a-backend: with a2a none each rank's MoE sees every DP rank's rows "
+                          "gathered, while decode/prefill is known only for its own")
+    built = build_stages(model, hf_config, options, physical_ids=_eplb_remaps_ids(), ep=_ep_layout(options))
+    _stages.extend(built)
+    return built
 
 
 def _ep_layout(options: LynxOptions) -> EpLayout:
@@ -486,108 +383,3 @@ def _eplb_remaps_ids() -> bool:
     return bool(is_expert_remapping_enabled())
 
 
-# ----------------------------------------------------------------------------- CLI
-
-def _add_cli_args_around(original, parser):
-    original(parser)
-    add_cli_args(parser)
-    add_a2a_choice(parser)
-
-
-def _from_cli_args_around(original, *args, **kwargs):
-    """Read our options before SGLang builds ServerArgs (``--moe-a2a-backend lynx`` becomes ``none`` there)."""
-    namespace = args[-1] if args else kwargs.get("args")
-    options = options_from_args(namespace)
-    options.to_env()
-    if options.enabled:
-        logger.info("lynx-sglang: --moe-backend lynx, policy %s %s", options.policy, options.params)
-    if options.a2a_backend != "none":
-        logger.info("lynx-sglang: --moe-a2a-backend %s (all-to-all token dispatch)", options.a2a_backend)
-    return original(*args, **kwargs)
-
-
-def _padding_count_around(original, *args, **kwargs):
-    """With selection stages, CUDA-graph decode always carries the real token count.
-
-    SGLang passes it (and masks padded top-k rows to -1) only under expert parallelism or
-    DP gathering. Under plain TP a replayed graph's padding rows (token 0, repeated) would
-    otherwise vote, bending the kept set towards their experts and counting in the statistics.
-    """
-    return True if _stages else original(*args, **kwargs)
-
-
-def _init_cuda_graphs_after(result, *args, **kwargs):
-    """Zero the statistics the graph warm-up and capture runs added (dummy decode batches), in place:
-    captured graphs keep adding to the same buffers."""
-    for stage in _stages:
-        stage.selector.reset_stats()
-        stage.mixed_batches = 0
-    from .expert_parallel.sglang_dispatcher import dispatchers
-
-    for d in dispatchers():
-        d.totals.zero_()
-    return result
-
-
-def _prefill_graphs_init_after(result, runner, *args, **kwargs):
-    """Mixed chunked-prefill batches run eager while Lynx has stages.
-
-    SGLang replays a mixed batch through the prefill graph captured for extend batches
-    (the default breakable prefill graphs on CUDA), where selection was captured as a
-    pass-through: its decode rows would never be selected on. Every rank decides the same
-    way (all have stages), so the attention-DP replay vote stays consistent.
-    """
-    if _stages and not getattr(runner, "prefer_eager_mixed_prefill", False):
-        runner.prefer_eager_mixed_prefill = True
-        logger.info("lynx-sglang: mixed prefill+decode batches run eager so that their decode rows are selected on")
-    return result
-
-
-def _create_moe_dispatcher_around(original, moe_runner_config, *args, **kwargs):
-    """Our all-to-all dispatcher for every FusedMoE layer when ``--moe-a2a-backend lynx``."""
-    if LynxOptions.from_env().a2a_backend == "lynx":
-        from .expert_parallel.sglang_dispatcher import make_dispatcher
-
-        return make_dispatcher(moe_runner_config)
-    return original(moe_runner_config, *args, **kwargs)
-
-
-# ----------------------------------------------------------------------------- registration
-
-def _hooks_applied() -> bool:
-    """True when SGLang has wrapped ``TopK.forward`` with our hook (apply_hooks only logs failures)."""
-    from sglang.srt.layers.moe.topk import TopK
-
-    fn = TopK.__dict__.get("forward")  # TopK inherits forward; only a hook puts one on the class
-    while fn is not None:  # ours may sit under another plugin's wrapper: follow the chain
-        if any(c.cell_contents is _topk_forward_around for c in getattr(fn, "__closure__", None) or ()):
-            return True
-        fn = getattr(fn, "__wrapped__", None)
-    return False
-
-
-_registered = False
-
-
-def register_hooks() -> None:
-    """Register every hook with SGLang's HookRegistry (applied by ``load_plugins``); idempotent.
-
-    Registering twice would wrap each target twice (two selection passes, flags added twice).
-    """
-    global _registered
-    if _registered:
-        return
-    _registered = True
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
-
-    HookRegistry.register(f"{_SERVER_ARGS}.add_cli_args", _add_cli_args_around, HookType.AROUND)
-    HookRegistry.register(f"{_SERVER_ARGS}.from_cli_args", _from_cli_args_around, HookType.AROUND)
-    HookRegistry.register(_CREATE_MOE_DISPATCHER, _create_moe_dispatcher_around, HookType.AROUND)
-    HookRegistry.register(f"{_TOPK}.forward", _topk_forward_around, HookType.AROUND)
-    HookRegistry.register(f"{_TOPK}.empty_topk_output", _empty_topk_output_around, HookType.AROUND)
-    HookRegistry.register(_FORWARD_CONTEXT, _forward_context_around, HookType.AROUND)
-    HookRegistry.register(_FORWARD_BATCH_INIT, _forward_batch_init_after, HookType.AFTER)
-    HookRegistry.register(_PREPARE_MOE_TOPK, _prepare_moe_topk_after, HookType.AFTER)
-    HookRegistry.register(_PADDING_COUNT, _padding_count_around, HookType.AROUND)
-    HookRegistry.register(_INIT_GRAPHS, _init_cuda_graphs_after, HookType.AFTER)
-    HookRegistry.register(_PREFILL_GRAPHS_INIT, _prefill_graphs_init_after, HookType.AFTER)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from lynx_sglang.runtime.selection.config import ConfigError
 
 
 @dataclass(frozen=True)

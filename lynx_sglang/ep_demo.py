@@ -1,6 +1,6 @@
 """Try the expert-parallel data path on N local CPU processes (gloo), no GPU or server needed.
 
-    python -m lynx_sglang.expert_parallel.demo --world 4 --tokens-per-rank 64
+    python -m lynx_sglang.ep_demo --world 4 --tokens-per-rank 64
 
 Every rank builds the same skewed router batch, selects on it (off, lynx,
 lynx_ep), dispatches the rows it owns with ``AllToAllDispatcher``, runs its
@@ -16,15 +16,15 @@ import time
 
 import torch
 
-from ..config import RouterSpec, make_policy
-from ..reference import select
-from ..synthetic import random_logits, route
-from .accounting import step_traffic
-from .dispatch import AllToAllDispatcher
-from .ep_moe import ExpertWeights, ep_moe_forward, moe_reference
-from .local_group import run_group
-from .placement import ExpertPlacement, home_rank, owned_rows
-from .rank_aware import select_rank_aware
+from lynx_sglang.runtime.selection.config import RouterSpec, make_policy
+from lynx_sglang.runtime.selection.reference import select
+from lynx_sglang.synthetic import random_logits, route
+from lynx_sglang.runtime.expert_parallel.accounting import step_traffic
+from lynx_sglang.runtime.expert_parallel.dispatch import AllToAllDispatcher
+from lynx_sglang.ep_oracle import ExpertWeights, ep_moe_forward, moe_reference
+from lynx_sglang.local_group import run_group
+from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank, owned_rows
+from lynx_sglang.runtime.expert_parallel.rank_aware import select_rank_aware
 
 POLICIES = ("off", "lynx", "lynx_ep")
 

@@ -17,11 +17,11 @@ def register() -> None:
     if _registered:
         return
     _registered = True
-    from . import cpu_support, metrics, sglang_hooks
+    from lynx_sglang.runtime.cpu import support as cpu_support
+    from lynx_sglang.runtime.sglang import hooks
 
     # Inert on machines with a GPU; on CPU-only machines it stands in for sgl-kernel's missing CPU build.
     cpu_support.install()
     # Flags are always added; the hot-path hooks pass through unless --moe-backend lynx built a stage.
-    sglang_hooks.register_hooks()
-    metrics.register_hooks()
+    hooks.register_hooks()
     logger.debug("lynx-sglang plugin loaded")

@@ -3,7 +3,7 @@
 SGLang runs its own fused MoE kernels behind our dispatcher; this module gives
 the same data path with simple torch experts so that dispatch + expert compute
 + combine can be checked against a single-process reference on any machine,
-and tried out with ``python -m lynx_sglang.expert_parallel.demo``.
+and tried out with ``python -m lynx_sglang.ep_demo``.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import AllToAllDispatcher
-from .placement import ExpertPlacement
+from lynx_sglang.runtime.expert_parallel.dispatch import AllToAllDispatcher
+from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement
 
 
 @dataclass
