@@ -588,7 +588,7 @@ class SGLangNativeMoE(MoEKernel):
     def __init__(self):
         # Imported as tests/test_cpu_server.py does, without cpu_support.install() (process-wide changes): this
         # import path needs no sgl_kernel on CPU, and without AMX the CPU engine's SiLU is the native one anyway.
-        from lynx_sglang.runtime.cpu import support
+        from lynx_sglang.runtime.cpu import support as cpu_support
         from sglang.srt.layers.moe.fused_moe_native import moe_forward_native
         from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
 

@@ -5,7 +5,7 @@ What one layer of the captured decode step runs (B tokens):
 1. router logits ``x @ W_r^T`` and softmax top-k with renormalisation (torch; what
    SGLang's fused gate computes for Qwen3-MoE: ``norm_topk_prob``);
 2. the body of our AROUND hook on SGLang's ``TopK.forward``:
-   ``sglang_hooks.TopKSelectionStage.__call__`` with the phase SGLang's forward
+   ``runtime.sglang.stage.TopKSelectionStage.__call__`` with the phase SGLang's forward
    context publishes for a decode batch and ``num_token_non_padded``, running
    ``ExpertSelector`` with the product's defaults (Triton kernels on CUDA);
 3. SGLang's Triton fused MoE from its own files (``bench_moe_layer.SGLangTritonMoE``,
@@ -36,7 +36,8 @@ import torch
 from benchmarks.bench_moe_layer import SHAPES, LayerWeights, make_kernel, make_weights
 from benchmarks.results_io import environment, save
 from lynx_sglang.runtime.sglang.options import LynxOptions
-from lynx_sglang.runtime.sglang.hooks import Phase, TopKSelectionStage
+from lynx_sglang.runtime.sglang import phase
+from lynx_sglang.runtime.sglang.stage import TopKSelectionStage
 
 
 class TopKOutput(NamedTuple):
@@ -83,9 +84,7 @@ def check(device: torch.device, shape_name: str, layers: int, batches, policy: s
     routers = [(torch.randn(shape.experts, shape.hidden, generator=gen) * 2 / shape.hidden ** 0.5).to(device)
                for _ in range(layers)]
     rows = []
-    prev = Phase.current
-    Phase.current = ("decode",)  # what SGLang's forward context publishes for a decode batch
-    try:
+    with phase.published(phase.DECODE):  # what our forward-context hook publishes for a decode batch
         for B in batches:
             try:
                 rows.append(_check_batch(device, shape, shape_name, layers, B, policy, kern, weights, routers, dtype,
@@ -93,8 +92,6 @@ def check(device: torch.device, shape_name: str, layers: int, batches, policy: s
             except Exception as e:  # a failed capture is a failed check, recorded; the other sizes still run
                 rows.append({"check": "hooked_moe_stack", "shape": shape_name, "layers": layers, "B": B,
                              "policy": policy, "ok": False, "error": f"{type(e).__name__}: {e}"})
-    finally:
-        Phase.current = prev
     return rows
 
 
@@ -115,7 +112,7 @@ def _check_batch(device, shape, shape_name, layers, B, policy, kern, weights, ro
             static_out = captured.forward(static_x, nv)
         run = lambda: (g.replay(), static_out)[1]  # noqa: E731
     for s in captured.stages:
-        s.selector.reset_stats()
+        s.stats.zero_()  # in place: the captured graph keeps adding to the same rows
     ok, max_diff = True, 0.0
     for x in xs[1:]:
         static_x.copy_(x)

@@ -8,7 +8,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 from lynx_sglang.runtime.sglang.metrics import METRICS
-from lynx_sglang.runtime.selection.selector import SelectionStats
+from lynx_sglang.runtime.selection.stats import SelectionStats
 
 PROMPTS = [
     "def fibonacci(n):",
@@ -61,7 +61,7 @@ def scrape_lynx_metrics(base_url: str, timeout: float = 30.0) -> dict[int, Selec
 
 def parse_lynx_metrics(text: str) -> dict[int, SelectionStats]:
     """Per-layer totals from Prometheus text exposition (summed over labels other than ``layer``)."""
-    by_name = {name: key for key, (name, _) in METRICS.items()}
+    by_name = {name: field.key for field, (name, _) in METRICS.items()}
     layers: dict[int, dict] = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line.strip())
@@ -70,18 +70,18 @@ def parse_lynx_metrics(text: str) -> dict[int, SelectionStats]:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
         if "layer" not in labels:
             continue
-        totals = layers.setdefault(int(labels["layer"]), dict.fromkeys(METRICS, 0))
+        totals = layers.setdefault(int(labels["layer"]), {field.key: 0 for field in METRICS})
         totals[by_name[m.group(1)]] += int(float(m.group(3)))
     return {layer: SelectionStats(**totals) for layer, totals in sorted(layers.items())}
 
 
 def scrape_a2a_metrics(base_url: str, timeout: float = 30.0) -> dict[int, dict]:
     """Per-layer all-to-all counters (``--moe-a2a-backend lynx``): scalars, and per-rank lists."""
-    from lynx_sglang.runtime.sglang.metrics import A2A_METRICS, A2A_RANK_METRICS
+    from lynx_sglang.runtime.sglang.metrics import A2A_METRICS, A2A_RANK_METRICS, a2a_key
 
     with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:
         text = resp.read().decode()
-    scalar = {name: key for key, (name, _) in A2A_METRICS.items()}
+    scalar = {name: a2a_key(field) for field, (name, _) in A2A_METRICS.items()}
     per_rank = {name: key for key, (name, _) in A2A_RANK_METRICS.items()}
     layers: dict[int, dict] = {}
     for line in text.splitlines():
@@ -91,7 +91,7 @@ def scrape_a2a_metrics(base_url: str, timeout: float = 30.0) -> dict[int, dict]:
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
         if "layer" not in labels:
             continue
-        entry = layers.setdefault(int(labels["layer"]), {k: 0 for k in A2A_METRICS} | {k: {} for k in A2A_RANK_METRICS})
+        entry = layers.setdefault(int(labels["layer"]), {a2a_key(f): 0 for f in A2A_METRICS} | {k: {} for k in A2A_RANK_METRICS})
         value = int(float(m.group(3)))
         if m.group(1) in scalar:
             entry[scalar[m.group(1)]] += value

@@ -29,10 +29,12 @@ the end held-out loss and next-token accuracy per domain (``training.json``).
 
     python -m lynx_sglang.corpus build/corpus --manifest data/corpus
     python -m lynx_sglang.train_model build/corpus models/trained-qwen3-moe --minutes 62
-    python -m lynx_sglang.train_model build/corpus models/trained-qwen3-moe-e128 \
-        --tokenizer models/trained-qwen3-moe --experts 128 --top-k 8 --expert-ff 32 --threads 1 --minutes 58
+    python -m lynx_sglang.train_model build/corpus models/trained-qwen3-moe-e128 --tokenizer models/trained-qwen3-moe \
+        --experts 128 --top-k 8 --expert-ff 32 --threads 1 --minutes 62 --experts-implementation grouped_mm
     python -m lynx_sglang.train_model build/corpus models/trained-glm4-moe --family glm4_moe \
-        --tokenizer models/trained-qwen3-moe --threads 1 --minutes 58
+        --tokenizer models/trained-qwen3-moe --threads 1 --minutes 62 --experts-implementation grouped_mm
+
+(the two newer models were trained at the same time, one core each).
 
 For ``glm4_moe`` the shape options default to 64 routed experts, top-6, expert FFN 64,
 one shared expert, 8 groups of which the best 4 are eligible, routed scaling 2.5,
@@ -94,6 +96,19 @@ SHAPES = {"qwen3_moe": ModelShape, "glm4_moe": Glm4Shape}
 # Per family: (bias update rate, balance-loss coefficient). glm4_moe balances with the
 # correction bias; the light loss is only DeepSeek-V3's complementary safety term.
 TRAIN_DEFAULTS = {"qwen3_moe": (0.0, 0.01), "glm4_moe": (1e-3, 1e-4)}
+# Written into training.json: how each family is balanced, and why.
+FAMILY_NOTES = {
+    "qwen3_moe": "Balanced by the per-layer load-balancing loss (balance_coef) over each mixed-domain batch.",
+    "glm4_moe": (
+        "Balanced by the routing-correction bias, the aux-loss-free way (DeepSeek-V3, GLM-4.5): after every "
+        "optimiser step, per layer, bias += bias_update_rate * sign(mean load - load) with the loads of that "
+        "step's batch; the bias is a buffer, never learned by gradient, and only steers which experts are picked "
+        "(gate weights come from the unbiased sigmoid scores). The per-layer balance loss is kept only as a light "
+        "safety term (balance_coef 1e-4, DeepSeek-V3's order of magnitude, 100x below the qwen3_moe models'), on "
+        "the normalised sigmoid scores and the actual (biased, group-limited) picks: it barely touches the LM "
+        "loss, so balance comes from the bias, while it still pulls an expert the bias cannot revive early on."
+    ),
+}
 
 
 @dataclass
@@ -114,6 +129,9 @@ class TrainConfig:
     eval_windows: int = 64  # held-out windows per domain for the final numbers
     bias_update_rate: float = 0.0  # glm4_moe: aux-loss-free update of e_score_correction_bias
     tokenizer: str | None = None  # reuse this model directory's tokenizer instead of training one
+    # transformers' experts forward for training (None: its default, the per-expert loop). "grouped_mm"
+    # computes the same (checked: logits and gradients agree to 1e-6) about 1.9x faster on CPU.
+    experts_implementation: str | None = None
 
 
 def make_config(shape: ModelShape, tokenizer):
@@ -366,6 +384,8 @@ def train(corpus_dir: Path, out: Path, shape: ModelShape, cfg: TrainConfig) -> D
 
     config = make_config(shape, tokenizer)
     model = model_class(shape)(config).float().train()
+    if cfg.experts_implementation:
+        model.config._experts_implementation = cfg.experts_implementation
     params = sum(p.numel() for p in model.parameters())
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
@@ -380,6 +400,7 @@ def train(corpus_dir: Path, out: Path, shape: ModelShape, cfg: TrainConfig) -> D
     log = open(log_path, "w")
     record = {
         "family": getattr(shape, "family", "qwen3_moe"),
+        "notes": FAMILY_NOTES[getattr(shape, "family", "qwen3_moe")],
         "shape": asdict(shape),
         "train": asdict(cfg),
         "parameters": params,
@@ -426,8 +447,8 @@ def train(corpus_dir: Path, out: Path, shape: ModelShape, cfg: TrainConfig) -> D
                 "seconds": round(time.time() - start, 1),
                 "tokens": tokens,
                 "lr": round(lr, 6),
-                "lm_loss": round(float(lm), 4),
-                "balance_loss": round(float(bal), 4),
+                "lm_loss": round(float(lm.detach()), 4),
+                "balance_loss": round(float(bal.detach()), 4),
                 "loads": layer_loads([p for p, _ in routed], shape.experts),
             }
             if cfg.bias_update_rate > 0:
@@ -476,6 +497,8 @@ def main() -> None:
                       ("--routed-scaling", float), ("--first-dense", int), ("--bias-update-rate", float)]:
         glm.add_argument(flag, type=typ)
     ap.add_argument("--eval-windows", type=int, default=TrainConfig.eval_windows)
+    ap.add_argument("--experts-implementation", choices=("eager", "grouped_mm"),
+                    help="transformers' experts forward while training (default: its own default)")
     args = ap.parse_args()
     names = {"experts": "experts", "top_k": "top_k", "layers": "layers", "hidden": "hidden",
              "expert_ff": "expert_ff", "vocab_size": "vocab_size", "shared_experts": "shared_experts",
@@ -499,6 +522,7 @@ def main() -> None:
         eval_windows=args.eval_windows,
         bias_update_rate=rate,
         tokenizer=args.tokenizer,
+        experts_implementation=args.experts_implementation,
     )
     record = train(args.corpus_dir, args.out, shape, cfg)
     print(json.dumps(record["heldout"], indent=1))

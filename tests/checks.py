@@ -1,11 +1,19 @@
-"""Contract checks shared by the tests: what every policy's output must satisfy."""
+"""Contract checks shared by the tests: what every policy's output must satisfy.
+
+Written from docs/policies.md, "The contract", without the reference's code: which rows vote and how each
+row ranks its picks are computed here in plain Python, so a bug in ``reference.vote`` cannot hide itself.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from lynx_sglang.runtime.selection import reference
 from lynx_sglang.runtime.selection.config import BudgetPolicy, LynxPolicy, OeaPolicy, OffPolicy, RouterSpec
+
+# The largest routed weight a voting row may hold (docs/policies.md, "The contract").
+MAX_WEIGHT = 1.0e6
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -13,11 +21,49 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
-def voting_rows(router, policy, logits, ids, w, num_valid, bias) -> torch.Tensor:
-    """Which rows vote, by the reference's own row checks."""
-    sel = reference.selection_score(router, logits, bias)
-    nv = logits.shape[0] if num_valid is None else num_valid
-    return reference.vote(policy, router, logits, ids, w, nv, sel).row_ok.cpu()
+def voting_rows(router: RouterSpec, logits, ids, w, num_valid) -> torch.Tensor:
+    """[T] bool: which rows vote, from docs/policies.md "The contract" in plain Python (not the reference's
+    code): the row is below ``num_valid``, its k routed ids are in [0, E) and distinct, all its logits are
+    finite and all its routed weights are in [0, 1e6] (NaN is not)."""
+    T, E, k = logits.shape[0], router.num_experts, router.top_k
+    nv = T if num_valid is None else int(num_valid)
+    out = []
+    for t in range(T):
+        picks = [int(e) for e in ids[t, :k].tolist()]
+        weights = [float(x) for x in w[t, :k].float().tolist()]
+        out.append(t < nv and all(0 <= e < E for e in picks) and len(set(picks)) == k
+                   and all(math.isfinite(float(z)) for z in logits[t].float().tolist())
+                   and all(0.0 <= x <= MAX_WEIGHT for x in weights))
+    return torch.tensor(out, dtype=torch.bool).reshape(T)
+
+
+def selection_scores(router: RouterSpec, logits, bias) -> list:
+    """Per row, the quantity the router ranks experts by (docs/policies.md, "Ranking and ties"): the logit
+    without a correction bias; with one, softmax(z) or sigmoid(z) plus the bias, in fp32 as routers compute
+    it (the kernels compare fp32 scores exactly)."""
+    z = logits.detach().cpu().float()
+    if bias is None:
+        return z.tolist()
+    gate = z.softmax(dim=-1) if router.scoring_func == "softmax" else z.sigmoid()
+    return (gate + bias.detach().cpu().float()).tolist()
+
+
+def pick_ranks(router: RouterSpec, logits, ids, bias, ok) -> torch.Tensor:
+    """[T, k] int64 rank of each routed pick in its row (0 = best: highest score, ties to the lower id), in
+    plain Python; rows that do not vote get -1."""
+    k = router.top_k
+    scores = selection_scores(router, logits, bias)
+    ranks = []
+    for t, row in enumerate(ids[:, :k].tolist()):
+        if not ok[t]:
+            ranks.append([-1] * k)
+            continue
+        order = sorted(range(k), key=lambda s: (-scores[t][row[s]], row[s]))
+        r = [0] * k
+        for position, s in enumerate(order):
+            r[s] = position
+        ranks.append(r)
+    return torch.tensor(ranks, dtype=torch.int64).reshape(-1, k)
 
 
 def distinct(ids: torch.Tensor, rows: torch.Tensor) -> set:
@@ -32,7 +78,7 @@ def assert_contract(router: RouterSpec, policy, logits, ids, w, num_valid, bias,
     assert out_ids.shape == ids.shape and out_ids.dtype == ids.dtype
     assert out_w.shape == w.shape and out_w.dtype == w.dtype
     ids, w, out_ids, out_w = ids.cpu(), w.cpu(), out_ids.cpu(), out_w.cpu()
-    ok = voting_rows(router, policy, logits, ids, w, num_valid, bias)
+    ok = voting_rows(router, logits, ids, w, num_valid)
 
     # Rows that do not vote (padding, malformed) and all shared slots are untouched, bit for bit.
     assert torch.equal(out_ids[~ok], ids[~ok])
@@ -68,8 +114,7 @@ def assert_contract(router: RouterSpec, policy, logits, ids, w, num_valid, bias,
         assert torch.equal(out_ids, ids) and torch.equal(bits(out_w), bits(w))
     if isinstance(policy, BudgetPolicy):
         assert len(after) <= policy.max_experts
-    sel = reference.selection_score(router, logits.cpu(), None if bias is None else bias.cpu())
-    rank = reference.vote(policy, router, logits.cpu(), ids, w, T if num_valid is None else num_valid, sel).rank[ok]
+    rank = pick_ranks(router, logits, ids, bias, ok)[ok]
     if isinstance(policy, OeaPolicy):
         core = rank < policy.resolved_k0(router)
         assert (r_ids[core] == o_ids[core]).all(), "oea dropped a top-k0 pick"

@@ -284,35 +284,93 @@ def _write_trace(path: Path, E: int, k: int, layers: int = 2, nb: int = 4, B: in
     return path
 
 
-def test_cli_tiny_writes_json_and_png(tmp_path):
+class _FakeClock:
+    """A clock that moves only when the benchmark's work does: the MoE costs ``US_PER_EXPERT`` per distinct
+    expert it is handed (counted here, from the ids themselves), selection ``SELECT_US`` per call."""
+
+    US_PER_EXPERT, SELECT_US = 10.0, 7.0
+
+    def __init__(self):
+        self.us = 0.0
+        self.moe_experts = []  # distinct experts of every MoE call, in call order
+
+    def now(self) -> float:
+        return self.us * 1e-6
+
+
+def test_cli_tiny_writes_json_and_png(tmp_path, monkeypatch):
+    """The CLI on tiny shapes with a fake clock: every time, speedup and share it reports follows from the
+    (known) cost of the work, and its expert counts are those of the ids the MoE was actually handed."""
+    clock = _FakeClock()
+    monkeypatch.setitem(bm.CPU_CLOCKS, "cpu", clock.now)
+    monkeypatch.setattr(bm, "measure_peak", lambda *a: {"peak_GBps": 50.0, "method": "fake", "copy_us": []})
+    real_prepare = bm.TorchLoopMoE.prepare
+
+    def prepare(self, shape, B, dtype, device):
+        fn = real_prepare(self, shape, B, dtype, device)
+
+        def timed(x, w, ids, weights):
+            n = len({e for e in ids[:, : shape.top_k].reshape(-1).tolist() if e >= 0})
+            clock.moe_experts.append(n)
+            clock.us += clock.US_PER_EXPERT * n
+            return fn(x, w, ids, weights)
+        return timed
+
+    class TimedSelector(ExpertSelector):
+        def run(self, *a, **kw):
+            clock.us += clock.SELECT_US
+            return super().run(*a, **kw)
+
+    monkeypatch.setattr(bm.TorchLoopMoE, "prepare", prepare)
+    monkeypatch.setattr(bm, "ExpertSelector", TimedSelector)
+
     trace = _write_trace(tmp_path / "trace.pt", E=16, k=4)
     prefix = tmp_path / "out" / "moe_layer_cpu"
     payload = bm.main(["--shapes", "tiny,tiny-shared", "--batches", "1,8", "--kernel", "torch_loop",
                        "--policies", "lynx,oea", "--reps", "2", "--trace", str(trace), "--peak-mib", "8",
                        "--out", str(prefix)])
     data = json.loads(prefix.with_name("moe_layer_cpu.json").read_text())
+    assert payload["results"] == data["results"]
     assert data["relative_only"] is True and data["kernel"]["name"] == "torch_loop"
-    assert {"device", "torch", "triton", "commit", "date"} <= set(data["environment"])
-    assert data["peak"]["peak_GBps"] > 0
+    assert data["peak"]["peak_GBps"] == 50.0
     rows = data["results"]
-    assert len(rows) == 2 * 2 * 2 * 3  # shapes x routings x batches x policies (off added first)
+    points = [(s, rt, B, p) for s in ("tiny", "tiny-shared") for rt in ("random", "trace") for B in (1, 8)
+              for p in ("off", "lynx", "oea")]  # off added first
+    assert [(r["shape"], r["routing"], r["B"], r["policy"]) for r in rows] == points
+    elem = torch.tensor([], dtype=torch.bfloat16).element_size()
+    moved = 0
     for r in rows:
-        for key in ("time_us", "times_us", "experts_before", "experts_after", "weight_bytes", "achieved_GBps",
-                    "bw_fraction_of_peak", "selection_us", "selection_share", "speedup"):
-            assert key in r, key
-        assert r["experts_after"] <= r["experts_before"]
-        if r["policy"] == "off":
-            assert r["speedup"] == 1.0 and r["selection_us"] == 0.0 and r["experts_after"] == r["experts_before"]
-        else:
-            # (share of a median of 2 noisy CPU calls: no upper bound asserted)
-            assert r["selection_us"] > 0 and r["selection_share"] == pytest.approx(r["selection_us"] / r["time_us"])
+        shape = bm.SHAPES[r["shape"]]
+        # The counts, from the batch itself (plain sets) and from the selector the tool runs.
+        (batch,) = bm.make_batches(shape, r["B"], r["routing"], 1, 0, CPU,
+                                   torch.load(trace) if r["routing"] == "trace" else None)
+        before = len(set(batch.ids[:, : shape.top_k].reshape(-1).tolist()))
+        assert r["experts_before"] == before
         if r["B"] == 1:
-            assert r["experts_before"] == 4
+            assert before == shape.top_k
+        # Fake timing: each timed step costs exactly the MoE's distinct experts (+ one selection call).
+        sel_us = 0.0 if r["policy"] == "off" else clock.SELECT_US
+        step_us = clock.US_PER_EXPERT * r["experts_after"] + sel_us
+        assert r["times_us"] == pytest.approx([step_us] * 2) and r["time_us"] == pytest.approx(step_us)
+        assert r["selection_us"] == pytest.approx(sel_us)
+        assert r["selection_share"] == pytest.approx(sel_us / step_us)
+        assert r["speedup"] == pytest.approx(clock.US_PER_EXPERT * before / step_us)
+        wbytes = r["experts_after"] * shape.expert_bytes(elem) + shape.shared_bytes(elem)
+        assert r["weight_bytes"] == wbytes
+        assert r["bw_fraction_of_peak"] == pytest.approx(wbytes / (step_us * 1e-6) / 1e9 / 50.0)
+        if r["policy"] == "off":
+            assert r["experts_after"] == before and r["speedup"] == 1.0
+        else:
+            assert r["experts_after"] <= before
+            moved += r["experts_after"] < before
+        if r["policy"] == "lynx" and r["B"] == 1:
+            assert r["experts_after"] == shape.top_k  # a single request is never changed
         assert ("shared_us" in r) == (r["shape"] == "tiny-shared")
-    assert {r["routing"] for r in rows} == {"random", "trace"}
-    assert payload["results"] == rows
+    assert moved > 0  # some point really lost experts (else the speedups are all 1 and prove nothing)
+    # Every MoE call the tool made (warm-ups included) handed the MoE one of the reported expert counts.
+    assert set(clock.moe_experts) <= {r["experts_after"] for r in rows}
     png = prefix.with_name("moe_layer_cpu.png")
-    assert png.is_file() and png.stat().st_size > 10_000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_skips_trace_at_fewer_experts(tmp_path):
@@ -324,13 +382,80 @@ def test_cli_skips_trace_at_fewer_experts(tmp_path):
     assert {r["routing"] for r in data["results"] if "time_us" in r} == {"random"}
 
 
-def test_hook_capture_check_runs_the_stage_on_cpu():
-    """benchmarks/gpu_hook_capture's stack (router, top-k, our hook's stage, MoE) on CPU: two eager stacks agree."""
-    from benchmarks import gpu_hook_capture as ghc
+def _hooked_step_by_hand(stack, x, policy, seen):
+    """One decode step of a ``HookedMoEStack`` computed independently: the router's softmax top-k
+    (renormalised), ``ExpertSelector.run`` with the given policy on it, and the plain per-(token, slot) loop
+    ``bm.moe_reference`` over the selected experts, plus the residual. ``seen`` holds the (ids, weights) the
+    stack's MoE got, one pair per layer: each must equal what the selector makes of the router's output.
+    Returns (output, stats per layer)."""
+    shape, h, stats = stack.shape, x, []
+    B = x.shape[0]
+    for li, (router, w) in enumerate(zip(stack.routers, stack.weights)):
+        logits = h.float() @ router.T
+        tw, ti = torch.softmax(logits, -1).topk(shape.top_k, -1)
+        tw = tw / tw.sum(-1, keepdim=True)
+        sel = ExpertSelector(shape.router(), policy, B)
+        ids, wts = sel.run(logits, ti.to(torch.int32), tw)
+        assert torch.equal(seen[li][0], ids) and torch.equal(seen[li][1], wts), f"layer {li}: the stage's output"
+        stats.append(sel.stats())
+        h = h + bm.moe_reference(h, w.w13, w.w2, ids, wts)
+    return h, stats
 
-    rows = ghc.check(torch.device("cpu"), "tiny", 2, [4, 8], "lynx", "torch_loop", None, graph=False, steps=2)
-    assert [r["B"] for r in rows] == [4, 8] and all(r["ok"] and r["max_abs_diff"] == 0.0 for r in rows)
-    assert all(r["experts_after"] < r["experts_before"] and r["rows_changed"] > 0 for r in rows)
+
+def test_hook_capture_check_runs_the_stage_on_cpu(monkeypatch):
+    """benchmarks/gpu_hook_capture.check on CPU (router, top-k, our hook's stage under a published decode phase,
+    MoE): every step of both stacks it builds is recomputed by hand (``_hooked_step_by_hand``), and the counts
+    the check reports are the hand computation's."""
+    from benchmarks import gpu_hook_capture as ghc
+    from lynx_sglang.runtime.sglang.options import LynxOptions
+
+    stacks = []
+
+    class Recording(ghc.HookedMoEStack):
+        """Records each step's input, output and what each layer's MoE was handed."""
+
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.steps, self._moe_calls = [], []
+            inner = self.moe
+
+            def spy(x, w, ids, wts):
+                self._moe_calls.append((ids.clone(), wts.clone()))
+                return inner(x, w, ids, wts)
+
+            self.moe = spy
+            stacks.append(self)
+
+        def forward(self, x, nv):
+            self._moe_calls = []
+            out = super().forward(x, nv)
+            self.steps.append((x.clone(), out.clone(), self._moe_calls))
+            return out
+
+    monkeypatch.setattr(ghc, "HookedMoEStack", Recording)
+    layers, batches, steps = 2, [4, 8], 2
+    rows = ghc.check(torch.device("cpu"), "tiny", layers, batches, "lynx", "torch_loop", None, graph=False,
+                     steps=steps)
+    assert [r["B"] for r in rows] == batches and all(r["ok"] and r["max_abs_diff"] == 0.0 for r in rows), rows
+    assert len(stacks) == 2 * len(batches)  # per batch size: the "captured" stack and the eager one
+    for bi, row in enumerate(rows):
+        captured, eager = stacks[2 * bi], stacks[2 * bi + 1]
+        B = row["B"]
+        assert len(captured.steps) == steps + 1 and len(eager.steps) == steps  # + the warm-up
+        policy = LynxOptions(moe_backend="lynx", policy="lynx", max_batch=max(batches)).make_policy()
+        before = after = changed = 0
+        for stack, recorded in ((captured, captured.steps[1:]), (eager, eager.steps)):
+            for x, out, seen in recorded:
+                assert x.shape == (B, bm.SHAPES["tiny"].hidden) and len(seen) == layers
+                want, st = _hooked_step_by_hand(stack, x, policy, seen)
+                torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+                if stack is eager:
+                    before += sum(s.experts_before for s in st)
+                    after += sum(s.experts_after for s in st)
+                    changed += sum(s.rows_changed for s in st)
+        # the check's counts are those of the steps after the warm-up, over every layer
+        assert (row["experts_before"], row["experts_after"], row["rows_changed"]) == (before, after, changed)
+        assert after < before and changed > 0  # selection really rewrote rows (else the check is moot)
 
 
 def test_hooked_stack_is_router_topk_then_our_selection_then_the_moe():
@@ -340,7 +465,7 @@ def test_hooked_stack_is_router_topk_then_our_selection_then_the_moe():
     from benchmarks import gpu_hook_capture as ghc
     from lynx_sglang import ExpertSelector
     from lynx_sglang.runtime.sglang.options import LynxOptions
-    from lynx_sglang.runtime.sglang.hooks import Phase
+    from lynx_sglang.runtime.sglang import phase
 
     shape, dev, B = bm.SHAPES["tiny"], torch.device("cpu"), 8
     moe = bm.make_kernel("torch_loop", dev, None).prepare(shape, B, torch.float32, dev)
@@ -355,11 +480,8 @@ def test_hooked_stack_is_router_topk_then_our_selection_then_the_moe():
 
     stack = ghc.HookedMoEStack(shape, 2, spy, routers, weights, "lynx", B, dev)
     x = torch.randn(B, shape.hidden, generator=gen)
-    prev, Phase.current = Phase.current, ("decode",)
-    try:
+    with phase.published(phase.DECODE):
         out = stack.forward(x, torch.tensor(B))
-    finally:
-        Phase.current = prev
     policy = LynxOptions(moe_backend="lynx", policy="lynx", max_batch=B).make_policy()
     h, changed = x, 0
     for li, (router, w) in enumerate(zip(routers, weights)):

@@ -97,3 +97,18 @@ def test_empty_batch_returns_empty_views():
     ids, w = sel.run(torch.zeros(0, 8), torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2))
     assert ids.shape == (0, 2) and w.shape == (0, 2)
     assert sel.stats().steps == 0
+
+
+def test_kernels_only_where_compiled_and_checked():
+    """Above MAX_KERNEL_EXPERTS the fused kernels are refused by name and 'auto' picks the torch backend."""
+    from lynx_sglang.runtime.selection.config import MAX_KERNEL_EXPERTS
+    from lynx_sglang.runtime.selection.selector import default_backend
+
+    big, small = RouterSpec(MAX_KERNEL_EXPERTS + 128, 8), RouterSpec(MAX_KERNEL_EXPERTS, 8)
+    cuda = torch.device("cuda", 0)
+    assert default_backend(cuda, small) == "triton"
+    assert default_backend(cuda, big) == "torch"
+    assert default_backend(torch.device("cpu"), small) == "torch"
+    with pytest.raises(ConfigError, match=f"up to {MAX_KERNEL_EXPERTS} experts"):
+        ExpertSelector(big, make_policy("lynx"), 8, backend="triton")
+    assert ExpertSelector(big, make_policy("lynx"), 8).backend == "torch"

@@ -20,7 +20,7 @@ import pytest
 import torch
 from lynx_sglang.server_process import REPO, running_server, start_server
 
-from lynx_sglang.runtime.cpu import support
+from lynx_sglang.runtime.cpu import support as cpu_support
 
 PROMPTS = ["Hello, world", "The capital of France is", "def fib(n):", "1, 2, 3, 4,"]
 MAX_NEW_TOKENS = 16
@@ -200,7 +200,7 @@ def test_install_on_cpu():
         _run_python(
             """
             import json, os, sys
-            from lynx_sglang.runtime.cpu import support
+            from lynx_sglang.runtime.cpu import support as cpu_support
             r = {"first": cpu_support.install(), "second": cpu_support.install()}
             import sgl_kernel
             from sgl_kernel import assign_req_to_token_pool_cpu, copy_all_layer_kv_cache_cpu
@@ -252,7 +252,7 @@ def test_install_is_inert_with_a_gpu():
             import json, os, sys
             import torch
             from sglang.srt.plugins.hook_registry import HookRegistry  # before the pretence: sglang probes the GPU
-            from lynx_sglang.runtime.cpu import support
+            from lynx_sglang.runtime.cpu import support as cpu_support
             torch.cuda.is_available = lambda: True   # pretend there is a GPU
             path, meta = list(sys.path), list(sys.meta_path)
             r = {"installed": cpu_support.install(), "again": cpu_support.install()}
@@ -272,6 +272,17 @@ def test_install_is_inert_with_a_gpu():
 
 def _greedy(server, prompts=PROMPTS):
     return [server.generate(p, max_new_tokens=MAX_NEW_TOKENS)["output_ids"] for p in prompts]
+
+
+def test_the_plugin_entry_point_is_the_runtime_one():
+    """SGLang's load_plugins() finds us through this entry point (the editable install's metadata)."""
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="sglang.srt.plugins") if e.name == "lynx"]
+    assert ep.value == "lynx_sglang.runtime.sglang.plugin:register"
+    from lynx_sglang.runtime.sglang import plugin
+
+    assert ep.load() is plugin.register
 
 
 @pytest.fixture(scope="module")

@@ -110,40 +110,105 @@ def test_decode_attention_matches_reference():
         torch.nn.functional.rms_norm(lay.x + lay.residual, (s.hidden,), lay.w_in_norm, s.rms_eps)))[1])
 
 
-def test_tiny_cpu_benchmarks_feed_the_estimator(tmp_path):
-    """bench_decode_other and bench_moe_layer (tiny shapes, CPU) -> the estimator reads both -> JSON + PNG."""
+class _FakeCost:
+    """A fake CPU clock (``bench_moe_layer.CPU_CLOCKS['cpu']``, which both benchmarks time with) that moves only
+    by the known cost of the work done: the outermost costed call of a nest pays its own cost."""
+
+    def __init__(self):
+        self.us, self.depth = 0.0, 0
+
+    def now(self) -> float:
+        return self.us * 1e-6
+
+    def costed(self, fn, cost):
+        def wrapped(obj, *a, **kw):
+            if self.depth == 0:
+                self.us += cost(obj, *a)
+            self.depth += 1
+            try:
+                return fn(obj, *a, **kw)
+            finally:
+                self.depth -= 1
+        return wrapped
+
+
+def test_tiny_cpu_benchmarks_feed_the_estimator(tmp_path, monkeypatch):
+    """bench_decode_other and bench_moe_layer (tiny shapes, CPU) on a fake clock whose costs the test sets ->
+    the estimator reads both -> every time, step and speedup is the one the known costs give."""
     from benchmarks import bench_moe_layer as bm
 
+    clock = _FakeCost()
+    monkeypatch.setitem(bm.CPU_CLOCKS, "cpu", clock.now)
+    monkeypatch.setattr(bm, "measure_peak", lambda *a: {"peak_GBps": 50.0, "method": "fake", "copy_us": []})
+    layer_us = lambda B: 40.0 + 10.0 * B  # noqa: E731
+    step_us = lambda B: 300.0 + 5.0 * B  # noqa: E731
+    part_us = {**{p: 3.0 + i for i, p in enumerate(bd.LAYER_PARTS)},
+               **{p: 2.0 + i for i, p in enumerate(bd.STEP_PARTS)}}
+    monkeypatch.setattr(bd.Layer, "layer_total",
+                        clock.costed(bd.Layer.layer_total, lambda lay: layer_us(lay.x.shape[0])))
+    monkeypatch.setattr(bd.Head, "step_total", clock.costed(bd.Head.step_total, lambda head: step_us(head.x.shape[0])))
+    for cls, parts in ((bd.Layer, bd.LAYER_PARTS), (bd.Head, bd.STEP_PARTS)):
+        for p in parts:
+            monkeypatch.setattr(cls, p, clock.costed(getattr(cls, p), lambda obj, *a, p=p: part_us[p]))
+    US_PER_EXPERT, SELECT_US = 10.0, 7.0
+    real_prepare = bm.TorchLoopMoE.prepare
+
+    def prepare(self, shape, B, dtype, device):
+        fn = real_prepare(self, shape, B, dtype, device)
+
+        def timed(x, w, ids, wts):  # costs its distinct experts, counted here from the ids it is handed
+            clock.us += US_PER_EXPERT * len({e for e in ids[:, : shape.top_k].reshape(-1).tolist() if e >= 0})
+            return fn(x, w, ids, wts)
+        return timed
+    monkeypatch.setattr(bm.TorchLoopMoE, "prepare", prepare)
+
+    class TimedSelector(bm.ExpertSelector):
+        def run(self, *a, **kw):
+            clock.us += SELECT_US
+            return super().run(*a, **kw)
+    monkeypatch.setattr(bm, "ExpertSelector", TimedSelector)
+
     threads = torch.get_num_threads()
-    other = bd.main(["--shape", "tiny", "--batches", "2,3", "--contexts", "8", "--reps", "2",
-                     "--out", str(tmp_path / "other")])
+    bd.main(["--shape", "tiny", "--batches", "2,3", "--contexts", "8", "--reps", "2", "--out", str(tmp_path / "other")])
     saved = json.loads((tmp_path / "other.json").read_text())
     assert saved["relative_only"] is True and saved["label"] == bd.LABEL_CPU
     assert saved["model"]["layers"] == 2 and saved["environment"]["device_type"] == "cpu"
-    for k in ("date", "commit", "torch", "device"):
-        assert k in saved["environment"]
-    parts = {(r["scope"], r["part"], r["B"], r["L"]) for r in saved["results"]}
-    for B in (2, 3):
-        assert ("per_layer", "layer_total", B, 8) in parts and ("per_step", "step_total", B, None) in parts
-        for p in bd.LAYER_PARTS:
-            assert ("per_layer", p, B, 8) in parts
-    for r in saved["results"]:
-        assert r["time_us"] > 0 and len(r["times_us"]) == 2 and r["min_us"] <= r["time_us"]
     assert torch.get_num_threads() == threads  # restored
+    got = {(r["scope"], r["part"], r["B"], r["L"]): r for r in saved["results"]}
+    want = {}
+    for B in (2, 3):
+        want[("per_layer", "layer_total", B, 8)] = layer_us(B)
+        want[("per_step", "step_total", B, None)] = step_us(B)
+        want.update({("per_layer", p, B, 8): part_us[p] for p in bd.LAYER_PARTS})
+        want.update({("per_step", p, B, None): part_us[p] for p in bd.STEP_PARTS})
+    assert set(got) == set(want)
+    for key, us in want.items():
+        assert got[key]["times_us"] == pytest.approx([us, us]) and got[key]["time_us"] == pytest.approx(us), key
+    lt = got[("per_layer", "layer_total", 2, 8)]
+    assert lt["achieved_GBps"] == pytest.approx(lt["bytes"] / (layer_us(2) * 1e-6) / 1e9)
 
     bm.main(["--shapes", "tiny", "--batches", "2,3", "--routing", "random", "--reps", "1", "--kernel", "torch_loop",
              "--peak-mib", "1", "--out", str(tmp_path / "moe"), "--no-plot"])
+    moe = {(r["B"], r["policy"]): r for r in json.loads((tmp_path / "moe.json").read_text())["results"]}
+    assert set(moe) == {(2, "off"), (2, "lynx"), (3, "off"), (3, "lynx")}
     est = ee.main(["--moe", str(tmp_path / "moe.json"), "--other", str(tmp_path / "other.json"), "--shape", "tiny",
                    "--batches", "2,3", "--out", str(tmp_path / "e2e")])
-    assert est["relative_only"] is True and est["label"] == ee.LABEL_CPU
-    got = {(r["B"], r["policy"]) for r in est["results"]}
-    assert {(2, "off"), (2, "lynx"), (3, "off"), (3, "lynx")} <= got
-    o = {r["B"]: r for r in saved["results"] if r["part"] == "layer_total"}
-    s = {r["B"]: r for r in saved["results"] if r["part"] == "step_total"}
+    assert est["relative_only"] is True and est["label"] == ee.LABEL_CPU and est["missing"] == []
+    assert sorted((r["B"], r["policy"]) for r in est["results"]) == sorted(moe)
+
+    def full_step(B, policy):  # the decode step the known costs give: 2 layers of (other + MoE) + once per step
+        m = moe[(B, policy)]
+        moe_us = US_PER_EXPERT * m["experts_after"] + (0.0 if policy == "off" else SELECT_US)
+        return 2 * (layer_us(B) + moe_us) + step_us(B), moe_us
+
     for r in est["results"]:
-        assert r["step_us"] == pytest.approx(2 * (o[r["B"]]["time_us"] + r["moe_layer_us"]) + s[r["B"]]["time_us"])
+        step, moe_us = full_step(r["B"], r["policy"])
+        assert r["moe_layer_us"] == pytest.approx(moe_us) and r["step_us"] == pytest.approx(step)
+        assert r["speedup"] == pytest.approx(full_step(r["B"], "off")[0] / step)
+        assert r["tokens_per_s"] == pytest.approx(r["B"] / (step * 1e-6))
+        assert r["moe_share"] == pytest.approx(2 * moe_us / step)
     assert json.loads((tmp_path / "e2e.json").read_text())["results"] == est["results"]
-    assert (tmp_path / "e2e.png").stat().st_size > 10_000
+    assert (tmp_path / "e2e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the same inputs with the device renamed are refused
     bad = copy.deepcopy(saved)
     bad["environment"]["device"] = "elsewhere"

@@ -150,19 +150,30 @@ def test_traffic_counts_remote_transfers_only():
 
 
 def test_step_accounting_by_phase():
-    """The SGLang dispatcher's per-step vector: decode steps whole, mixed steps by their decode rows only."""
-    from lynx_sglang.runtime.sglang.a2a_dispatcher import step_totals, totals_dict
+    """The SGLang dispatcher's per-step vector (``A2ATotals``): decode steps whole, mixed steps by their
+    decode rows only; other phases are not accounted."""
+    from lynx_sglang.runtime.expert_parallel.accounting import A2ATotals
+    from lynx_sglang.runtime.sglang.a2a_dispatcher import account
+    from lynx_sglang.runtime.sglang.phase import DECODE, IDLE, mixed
 
     placement = ExpertPlacement.contiguous(8, 4)
     ids = torch.tensor([[0, 1], [0, 2], [6, 7], [-1, 4]])
-    decode = totals_dict(step_totals(ids, placement, ("decode",), 10, 2).tolist(), 4)
+    assert A2ATotals.size(4) == len(A2ATotals.Field) + 2 * 4
+    decode = A2ATotals.as_dict(A2ATotals.step(ids, placement, DECODE.first_decode_row(4), 10, 2).tolist(), 4)
     assert decode == {"steps": 1, "dispatch_bytes": 3 * 36, "combine_bytes": 3 * 20, "busiest_rank_experts": 2,
                       "busiest_rank_tokens": 2, "mixed_steps": 0, "rank_experts": [2, 1, 1, 2],
                       "rank_tokens": [2, 1, 1, 1]}
     # Mixed: the first two rows are extend rows; the decode rows 2, 3 (homes 2, 3) cost one transfer each.
-    mixed = totals_dict(step_totals(ids, placement, ("mixed", 2), 10, 2).tolist(), 4)
-    assert mixed == {"steps": 1, "dispatch_bytes": 2 * 36, "combine_bytes": 2 * 20, "busiest_rank_experts": 2,
-                     "busiest_rank_tokens": 1, "mixed_steps": 1, "rank_experts": [0, 0, 1, 2],
-                     "rank_tokens": [0, 0, 1, 1]}
-    for phase in (None, ("idle",)):
-        assert step_totals(ids, placement, phase, 10, 2) is None
+    want_mixed = {"steps": 1, "dispatch_bytes": 2 * 36, "combine_bytes": 2 * 20, "busiest_rank_experts": 2,
+                  "busiest_rank_tokens": 1, "mixed_steps": 1, "rank_experts": [0, 0, 1, 2], "rank_tokens": [0, 0, 1, 1]}
+    assert A2ATotals.as_dict(A2ATotals.step(ids, placement, mixed(2).first_decode_row(4), 10, 2).tolist(), 4) == want_mixed
+    # The dispatcher's in-place accumulation by phase: decode + mixed add up, None / idle add nothing.
+    totals = torch.zeros(A2ATotals.size(4), dtype=torch.int64)
+    for phase in (DECODE, mixed(2), None, IDLE):
+        account(totals, phase, ids, placement, 10, 2)
+    got = A2ATotals.as_dict(totals.tolist(), 4)
+    assert got["steps"] == 2 and got["mixed_steps"] == 1
+    assert got["dispatch_bytes"] == decode["dispatch_bytes"] + want_mixed["dispatch_bytes"]
+    assert got["rank_tokens"] == [2, 1, 2, 2]
+    with pytest.raises(ValueError, match="4 ranks"):
+        A2ATotals.as_dict(totals.tolist()[:-1], 4)

@@ -198,31 +198,33 @@ def _stage_worker(rank, world, rank1_rows=0):
     (``rank1_rows`` > 0) decodes a batch too large for --lynx-max-batch, which it passes through."""
     import sglang.srt.layers.dp_attention as dp_attention
 
-    from lynx_sglang.runtime.sglang import hooks as hooks
+    from lynx_sglang.runtime.sglang import stage as stage_mod
     from lynx_sglang.runtime.sglang.options import LynxOptions
+    from lynx_sglang.runtime.sglang.phase import DECODE, IDLE, published
 
     dp_attention.get_is_extend_in_batch = lambda: False  # no extend anywhere this step
     router = ROUTERS[0]
     batch = _global_batch(router, 3.0, 11)
     opts = LynxOptions(moe_backend="lynx", policy="lynx", max_batch=64)
-    stage = hooks.TopKSelectionStage(0, router, opts, torch.device("cpu"), None,
-                                     ep=hooks.EpLayout(world, rank, None, global_votes=True))
+    stage = stage_mod.TopKSelectionStage(0, router, opts, torch.device("cpu"), None,
+                                         ep=stage_mod.EpLayout(world, rank, None, global_votes=True))
+    assert stage.selector._stats is stage.stats  # the global selector accumulates into the stage's row
     from sglang.srt.layers.moe.topk import StandardTopKOutput
 
     if rank == 0:
-        hooks.Phase.current = ("decode",)
-        out = stage(StandardTopKOutput(batch.topk_weights[:GLOBAL_TOKENS], batch.topk_ids[:GLOBAL_TOKENS],
-                                       batch.logits[:GLOBAL_TOKENS]), None)
+        with published(DECODE):
+            out = stage(StandardTopKOutput(batch.topk_weights[:GLOBAL_TOKENS], batch.topk_ids[:GLOBAL_TOKENS],
+                                           batch.logits[:GLOBAL_TOKENS]), None)
         result = (out.topk_ids, out.topk_weights)
     elif rank1_rows:
-        hooks.Phase.current = ("decode",)
         b = route(router, random_logits(rank1_rows, router.num_experts, generator=torch.Generator().manual_seed(12)))
         big = StandardTopKOutput(b.topk_weights, b.topk_ids, b.logits)
-        out = stage(big, None)
+        with published(DECODE):
+            out = stage(big, None)
         result = out is big
     else:
-        hooks.Phase.current = ("idle",)
-        stage.run_without_tokens()  # what the TopK.empty_topk_output hook does on a token-less rank
+        with published(IDLE):
+            stage.run_without_tokens()  # what the TopK.empty_topk_output hook does on a token-less rank
         result = None
     return result, stage.selector.stats().steps
 

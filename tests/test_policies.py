@@ -232,3 +232,22 @@ def test_lynx_reference_matches_python_oracle(seed):
     ids, _, _ = reference.select(policy, router, z, batch.topk_ids, batch.topk_weights)
     want = python_lynx(policy, z.tolist(), batch.topk_ids.tolist(), E, batch.topk_weights.tolist())
     assert ids.tolist() == want
+
+
+def test_lynx_constants_are_fp32_made_once_and_leave_results_unchanged():
+    # Plan-time 0-d fp32 constants (no tensor built from Python data per step) must equal what a per-call
+    # torch.tensor(x, dtype=float32) gave, and select() into given buffers must equal select() into new ones.
+    policy = make_policy("lynx", alpha=3.0, confidence_margin=0.1)
+    consts = reference.lynx_constants(policy, "cpu")
+    assert reference.lynx_constants(policy, torch.device("cpu")) is consts
+    assert consts.alpha.dtype == consts.margin.dtype == torch.float32 and consts.margin.dim() == 0
+    assert consts.margin.item() == torch.tensor(0.1, dtype=torch.float32).item()
+    router = RouterSpec(32, 4, num_shared_slots=1)
+    g = torch.Generator().manual_seed(5)
+    batch = route(router, torch.randn(40, 32, generator=g) * 2)
+    ids, w, info = reference.select(policy, router, batch.logits, batch.topk_ids, batch.topk_weights, 35)
+    out = (torch.full_like(batch.topk_ids, -7), torch.full_like(batch.topk_weights, -7.0))
+    ids2, w2, info2 = reference.select(policy, router, batch.logits, batch.topk_ids, batch.topk_weights, 35,
+                                       consts=consts, out=out)
+    assert ids2 is out[0] and w2 is out[1]
+    assert torch.equal(ids, ids2) and torch.equal(w, w2) and int(info.rows_changed) == int(info2.rows_changed) > 0

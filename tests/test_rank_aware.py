@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lynx_sglang import ConfigError, ExpertSelector, RouterSpec, make_policy
+from lynx_sglang.op_audit import OpAudit
 from lynx_sglang.runtime.selection import reference
 from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank, step_traffic
 from lynx_sglang.runtime.expert_parallel.rank_aware import (
@@ -337,6 +338,96 @@ def test_replicated_experts_go_to_ranks_that_hold_them():
                     holders = [r for r in range(4) if mask[out[t, s], r]]
                     near = [r for r in holders if r in visited]
                     assert int(sr[t, s]) == (near or holders)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The torch path is what GPUs run too (no kernels for lynx_ep): its launches per layer and step,
+# and its own lean lynx votes against the spec (reference.vote / keep_set).
+
+# Kernel launches of one RankAwareSelector.run (one MoE layer, one decode step), OpAudit's count. Measured
+# 185 at E=128, k=8, T=64 (N=4 and 8) and 191 at the DeepSeek-V3 shape (E=256, sigmoid + bias, one shared
+# slot), of which 4 are _check_ranks' CPU-only value check of home; 340 / 343 before the lean rewrite.
+LAUNCH_BUDGET = 200
+
+
+@pytest.mark.parametrize("E,N,shared,scoring", [(128, 4, 0, "softmax"), (128, 8, 0, "softmax"),
+                                                (256, 8, 1, "sigmoid")])
+def test_launches_per_layer_and_step_within_budget(E, N, shared, scoring):
+    bias = scoring == "sigmoid"
+    router = RouterSpec(E, 8, shared, scoring, bias)
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randn(E, generator=g) * 0.1 if bias else None
+    T = 64
+    batch = route(router, random_logits(T, E, scale=2.0, skew=1.5, generator=g), cb)
+    mask = ExpertPlacement.contiguous(E, N).logical_on_rank()
+    sel = RankAwareSelector(router, make_policy("lynx_ep"), T, rank_mask=mask, correction_bias=cb)
+    home, nv = home_rank(T, N), torch.tensor(T - 2)
+    args = (batch.logits, batch.topk_ids, batch.topk_weights, nv)
+    sel.run(*args, home=home)  # first call out of the way
+    with OpAudit() as audit:
+        ids, _ = sel.run(*args, home=home)
+    assert audit.launches <= LAUNCH_BUDGET, audit.ops.most_common(20)
+    assert not (ids == batch.topk_ids).all()  # it did select
+    ours = [f for f in audit.findings if "rank_aware.py" in f.where]
+    # Only the value check of home / pick_rank, which runs on CPU tensors only (no device, nothing to sync).
+    assert all("_check_ranks" in f.where for f in ours), ours
+    with OpAudit() as audit:  # without per-step ranks: nothing of ours needs the host
+        sel.run(*args)
+    assert audit.launches <= LAUNCH_BUDGET
+    assert not [f for f in audit.findings if "rank_aware.py" in f.where]
+
+
+@pytest.mark.parametrize("params", [{}, dict(rank_slack=None, alpha=8.0, max_moved_weight=1.0),
+                                    dict(alpha=3.0, keep_level=0, confidence_margin=0.3, max_moved_weight=0.0,
+                                         min_votes=2)])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+def test_votes_and_keep_set_are_the_references(params, scoring):
+    """lynx_ep computes lynx's votes itself (fewer launches); they must stay the spec's, bit for bit."""
+    from lynx_sglang.runtime.expert_parallel.rank_aware import plan_rank_aware
+
+    bias = scoring == "sigmoid"
+    router = RouterSpec(64, 6, 1, scoring, bias)
+    policy = make_policy("lynx_ep", **{**params, "rank_slack": None})
+    mask = ExpertPlacement.contiguous(64, 4).logical_on_rank()
+    g = torch.Generator().manual_seed(11)
+    for seed in range(6):
+        T = (1, 5, 40)[seed % 3]
+        cb = torch.randn(64, generator=g) * 0.1 if bias else None
+        batch = route(router, random_logits(T, 64, scale=2.0, skew=1.5, generator=g), cb)
+        if T > 3:  # malformed rows pass through and do not vote
+            batch.logits[0, 3] = float("inf")
+            batch.topk_ids[1, 2] = batch.topk_ids[1, 0]
+            batch.topk_weights[2, 1] = float("nan")
+        nv = T - seed % 2
+        plan = plan_rank_aware(policy, router, batch.logits, batch.topk_ids, batch.topk_weights, mask,
+                               num_valid=nv, correction_bias=cb)
+        sel = reference.selection_score(router, batch.logits, cb)
+        votes = reference.vote(policy, router, batch.logits, batch.topk_ids, batch.topk_weights, nv, sel)
+        assert torch.equal(plan.votes.row_ok, votes.row_ok)
+        ok = votes.row_ok
+        assert torch.equal(plan.votes.rank[ok], votes.rank[ok])
+        for name in ("picks", "lynx_votes", "mandatory"):
+            assert torch.equal(getattr(plan.votes, name), getattr(votes, name)), name
+        assert int(plan.votes.voting_rows()) == int(votes.voting_rows())
+        assert torch.equal(plan.keep, reference.keep_set(policy, router, votes))
+
+
+def test_selector_follows_a_rank_mask_rewritten_in_place():
+    """EPLB rewrites the planned rank mask in place (placement.rank_tables): nothing derived from it is cached."""
+    router = RouterSpec(32, 4)
+    N = 4
+    batch = skewed(router, 48, 3)
+    home = home_rank(48, N)
+    mask = ExpertPlacement.contiguous(32, N).logical_on_rank()
+    sel = RankAwareSelector(router, make_policy("lynx_ep"), 64, rank_mask=mask.clone())  # the selector keeps it
+    sel.run(batch.logits, batch.topk_ids, batch.topk_weights, home=home)
+    p2l = torch.cat([torch.arange(32).roll(5), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7])])
+    moved = ExpertPlacement.from_physical_map(p2l, N, 32).logical_on_rank()
+    sel.rank_mask.copy_(moved)
+    ids, w = sel.run(batch.logits, batch.topk_ids, batch.topk_weights, home=home)
+    want = ep(router, batch, moved, home=home)
+    assert torch.equal(ids, want[0]) and torch.equal(w, want[1]) and torch.equal(sel.last_slot_rank, want[2])
+    assert not torch.equal(want[2], ep(router, batch, mask, home=home)[2])  # the new mask mattered
 
 
 # ---------------------------------------------------------------------------------------------

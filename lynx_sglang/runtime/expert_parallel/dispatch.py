@@ -10,7 +10,8 @@ Two forms of the same exchange, chosen per call:
 
 - variable (``capacity=None``): exact splits. One small all-to-all exchanges the
   per-rank counts, which the host needs for the split sizes (one device->host
-  sync per layer), so it cannot be captured in a CUDA graph. Bytes on the wire
+  sync per layer, the ``.tolist()`` of the counts; the send order is derived on
+  the device without a second one), so it cannot be captured in a CUDA graph. Bytes on the wire
   shrink with the number of ranks each token visits: what selection cuts.
 - fixed capacity (``capacity=C``): every rank sends every rank a block of C rows
   (unused rows carry ids -1). No host sync, fixed shapes, capturable; it moves
@@ -113,14 +114,20 @@ class AllToAllDispatcher:
         N, dev = self.placement.num_ranks, hidden_states.device
         t, k = topk_ids.shape
         dest = destinations(topk_ids, self.placement)  # [t, N]
-        # Rows grouped by receiving rank, tokens in order inside each group.
-        send_rank, send_token = dest.t().nonzero(as_tuple=True)
         send_counts = dest.sum(dim=0)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
         counts = torch.stack([send_counts, recv_counts]).tolist()  # the one host sync
         send_splits, recv_splits = counts[0], counts[1]
-        R = sum(recv_splits)
+        S, R = sum(send_splits), sum(recv_splits)
+        # Rows grouped by receiving rank, tokens in order inside each group: (rank, token) pairs in
+        # rank-major order, each sent pair scattered to its running position (a nonzero() without
+        # the second sync: S is known from the counts); unsent pairs land in a spare slot S.
+        flat = dest.t().reshape(-1)
+        pos = torch.where(flat, torch.cumsum(flat, dim=0) - 1, S)
+        pairs = torch.arange(N * t, device=dev)
+        order = torch.empty(S + 1, dtype=torch.int64, device=dev).scatter_(0, pos, pairs)[:S]
+        send_rank, send_token = order // max(t, 1), order % max(t, 1)
 
         meta = self._pack(self._local_picks(topk_ids[send_token], send_rank), topk_weights[send_token])
         recv_meta = torch.empty(R, 2 * k, dtype=torch.int32, device=dev)
@@ -146,7 +153,7 @@ class AllToAllDispatcher:
         meta_rows = self._pack(self._local_picks(topk_ids[:, None, :].expand(t, N, k), ranks[None, :]),
                                topk_weights[:, None, :].expand(t, N, k))  # [t, N, 2k]
         send_meta = torch.full((N * C + 1, 2 * k), -1, dtype=torch.int32, device=dev)
-        send_meta[:, k:] = 0  # weight bits of unused rows: 0.0
+        send_meta[:, k:].zero_()  # weight bits of unused rows: 0.0 (zero_: "= 0" would build a host tensor)
         send_meta.index_copy_(0, slot.reshape(-1), meta_rows.reshape(t * N, 2 * k))
         send_hidden = hidden_states.new_zeros(N * C + 1, d)
         send_hidden.index_copy_(0, slot.reshape(-1), hidden_states[:, None, :].expand(t, N, d).reshape(t * N, d))

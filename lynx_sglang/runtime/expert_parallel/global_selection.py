@@ -83,7 +83,7 @@ class GlobalExpertSelector(ExpertSelector):
     same on every rank.
 
     Args:
-        router, policy, max_tokens, device, ids_dtype, weights_dtype, correction_bias:
+        router, policy, max_tokens, device, ids_dtype, weights_dtype, correction_bias, stats:
             as for ``ExpertSelector``; ``max_tokens`` bounds this rank's batch.
         group: the expert-parallel process group (None: the default group).
             ``torch.distributed`` must be initialised.
@@ -102,12 +102,13 @@ class GlobalExpertSelector(ExpertSelector):
         correction_bias: Optional[torch.Tensor] = None,
         *,
         group: Optional[dist.ProcessGroup],
+        stats: Optional[torch.Tensor] = None,
     ):
         if type(policy) not in _SUPPORTED:
             raise ConfigError(f"policy {policy.name!r} is not supported by global expert selection "
                               f"(supported: {', '.join(p.name for p in _SUPPORTED)})")
         super().__init__(router, policy, max_tokens, device, ids_dtype, weights_dtype, correction_bias,
-                         backend="torch")
+                         backend="torch", stats=stats)
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("GlobalExpertSelector needs an initialised torch.distributed process group")
         self.group = group
@@ -123,5 +124,9 @@ class GlobalExpertSelector(ExpertSelector):
 
     def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, pick_rank=None, home=None):
         """The global kept set: ``reference.select`` with the votes all-reduced over the group."""
+        T = router_logits.shape[0]
         return reference.select(self.policy, self.router, router_logits, topk_ids, topk_weights,
-                                num_valid, self.correction_bias, vote_reduce=self._reduce)
+                                num_valid, self.correction_bias, vote_reduce=self._reduce, consts=self._consts,
+                                out=(self._out_ids[:T], self._out_weights[:T]))
+
+    _select_torch.writes_outputs = True  # straight into the planned output buffers

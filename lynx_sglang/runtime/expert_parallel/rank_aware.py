@@ -39,11 +39,21 @@ e. Weights of rewritten rows exactly as ``reference.reroute``; every other row
 
 Every id-deciding comparison is an exact integer or fp32 comparison, as in
 ``reference``, so the result is deterministic and independent of the device.
+
+GPUs run this torch code too (the Triton kernels do not implement lynx_ep), each op
+a kernel launch per MoE layer and decode step, so it is written for few launches:
+stage a's votes and keep set are computed here (bit for bit ``reference.vote`` /
+``keep_set``, tested against them) so that stage c reuses the levels and held picks;
+sorts replace the [E, E] and [T, k, k] comparisons; one matmul answers "near" for the
+refill check and the refill; ``RankAwareSelector`` builds the index constants at plan
+time and writes into its own buffers. Nothing derived from the rank mask is kept
+between steps (EPLB rewrites it in place). tests/test_rank_aware.py holds the launch
+budget (``OpAudit``: 185 per layer and step at E = 128, k = 8, T = 64, 340 before).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import torch
@@ -95,40 +105,134 @@ def remote_ranks(slot_rank: torch.Tensor, home: Optional[torch.Tensor], num_rank
     return dest.sum(dim=1)
 
 
-def _weak_picks(policy: LynxPolicy, logits: torch.Tensor, topk_weights: torch.Tensor, ids_c: torch.Tensor,
-                rank: torch.Tensor, row_ok: torch.Tensor, k: int) -> torch.Tensor:
-    """[T, k] bool: picks the cap lets move and whose lynx level is above keep_level (as in the vote)."""
-    below = (reference.affinity_level(policy, logits.float(), ids_c, rank, row_ok[:, None]) > policy.keep_level)
-    below &= row_ok[:, None]
-    if policy.moved_weight_q >= WEIGHT_Q:
-        return below
-    return below & ~reference.held_by_cap(policy, topk_weights[:, :k].float(), rank, row_ok[:, None])
+@dataclass
+class _Constants:
+    """Index and scalar tensors of one (policy, shape): built once at plan time by ``RankAwareSelector`` (per
+    call by the plain functions), so a step builds no tensor from Python values."""
+
+    rows: torch.Tensor  # [max_tokens] int64: 0, 1, ...
+    slots: torch.Tensor  # [k] int64: 0 .. k-1
+    ranks: torch.Tensor  # [N] int64: 0 .. N-1
+    powers: torch.Tensor  # [beta + 1] int64: beta, ..., 0 (the lynx score's exponents of B)
+    neg_alpha: torch.Tensor  # 0-d fp32: -alpha (bins per logit, negated)
+    margin: torch.Tensor  # 0-d fp32: the confidence margin
+    minus_one: torch.Tensor  # 0-d int64
+    spare_expert: torch.Tensor  # 0-d int64: E, a slot past the experts for what must not count
+    neg_inf: torch.Tensor  # 0-d fp32
 
 
-def _bound_per_rank(policy: RankAwareLynxPolicy, router: RouterSpec, votes: reference.Votes,
-                    keep: torch.Tensor, sit: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """Stage b: the keep set after the busiest-rank bound (a subset of ``keep``)."""
-    E = keep.numel()
-    dev = keep.device
+def _constants(policy: LynxPolicy, max_tokens: int, num_experts: int, top_k: int, num_ranks: int, device
+               ) -> _Constants:
+    def full(x, dtype):
+        return torch.full((), x, dtype=dtype, device=device)
+
+    return _Constants(
+        rows=torch.arange(max_tokens, device=device),
+        slots=torch.arange(top_k, device=device),
+        ranks=torch.arange(num_ranks, device=device),
+        powers=torch.arange(policy.beta, -1, -1, device=device),
+        # fp32 like the kernels and reference.affinity_level: -fp32(alpha) == fp32(-alpha), negation is exact.
+        neg_alpha=full(-policy.alpha, torch.float32),
+        margin=full(policy.margin, torch.float32),
+        minus_one=full(-1, torch.int64),
+        spare_expert=full(num_experts, torch.int64),
+        neg_inf=full(float("-inf"), torch.float32),
+    )
+
+
+def _lynx_votes(policy: LynxPolicy, router: RouterSpec, z: torch.Tensor, sel: torch.Tensor, ids_c: torch.Tensor,
+                in_range: torch.Tensor, w: torch.Tensor, num_valid, c: _Constants):
+    """``reference.vote`` for a ``LynxPolicy`` with fewer launches, plus what stage c needs of it.
+
+    Returns (votes, weak_level [T, k] bool: level above keep_level, held [T, k] bool or None: held by the
+    cap). Bit for bit the same votes as ``reference.vote`` (tests/test_rank_aware.py compares them):
+    rank by sorting the picks (ids ascending, then the selection score descending, stably) instead of a
+    [T, k, k] count; level = ceil(-alpha * (z - z_best)) clamped to [0, beta], which is -floor(alpha *
+    min(z - z_best, 0)) exactly; the per-expert pick counts are the row sums of the per-bin votes.
+    """
+    T, E = z.shape
+    k = router.top_k
+    dev = z.device
+    sorted_ids, by_id = ids_c.sort(dim=1)
+    row_ok = (
+        (in_range & (w.clamp(0.0, reference.MAX_GATE_WEIGHT) == w)).all(dim=1)  # weights in [0, MAX]; NaN fails
+        & (sorted_ids[:, 1:] != sorted_ids[:, :-1]).all(dim=1)  # no duplicate pick
+        & ((z * 0.0).sum(dim=1) == 0)  # every logit finite (inf * 0 and NaN * 0 are NaN)
+    )
+    if not (num_valid is None or (isinstance(num_valid, int) and num_valid >= T)):
+        row_ok &= c.rows[:T] < num_valid
+    not_ok = ~row_ok[:, None]
+
+    # The row's picks best first (selection score descending, ties to the lower id); rank = position.
+    sel_p = sel.gather(1, ids_c)
+    order = by_id.gather(1, sel_p.gather(1, by_id).sort(dim=1, descending=True, stable=True).indices)
+    rank = torch.empty_like(order).scatter_(1, order, c.slots.expand(T, k))
+    z_p = sel_p if sel is z else z.gather(1, ids_c)
+    z_top = z_p.gather(1, order[:, :2])  # logits of the best two picks
+
+    level_f = ((z_p - z_top[:, :1]) * c.neg_alpha).ceil_().clamp_(0, policy.beta).masked_fill_(not_ok, 0)
+    level = level_f.long()
+    nb = policy.beta + 1
+    voting = row_ok[:, None].expand(T, k).long()
+    lynx_votes = torch.zeros(E * nb, dtype=torch.int64, device=dev).scatter_add_(
+        0, (ids_c * nb + level).view(-1), voting.view(-1)).view(E, nb)
+
+    lead = row_ok & ((z_top[:, 0] - z_top[:, 1]) >= c.margin) if k >= 2 else row_ok  # confident rows
+    flagged = (rank == 0) & lead[:, None]  # confident rows' best picks
+    held = None
+    if policy.moved_weight_q < WEIGHT_Q:
+        q = reference.quantized(w.masked_fill(not_ok, 0.0))
+        weaker = (q[:, None, :] * (rank[:, None, :] >= rank[:, :, None])).sum(dim=-1)
+        held = weaker * WEIGHT_Q > q.sum(dim=1, keepdim=True) * policy.moved_weight_q
+        flagged |= held
+    # An expert is mandatory if some voting row's flagged pick is it (unflagged picks land on a spare slot).
+    mandatory = torch.zeros(E + 1, dtype=torch.bool, device=dev).scatter_(
+        0, torch.where(flagged, ids_c, c.spare_expert).view(-1), True)[:E]
+    batch = row_ok.sum()
+    votes = reference.Votes(row_ok=row_ok, rank=rank, picks=lynx_votes.sum(dim=1), lynx_votes=lynx_votes,
+                            mandatory=mandatory, num_voting=batch)
+    return votes, level_f > policy.keep_level, held
+
+
+def _keep_set(policy: LynxPolicy, router: RouterSpec, votes: reference.Votes, c: _Constants
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``reference.keep_set`` for a ``LynxPolicy``: (keep [E] bool, lynx score [E] int64).
+
+    The score sum_j votes[e, j] * B**(beta - j) as one product with the powers of B (the same exact
+    integers as reference.lynx_scores' Horner loop: config.LynxPolicy.validate rules out overflow).
+    """
+    powers = votes.num_voting.pow(c.powers)
+    score = (votes.lynx_votes * powers).sum(dim=1)
+    theta = powers[policy.keep_level] if policy.min_votes == 1 else policy.min_votes * powers[policy.keep_level]
+    m = policy.resolved_min_keep(router)
+    theta = torch.minimum(theta, score.topk(m).values[m - 1]).clamp(min=1)
+    return (score >= theta) | votes.mandatory, score
+
+
+def _bound_per_rank(policy: RankAwareLynxPolicy, router: RouterSpec, keep: torch.Tensor, mandatory: torch.Tensor,
+                    score: torch.Tensor, sit: torch.Tensor, c: _Constants) -> torch.Tensor:
+    """Stage b: the keep set after the busiest-rank bound (a subset of ``keep``).
+
+    One sort of the E scores instead of an [E, E] comparison: experts strongest first (score descending,
+    ties to the lower id), so the drop order (lowest score, ties: higher id first) is this order reversed,
+    and "goes before e" is "comes after e" here: counts of what comes after are suffix counts.
+    """
+    N = c.ranks.numel()
     n_keep = keep.sum()
     # ceil((1 + slack) * |keep| / N) with slack in 1/WEIGHT_Q: exact integers, no float rounding.
-    num = (WEIGHT_Q + policy.rank_slack_q) * n_keep
-    bound = (num + WEIGHT_Q * num_ranks - 1) // (WEIGHT_Q * num_ranks)
-    per_rank = torch.zeros(num_ranks, dtype=torch.int64, device=dev).scatter_add_(0, sit, keep.long())
-    excess = (per_rank - bound).clamp(min=0)
-
-    score = reference.lynx_scores(votes.lynx_votes, votes.voting_rows())
-    movable = keep & ~votes.mandatory
-    ids = torch.arange(E, device=dev)
-    # before[e, f]: f goes before e in the drop order (lower score, then higher id).
-    before = (score[None, :] < score[:, None]) | ((score[None, :] == score[:, None]) & (ids[None, :] > ids[:, None]))
-    same_rank = sit[None, :] == sit[:, None]
-    pos_in_rank = (before & same_rank & movable[None, :]).sum(dim=1)
-    over = movable & (pos_in_rank < excess[sit])
+    bound = ((WEIGHT_Q + policy.rank_slack_q) * n_keep + (WEIGHT_Q * N - 1)) // (WEIGHT_Q * N)
+    order = torch.sort(score, descending=True, stable=True).indices
+    on_rank = sit[order][:, None] == c.ranks  # [E, N]: the i-th strongest expert sits on rank r
+    keep_s = keep[order]
+    per_rank = (on_rank & keep_s[:, None]).sum(dim=0)  # kept experts per rank
+    movable = on_rank & (keep_s & ~mandatory[order])[:, None]
+    # Movable experts of the same rank that go before the i-th (come after it in this order).
+    before = movable.sum(dim=0) - movable.cumsum(dim=0)
+    over = (movable & (before < per_rank - bound)).any(dim=1)
     # Never below min_keep in total: of the drops, the lowest-scoring ones go first.
     allowance = (n_keep - policy.resolved_min_keep(router)).clamp(min=0)
-    pos_all = (before & over[None, :]).sum(dim=1)
-    return keep & ~(over & (pos_all < allowance))
+    drop = over & (over.sum() - over.cumsum(dim=0) < allowance)
+    return torch.empty_like(keep).scatter_(0, order, keep_s ^ drop)  # drop is a subset of keep
 
 
 @dataclass
@@ -155,17 +259,34 @@ class RankAwarePlan:
     survive: torch.Tensor  # [T, k] bool: the pick's expert is kept
     weak: torch.Tensor  # [T, k] bool: the cap lets it move and its level is above keep_level
     candidates: torch.Tensor  # [T, E] bool: kept experts a row does not hold (what a freed slot can take)
-
-    @property
-    def droppable(self) -> torch.Tensor:
-        """[T, k] bool: surviving picks of voting rows on a rank other than the row's home."""
-        return self.survive & (self.pick_rank != self.home[:, None]) & self.votes.row_ok[:, None]
+    droppable: torch.Tensor  # [T, k] bool: surviving picks of voting rows on a rank other than the row's home
+    # Per step, from the rank mask (EPLB may rewrite it in place between steps):
+    mask_f: torch.Tensor = field(repr=False, default=None)  # [E, N] fp32 0/1
+    replicas: torch.Tensor = field(repr=False, default=None)  # [E] fp32: ranks holding each expert
 
     def refillable(self, dropped: torch.Tensor) -> torch.Tensor:
         """``dropped`` ([T, k] bool) less the rows whose freed slots could not all be refilled on ranks the
         row still visits (refilling elsewhere would add the rank visits the drops were meant to save)."""
-        ok = refill_stays_near(~self.survive | dropped, self.pick_rank, self.home, self.candidates, self.rank_mask)
+        freed = ~self.survive | dropped
+        _, near = _visits(self, freed[None])
+        ok = freed.sum(dim=1) <= (self.candidates & near[0]).sum(dim=1)
         return dropped & ok[:, None]
+
+
+def _visits(plan: RankAwarePlan, freed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(visits [B, T, N] fp32, near [B, T, E] bool) of rows whose ``freed`` ([B, T, k] bool) slots are emptied.
+
+    visits: 3 on a rank the row still visits (its home, the ranks of its remaining picks), 1 elsewhere;
+    near: experts with a replica on a visited rank. With the mask's 0/1 entries the product counts
+    replicas + 2 * visited replicas, so near is "above the expert's replica count": small integers,
+    exact in fp32 and TF32, and no [T, E, N] temporary.
+    """
+    B, T, k = freed.shape
+    N = plan.rank_mask.shape[1]
+    dest = torch.cat([plan.pick_rank.expand(B, T, k).masked_fill(freed, -1), plan.home.expand(B, T)[:, :, None]],
+                     dim=2) % (N + 1)  # -1 (none) -> spare column N
+    visits = torch.ones(B, T, N + 1, device=freed.device).scatter_(2, dest, 3.0)[:, :, :N]
+    return visits, (visits @ plan.mask_f.T) > plan.replicas
 
 
 def near_experts(freed: torch.Tensor, pick_rank: torch.Tensor, home: torch.Tensor, rank_mask: torch.Tensor
@@ -199,32 +320,46 @@ def plan_rank_aware(
     home: Optional[torch.Tensor] = None,
     num_valid: Optional[int | torch.Tensor] = None,
     correction_bias: Optional[torch.Tensor] = None,
+    *,
+    constants: Optional[_Constants] = None,
 ) -> RankAwarePlan:
-    """Stages a (the lynx keep set) and b (the busiest-rank bound), and which picks are weak."""
+    """Stages a (the lynx keep set) and b (the busiest-rank bound), and which picks are weak.
+
+    ``constants``: the selector's plan-time tensors (None: built here).
+    """
     T, E = logits.shape
     k = router.top_k
     N = rank_mask.shape[1]
-    if num_valid is None:
-        num_valid = T
+    c = constants if constants is not None else _constants(policy, T, E, k, N, logits.device)
     rank_mask = rank_mask.to(torch.bool)
-    sit = lowest_rank(rank_mask).clamp(min=0)  # [E]: the rank a kept expert counts on
-    if pick_rank is None:
-        pick_rank = default_pick_rank(topk_ids, rank_mask, k)
-    home_t = torch.full((T,), -1, dtype=torch.int64, device=logits.device) if home is None else home.long()
+    # Derived from the mask every step: EPLB rewrites it in place (placement.rank_tables), also inside a
+    # CUDA graph, so nothing derived from it may be cached across steps.
+    mask_f = rank_mask.float()
+    sit = mask_f.argmax(dim=1)  # [E]: the rank a kept expert counts on, the lowest holding it (first maximum)
+    ids = topk_ids[:, :k].long()
+    ids_c = ids.clamp(0, E - 1)
+    in_range = ids == ids_c
+    # Default: the lowest rank holding the pick (every expert is on some rank: the selector checks it).
+    pick_rank = torch.where(in_range, sit[ids_c], c.minus_one) if pick_rank is None else pick_rank.long()
+    home_t = c.minus_one.expand(T) if home is None else home.long()
 
-    # a. The lynx keep set (vote() and keep_set() dispatch on LynxPolicy, which this subclasses).
-    sel = reference.selection_score(router, logits, correction_bias)
-    votes = reference.vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel)
-    keep = reference.keep_set(policy, router, votes)
+    # a. The lynx keep set.
+    z = logits.float()
+    sel = z if correction_bias is None else reference.selection_score(router, logits, correction_bias)
+    votes, weak, held = _lynx_votes(policy, router, z, sel, ids_c, in_range, topk_weights[:, :k].float(),
+                                    num_valid, c)
+    keep, score = _keep_set(policy, router, votes, c)
     # b. Busiest-rank bound.
     if policy.rank_slack is not None:
-        keep = _bound_per_rank(policy, router, votes, keep, sit, N)
-    ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
-    weak = _weak_picks(policy, logits, topk_weights, ids_c, votes.rank, votes.row_ok, k)
-    in_row = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
-    in_row.scatter_(1, ids_c, True)
+        keep = _bound_per_rank(policy, router, keep, votes.mandatory, score, sit, c)
+    # c's inputs. weak: the cap lets the pick move and its level is above keep_level (level 0 if not voting).
+    if held is not None:
+        weak = weak & ~held
+    survive = keep[ids_c]
+    candidates = keep.expand(T, E).clone().scatter_(1, ids_c, False)
+    droppable = survive & (pick_rank != home_t[:, None]) & votes.row_ok[:, None]
     return RankAwarePlan(policy, router, logits, topk_ids, topk_weights, rank_mask, votes, sel, keep, ids_c,
-                         pick_rank.long(), home_t, keep[ids_c], weak, keep[None, :] & ~in_row)
+                         pick_rank, home_t, survive, weak, candidates, droppable, mask_f, mask_f.sum(dim=1))
 
 
 def weak_rank_drops(plan: RankAwarePlan) -> torch.Tensor:
@@ -246,55 +381,78 @@ def finish_rank_aware(plan: RankAwarePlan, dropped: torch.Tensor
     A row drops its picks only if every slot it frees can be refilled on a rank it still visits
     (``RankAwarePlan.refillable``).
     """
+    return _finish(plan, dropped & plan.droppable)
+
+
+def _finish(plan: RankAwarePlan, dropped: torch.Tensor, constants: Optional[_Constants] = None,
+            out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, SelectionInfo]:
+    """``finish_rank_aware`` for drops known to be droppable; ``out``: (ids, weights, slot_rank) to write into."""
     T, E = plan.logits.shape
     dev = plan.logits.device
-    router, keep, ids_c, pick_rank, rank_mask = plan.router, plan.keep, plan.ids_c, plan.pick_rank, plan.rank_mask
-    row_ok, survive, topk_ids, topk_weights = plan.votes.row_ok, plan.survive, plan.topk_ids, plan.topk_weights
+    router, keep, ids_c, pick_rank, cand = plan.router, plan.keep, plan.ids_c, plan.pick_rank, plan.candidates
+    row_ok, topk_ids, topk_weights = plan.votes.row_ok, plan.topk_ids, plan.topk_weights
     k = router.top_k
-    cand = plan.candidates
-    n_cand = cand.sum(dim=1)
+    neg_inf = constants.neg_inf if constants is not None else torch.full((), float("-inf"), device=dev)
+
     # Only where every freed slot can be refilled on a rank the row still visits: rank dropping never
-    # leaves a slot (or a row) empty, and never adds a rank visit.
-    dropped = plan.refillable(dropped & plan.droppable)
-    freed = ~survive | dropped
+    # leaves a slot (or a row) empty, and never adds a rank visit. The ranks a row visits with its drops
+    # (to check that) and without them (for rows that fail it) in one go.
+    unkept = ~plan.survive
+    freed2 = torch.stack([unkept | dropped, unkept])
+    visits2, near2 = _visits(plan, freed2)
+    near_cand2 = near2 & cand
+    ok = (freed2[0].sum(dim=1) <= near_cand2[0].sum(dim=1))[:, None]
+    freed = torch.where(ok, freed2[0], freed2[1])
     changed = row_ok & freed.any(dim=1)
+    near_cand = torch.where(ok, near_cand2[0], near_cand2[1])  # kept experts the row lacks on ranks it visits
+    visits = torch.where(ok, visits2[0], visits2[1])
 
-    # d. Refill. visited[t, r]: the row's home and the ranks of its surviving picks; near[t, e]: e has a
-    # replica on one of them.
-    visited, near = near_experts(freed, pick_rank, plan.home, rank_mask)
-    # Order: score (desc, ties to the lower id by the stable sort), then the group, stably.
-    cand_score = torch.where(cand, plan.sel, torch.full_like(plan.sel, float("-inf")))
-    by_score = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
-    group = (cand.long() + (cand & near).long()).gather(1, by_score)  # 2: near, 1: far, 0: not a candidate
-    order = by_score.gather(1, torch.sort(group, dim=1, descending=True, stable=True).indices)
-    free_rank = torch.cumsum(freed.long(), dim=1) - 1
-    fill = order.gather(1, free_rank.clamp(0, E - 1))
-    fill = torch.where(free_rank < n_cand[:, None], fill, torch.full_like(fill, -1))
+    # d. Refill. Order: score (desc, ties to the lower id by the stable sort), then near before far, stably.
+    by_score = torch.where(cand, plan.sel, neg_inf).sort(dim=1, descending=True, stable=True).indices
+    near_first = near_cand.gather(1, by_score).sort(dim=1, descending=True, stable=True).indices
+    nth = torch.cumsum(freed, dim=1) - freed.long()  # a freed slot is the row's nth (from 0)
+    fill = by_score.gather(1, near_first.gather(1, nth))
+    fill = fill.masked_fill(nth >= cand.sum(dim=1, keepdim=True), -1)
     new_ids = torch.where(freed, fill, ids_c)  # only changed rows (all ids in range) use it
+    empty = new_ids < 0
+    new_c = new_ids.clamp(min=0)
+    # A filled slot goes to the lowest visited rank holding its expert (visits 3), else the lowest holding it.
+    fill_rank = (plan.mask_f[new_c] * visits[:, None, :]).argmax(dim=-1)
+    new_rank = torch.where(freed, fill_rank, pick_rank).masked_fill(empty, -1)
 
-    holds = rank_mask[fill.clamp(min=0)]  # [T, k, N]
-    fill_rank = torch.where((holds & visited[:, None, :]).any(dim=-1),
-                            lowest_rank(holds & visited[:, None, :]), lowest_rank(holds))
-    new_rank = torch.where(freed, torch.where(fill >= 0, fill_rank, torch.full_like(fill_rank, -1)), pick_rank)
+    # e. Weights: reference.gate_weights', so rows lynx and lynx_ep rewrite alike get the same bits
+    # (an empty slot's gate is exp(-inf) = 0 as there; every changed row keeps a slot).
+    z_new = plan.logits.float().gather(1, new_c)
+    if router.scoring_func != "softmax":  # log sigmoid: a sigmoid gate itself underflows to 0 below logit -88
+        z_new = torch.nn.functional.logsigmoid(z_new)
+    z_new = z_new.masked_fill(empty, float("-inf"))
+    gate = torch.exp(z_new - z_new.amax(dim=1, keepdim=True))
+    new_w = topk_weights[:, :k].float().sum(dim=1, keepdim=True) * gate / gate.sum(dim=1, keepdim=True)
 
-    # e. Weights: reference.reroute's, so rows lynx and lynx_ep rewrite alike get the same bits.
-    new_w = reference.gate_weights(router, plan.logits, new_ids, topk_weights)
+    ch = changed[:, None]
+    if out is None:
+        out_ids, out_w = torch.empty_like(topk_ids), torch.empty_like(topk_weights)
+        slot_rank = torch.empty_like(pick_rank)
+    else:
+        out_ids, out_w, slot_rank = out
+    if topk_ids.shape[1] > k:  # shared-expert slots: as given
+        out_ids[:, k:] = topk_ids[:, k:]
+        out_w[:, k:] = topk_weights[:, k:]
+    torch.where(ch, new_ids.to(topk_ids.dtype), topk_ids[:, :k], out=out_ids[:, :k])
+    torch.where(ch, new_w.to(topk_weights.dtype), topk_weights[:, :k], out=out_w[:, :k])
+    torch.where(ch, new_rank, pick_rank, out=slot_rank)
 
-    out_ids = topk_ids.clone()
-    out_w = topk_weights.clone()
-    out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
-    out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
-    slot_rank = torch.where(changed[:, None], new_rank, pick_rank)
-
-    used = torch.zeros(E + 1, dtype=torch.bool, device=dev)
-    out_k = out_ids[:, :k].long()
-    used.scatter_(0, torch.where(row_ok[:, None] & (out_k >= 0), out_k, E).reshape(-1), True)
+    # Experts the voting rows use (new_ids is every voting row's output; -1 slots and other rows land on a
+    # spare slot).
+    used_ids = (new_ids % (E + 1)).masked_fill_(~row_ok[:, None], E)
+    used = torch.zeros(E + 1, dtype=torch.bool, device=dev).scatter_(0, used_ids.view(-1), True)
     info = SelectionInfo(
         keep=keep,
         experts_before=(plan.votes.picks > 0).sum(),
         experts_after=used[:E].sum(),
         rows_changed=changed.sum(),
-        rows_voting=row_ok.sum(),
+        rows_voting=plan.votes.voting_rows(),
     )
     return out_ids, out_w, slot_rank, info
 
@@ -310,6 +468,9 @@ def select_rank_aware(
     home: Optional[torch.Tensor] = None,
     num_valid: Optional[int | torch.Tensor] = None,
     correction_bias: Optional[torch.Tensor] = None,
+    *,
+    constants: Optional[_Constants] = None,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, SelectionInfo]:
     """Run ``lynx_ep`` on one batch; returns (ids, weights, slot_rank, info). Inputs are not modified.
 
@@ -320,6 +481,9 @@ def select_rank_aware(
         holding it); taken as given, it should hold the pick.
     home: [T] int rank that owns each row (None, or -1 in a row: no home).
     num_valid: rows at and after it are padding (int or 0-d tensor; None: all).
+    constants: ``RankAwareSelector``'s plan-time tensors (None: built here).
+    out: (ids, weights, slot_rank) tensors shaped like topk_ids, topk_weights and
+        [T, k] int64 to write the results into (a selector's buffers; None: new ones).
 
     slot_rank [T, k] int64 is the rank each output routed slot goes to: -1 for
     -1 slots, ``pick_rank`` for slots that did not change. ``info.keep`` is the
@@ -327,8 +491,8 @@ def select_rank_aware(
     the voting rows actually use (a kept expert may lose all its rows to rank drops).
     """
     plan = plan_rank_aware(policy, router, logits, topk_ids, topk_weights, rank_mask, pick_rank, home,
-                           num_valid, correction_bias)
-    return finish_rank_aware(plan, weak_rank_drops(plan))
+                           num_valid, correction_bias, constants=constants)
+    return _finish(plan, weak_rank_drops(plan), constants, out)  # weak_rank_drops is a subset of droppable
 
 
 class RankAwareSelector(ExpertSelector):
@@ -352,6 +516,8 @@ class RankAwareSelector(ExpertSelector):
         super().__init__(router, policy, max_tokens, device, ids_dtype, weights_dtype, correction_bias,
                          backend, stats=stats)
         self.rank_mask = self._plan_rank_mask(router, rank_mask, self.device)
+        self._constants = _constants(policy, max_tokens, router.num_experts, router.top_k, self.rank_mask.shape[1],
+                                     self.device)
         self._slot_rank = torch.empty(max_tokens, router.top_k, dtype=torch.int64, device=self.device)
         self.last_slot_rank: Optional[torch.Tensor] = None
 
@@ -394,9 +560,13 @@ class RankAwareSelector(ExpertSelector):
         return self._run(router_logits, topk_ids, topk_weights, num_valid, pick_rank=pick_rank, home=home)
 
     def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, pick_rank=None, home=None):
-        ids, w, slot_rank, info = select_rank_aware(
+        T = router_logits.shape[0]
+        ids, w, _, info = select_rank_aware(
             self.policy, self.router, router_logits, topk_ids, topk_weights, self.rank_mask,
-            pick_rank, home, num_valid, self.correction_bias,
+            pick_rank, home, num_valid, self.correction_bias, constants=self._constants,
+            out=(self._out_ids[:T], self._out_weights[:T], self.last_slot_rank),
         )
-        self.last_slot_rank.copy_(slot_rank)
         return ids, w, info
+
+    # The results are written straight into this selector's buffers (ExpertSelector._run need not copy them).
+    _select_torch.writes_outputs = True

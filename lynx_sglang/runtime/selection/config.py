@@ -14,6 +14,10 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 
 # Kernel tiles hold one row of logits and one row of picks; these bound them.
 MAX_EXPERTS = 1024
+# The Triton kernels are compiled and checked (kernels/aot_check.py, sm_90) up to this many experts: at
+# E_PAD 512 the keep kernel spills registers. Larger routers (e.g. Kimi-K2's 384) run the torch backend,
+# which is capture-safe too (tests/test_no_sync.py).
+MAX_KERNEL_EXPERTS = 256
 MAX_ROUTED_TOP_K = 16
 MAX_BETA = 7
 # Weights and weight fractions compared in integer units of 1/WEIGHT_Q, so comparisons are exact and

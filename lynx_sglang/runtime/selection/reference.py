@@ -90,9 +90,35 @@ def selection_score(router: RouterSpec, logits: torch.Tensor, correction_bias: O
     return score + correction_bias.float()
 
 
-def _fp32(x: float, like: torch.Tensor) -> torch.Tensor:
-    # Python floats would be applied in double on some paths; the kernels use fp32.
-    return torch.tensor(x, dtype=torch.float32, device=like.device)
+@dataclass(frozen=True)
+class LynxConstants:
+    """A lynx policy's float parameters as fp32 0-d tensors on one device (the kernels use fp32;
+    Python floats would be applied in double on some paths).
+
+    Built once per (policy values, device) by ``lynx_constants`` (a selector does it at plan
+    time), so a step builds no tensor from Python data: ``torch.tensor(x, device=...)`` inside a
+    step is a host-to-device copy on every MoE layer, and not capturable in a CUDA graph.
+    """
+
+    alpha: torch.Tensor  # bins per logit of affinity
+    margin: torch.Tensor  # logit margin that makes a row confident
+
+
+_LYNX_CONSTANTS: dict = {}
+
+
+def lynx_constants(policy: LynxPolicy, device: torch.device | str) -> LynxConstants:
+    """The ``LynxConstants`` of ``policy`` on ``device``: made on the first call, the same object after."""
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:  # "cuda" -> "cuda:0", as tensors report it
+        device = torch.empty(0, device=device).device
+    key = (float(policy.alpha), float(policy.margin), device)
+    consts = _LYNX_CONSTANTS.get(key)
+    if consts is None:
+        # torch.full rounds the Python double to fp32 exactly as torch.tensor(x, dtype=float32) does.
+        make = lambda x: torch.full((), x, dtype=torch.float32, device=device)  # noqa: E731
+        consts = _LYNX_CONSTANTS.setdefault(key, LynxConstants(alpha=make(key[0]), margin=make(key[1])))
+    return consts
 
 
 def vote(
@@ -103,8 +129,12 @@ def vote(
     topk_weights: torch.Tensor,
     num_valid: int | torch.Tensor,
     sel: torch.Tensor,
+    consts: Optional[LynxConstants] = None,
 ) -> Votes:
-    """Stage 1: validate rows, rank picks, collect the policy's votes."""
+    """Stage 1: validate rows, rank picks, collect the policy's votes.
+
+    ``consts``: lynx's ``lynx_constants`` (None: looked up for the logits' device).
+    """
     T, E = logits.shape
     k = router.top_k
     dev = logits.device
@@ -139,7 +169,9 @@ def vote(
     out = Votes(row_ok=row_ok, rank=rank, picks=_count(ids_c, voting, E))
 
     if isinstance(policy, LynxPolicy):
-        level = affinity_level(policy, z, ids_c, rank, voting > 0)
+        if consts is None:
+            consts = lynx_constants(policy, dev)
+        level = affinity_level(policy, z, ids_c, rank, voting > 0, consts)
         z_p = z.gather(1, ids_c)
         z_r0 = (z_p * (rank == 0)).sum(dim=1)
         nb = policy.beta + 1
@@ -147,7 +179,7 @@ def vote(
 
         if k >= 2:
             z_r1 = (z_p * (rank == 1)).sum(dim=1)
-            confident = (z_r0 - z_r1) >= _fp32(policy.margin, z)
+            confident = (z_r0 - z_r1) >= consts.margin
         else:
             confident = torch.ones(T, dtype=torch.bool, device=dev)
         r0 = ids_c.gather(1, rank.argmin(dim=1, keepdim=True))[:, 0]
@@ -170,16 +202,19 @@ def quantized(w: torch.Tensor) -> torch.Tensor:
 
 
 def affinity_level(policy: LynxPolicy, z: torch.Tensor, ids_c: torch.Tensor, rank: torch.Tensor,
-                   voting: torch.Tensor) -> torch.Tensor:
+                   voting: torch.Tensor, consts: Optional[LynxConstants] = None) -> torch.Tensor:
     """[T, k] int64 lynx level of each pick: 0 = as close as the row's best expert, up to beta.
 
     Bins are floor((z_pick - z_best) * alpha) in fp32 (as the kernels compute them);
     rows that do not vote (``voting`` False; they may hold NaN) get level 0.
+    ``consts``: ``lynx_constants(policy, z.device)`` (None: looked up).
     """
+    if consts is None:
+        consts = lynx_constants(policy, z.device)
     z_p = z.gather(1, ids_c)
     z_r0 = (z_p * (rank == 0)).sum(dim=1)
     affinity = (z_p - z_r0[:, None]).clamp(max=0.0)
-    bins = torch.floor(affinity * _fp32(policy.alpha, z)).clamp(min=-policy.beta)
+    bins = torch.floor(affinity * consts.alpha).clamp(min=-policy.beta)
     return torch.where(voting, -bins, torch.zeros_like(bins)).long()
 
 
@@ -264,8 +299,13 @@ def reroute(
     sel: torch.Tensor,
     row_ok: torch.Tensor,
     keep: torch.Tensor,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stage 3: rewrite the rows that lost a pick; returns (ids, weights, rows_changed)."""
+    """Stage 3: rewrite the rows that lost a pick; returns (ids, weights, changed [T] bool).
+
+    ``out``: (ids, weights) buffers shaped like ``topk_ids`` / ``topk_weights`` to write
+    the result into (a selector's planned outputs; None: new tensors).
+    """
     T, E = logits.shape
     k = router.top_k
     ids = topk_ids[:, :k].long()
@@ -289,8 +329,13 @@ def reroute(
     # Gate weights of the new set from the logits, rescaled to the row's original sum.
     new_w = gate_weights(router, logits, new_ids, topk_weights)
 
-    out_ids = topk_ids.clone()
-    out_w = topk_weights.clone()
+    if out is None:
+        out_ids, out_w = topk_ids.clone(), topk_weights.clone()
+    else:
+        out_ids, out_w = out
+        if topk_ids.shape[1] > k:  # shared-expert slots as given
+            out_ids[:, k:] = topk_ids[:, k:]
+            out_w[:, k:] = topk_weights[:, k:]
     out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
     out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
     return out_ids, out_w, changed
@@ -305,6 +350,8 @@ def select(
     num_valid: Optional[int | torch.Tensor] = None,
     correction_bias: Optional[torch.Tensor] = None,
     vote_reduce: Optional[Callable[[Votes], Votes]] = None,
+    consts: Optional[LynxConstants] = None,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
     """Run one policy on one batch; returns new (topk_ids, topk_weights) and the batch's facts.
 
@@ -313,18 +360,20 @@ def select(
     ``vote_reduce``, if given, maps this batch's votes to the votes the kept set
     is decided on (e.g. summed over the shards of a batch split across ranks);
     it must leave ``row_ok`` and ``rank`` as they are. ``experts_before`` then
-    counts the experts picked by the reduced votes.
+    counts the experts picked by the reduced votes. ``consts``: lynx's
+    ``lynx_constants`` (None: looked up). ``out``: (ids, weights) buffers shaped
+    like the inputs to write the result into (None: new tensors); they are returned.
     """
     T = logits.shape[0]
     if num_valid is None:
         num_valid = T
     sel = selection_score(router, logits, correction_bias)
-    votes = vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel)
+    votes = vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)
     rows_voting = votes.row_ok.sum()
     if vote_reduce is not None:
         votes = vote_reduce(votes)
     keep = keep_set(policy, router, votes)
-    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep)
+    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep, out)
     info = SelectionInfo(
         keep=keep,
         experts_before=(votes.picks > 0).sum(),

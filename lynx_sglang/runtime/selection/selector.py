@@ -14,16 +14,25 @@ from typing import Optional, Tuple
 import torch
 
 from lynx_sglang.runtime.selection import reference
-from lynx_sglang.runtime.selection.config import ConfigError, Policy, RankAwareLynxPolicy, RouterSpec
+from lynx_sglang.runtime.selection.config import MAX_KERNEL_EXPERTS, ConfigError, LynxPolicy, Policy, RankAwareLynxPolicy, RouterSpec
 from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats, StatField
 
 BACKENDS = ("auto", "triton", "torch")
+# The statistics a torch-backend step gathers from ``reference.SelectionInfo``: every field after
+# STEPS, in vector order (STEPS is a constant 1 in the planned step vector).
+_STEP_FIELDS = tuple(f for f in StatField if f != StatField.STEPS)
+assert StatField.STEPS == 0 and [int(f) for f in _STEP_FIELDS] == list(range(1, len(StatField)))
 
 
 def _triton_usable(device: torch.device) -> bool:
     from lynx_sglang.kernels.expert_selection import interpreting
 
     return device.type == "cuda" or (interpreting() and device.type == "cpu")
+
+
+def default_backend(device: torch.device, router: RouterSpec) -> str:
+    """What backend ``auto`` means: the fused kernels on CUDA where they are compiled and checked, else torch."""
+    return "triton" if device.type == "cuda" and router.num_experts <= MAX_KERNEL_EXPERTS else "torch"
 
 
 class ExpertSelector:
@@ -101,7 +110,10 @@ class ExpertSelector:
             raise ConfigError(f"stats must be a contiguous int64 [{NUM_STATS}] tensor on {device}, got "
                               f"{stats.dtype} {tuple(stats.shape)} on {stats.device}")
         if backend == "auto":
-            backend = "triton" if device.type == "cuda" else "torch"
+            backend = default_backend(device, router)
+        if backend == "triton" and router.num_experts > MAX_KERNEL_EXPERTS:
+            raise ConfigError(f"the triton backend is compiled and checked for up to {MAX_KERNEL_EXPERTS} experts, "
+                              f"got {router.num_experts}; use backend 'torch' (what 'auto' picks here)")
         if backend == "triton" and not _triton_usable(device):
             raise ConfigError(f"the triton backend needs a CUDA device (or TRITON_INTERPRET=1 on CPU), got {device}")
 
@@ -114,6 +126,13 @@ class ExpertSelector:
         self._out_weights = torch.empty(max_tokens, kt, dtype=weights_dtype, device=device)
         self._stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device) if stats is None else stats
         self._ws = self._launch = None
+        self._consts = reference.lynx_constants(policy, device) if isinstance(policy, LynxPolicy) else None
+        self._writes_outputs = getattr(type(self)._select_torch, "writes_outputs", False)
+        if backend == "torch":
+            # One step's statistics, gathered here and added to the totals with one launch;
+            # the steps field is the constant 1 (fields after it: _STEP_FIELDS, in order).
+            self._step_stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device)
+            self._step_stats[StatField.STEPS] = 1
         if backend == "triton":
             from lynx_sglang.kernels.expert_selection import Workspace, num_bins, select_triton
 
@@ -182,20 +201,27 @@ class ExpertSelector:
             )
         else:
             ids, w, info = self._select_torch(router_logits, topk_ids, topk_weights, num_valid, **extra)
-            out_ids.copy_(ids)
-            out_w.copy_(w)
-            one = torch.ones((), dtype=torch.int64, device=self.device)
-            step = {StatField.STEPS: one, StatField.EXPERTS_BEFORE: info.experts_before,
-                    StatField.EXPERTS_AFTER: info.experts_after, StatField.ROWS_CHANGED: info.rows_changed,
-                    StatField.ROWS_VOTING: info.rows_voting}
-            self._stats += torch.stack([step[f] for f in StatField])
+            if not self._writes_outputs:  # a subclass's result in tensors of its own
+                out_ids.copy_(ids)
+                out_w.copy_(w)
+            torch.stack([getattr(info, f.key) for f in _STEP_FIELDS], out=self._step_stats[_STEP_FIELDS[0]:])
+            self._stats += self._step_stats
         return out_ids, out_w
 
     def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid):
-        """The torch backend on one batch: (ids, weights, ``reference.SelectionInfo``)."""
+        """The torch backend on one batch: (ids, weights, ``reference.SelectionInfo``).
+
+        Writes ids and weights straight into this selector's output buffers (and returns views of them).
+        An override that does too marks itself ``writes_outputs = True`` (see below); ``_run`` copies
+        the results of any other.
+        """
+        T = router_logits.shape[0]
         return reference.select(
-            self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias
+            self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias,
+            consts=self._consts, out=(self._out_ids[:T], self._out_weights[:T]),
         )
+
+    _select_torch.writes_outputs = True
 
     def stats(self) -> SelectionStats:
         """Read the accumulated statistics (the only host synchronisation)."""

@@ -4,6 +4,10 @@ Data path (docs/architecture.md): ``TopK.forward`` -> [our AROUND hook:
 ``stage.TopKSelectionStage``] -> dispatcher -> MoE runner. The stage rewrites the
 router's ``StandardTopKOutput`` for decode rows only; the phase (``phase.Phase``)
 comes from the ``ForwardBatch`` published through SGLang's ``forward_context``.
+
+Start-up refusals are decided from the server args: in the launcher from the
+parsed flags (``ServerArgs.from_cli_args``), in every worker again from its
+resolved ``ServerArgs`` (``stage.refusal``); a field we cannot read is a refusal.
 """
 
 from __future__ import annotations
@@ -88,7 +92,9 @@ def _prepare_moe_topk_after(result, *args, model=None, model_config=None, **kwar
         if not _hooks_applied():
             raise RuntimeError("--moe-backend lynx: SGLang did not apply lynx-sglang's TopK hook "
                                "(see the log for 'Failed to apply hooks'); refusing to run without it")
-        stage.prepare(model, model_config.hf_config, options)
+        stage.prepare(model, model_config.hf_config, options, stage.server_args_of_process())
+    # Our a2a dispatchers (built with the model) move their totals into one table before graph capture.
+    a2a_dispatcher.registry().seal()
     return result
 
 
@@ -104,6 +110,8 @@ def _from_cli_args_around(original, *args, **kwargs):
     """Read our options before SGLang builds ServerArgs (``--moe-a2a-backend lynx`` becomes ``none`` there)."""
     namespace = args[-1] if args else kwargs.get("args")
     options = options_from_args(namespace)
+    if options.enabled:
+        stage.check_supported(namespace)  # the workers decide again from the resolved server args
     options.to_env()
     if options.enabled:
         logger.info("lynx-sglang: --moe-backend lynx, policy %s %s", options.policy, options.params)
@@ -119,17 +127,15 @@ def _padding_count_around(original, *args, **kwargs):
     DP gathering. Under plain TP a replayed graph's padding rows (token 0, repeated) would
     otherwise vote, bending the kept set towards their experts and counting in the statistics.
     """
-    return True if stage.stages() else original(*args, **kwargs)
+    return True if stage.registry() else original(*args, **kwargs)
 
 
 def _init_cuda_graphs_after(result, *args, **kwargs):
     """Zero the statistics the graph warm-up and capture runs added (dummy decode batches), in place:
-    captured graphs keep adding to the same buffers."""
-    for s in stage.stages():
-        s.selector.reset_stats()
-        s.mixed_batches = 0
-    for d in a2a_dispatcher.dispatchers():
-        d.totals.zero_()
+    captured graphs keep adding to the same buffers. The registries count the reset, so the metrics
+    take what follows as counted from zero (their counters never go backwards)."""
+    stage.registry().reset_stats()
+    a2a_dispatcher.registry().reset_stats()
     return result
 
 
@@ -141,7 +147,7 @@ def _prefill_graphs_init_after(result, runner, *args, **kwargs):
     pass-through: its decode rows would never be selected on. Every rank decides the same
     way (all have stages), so the attention-DP replay vote stays consistent.
     """
-    if stage.stages() and not getattr(runner, "prefer_eager_mixed_prefill", False):
+    if stage.registry() and not getattr(runner, "prefer_eager_mixed_prefill", False):
         runner.prefer_eager_mixed_prefill = True
         logger.info("lynx-sglang: mixed prefill+decode batches run eager so that their decode rows are selected on")
     return result

@@ -19,6 +19,8 @@ from typing import Optional
 from lynx_sglang.runtime.selection.config import MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy
 
 ENV_VAR = "LYNX_SGLANG_OPTIONS"
+# Set to a directory: every TP rank dumps its per-layer statistics there (metrics.dump_stats).
+STATS_DIR_ENV = "LYNX_SGLANG_STATS_DIR"
 MOE_BACKENDS = ("default", "lynx")
 # Our choice added to SGLang's --moe-a2a-backend; SGLang itself then runs as with "none".
 A2A_BACKEND = "lynx"
@@ -146,8 +148,13 @@ def take_a2a_choice(args: argparse.Namespace) -> str:
     if ep < 2 or ep != tp:
         raise ConfigError(f"--moe-a2a-backend {A2A_BACKEND} needs --ep-size equal to --tp-size and >= 2 "
                           f"(got --tp-size {tp}, --ep-size {ep})")
-    on = [f for f in ("enable_dp_attention", "enable_two_batch_overlap") if getattr(args, f, False)]
-    on += [f for f in ("attn_dp_size", "attn_cp_size") if (getattr(args, f, None) or 1) > 1]
+    flags, sizes = ("enable_dp_attention", "enable_two_batch_overlap"), ("attn_dp_size", "attn_cp_size")
+    missing = [f for f in flags + sizes if not hasattr(args, f)]
+    if missing:  # an SGLang rename: refuse rather than admit what we cannot check
+        raise ConfigError(f"--moe-a2a-backend {A2A_BACKEND}: SGLang's parsed arguments have no {missing[0]!r}; "
+                          f"cannot check that the configuration is supported")
+    on = [f for f in flags if getattr(args, f)]
+    on += [f for f in sizes if (getattr(args, f) or 1) > 1]
     if on:
         raise ConfigError(f"--moe-a2a-backend {A2A_BACKEND} does not support --{on[0].replace('_', '-')} "
                           f"(it assumes every rank holds the same rows and one batch in flight per layer)")

@@ -1,17 +1,21 @@
 """The per-layer selection stage: what our ``TopK.forward`` hook runs on every MoE layer.
 
-``build_stages`` (called once after the model loads, before CUDA-graph capture)
-attaches one ``TopKSelectionStage`` to every enabled ``TopK`` layer and refuses
-what we cannot serve; each stage owns its layer's ``ExpertSelector`` (planned
-once) and rewrites the router's ``StandardTopKOutput`` for the decode rows of the
-current ``Phase``.
+``prepare`` (called once after the model loads, before CUDA-graph capture)
+refuses configurations we cannot serve, decided from the server args
+(``refusal``), then ``build_stages`` attaches one ``TopKSelectionStage`` to every
+enabled ``TopK`` layer (refusing layers we cannot serve) and the stages are
+registered (``StageRegistry``). Each stage owns its layer's ``ExpertSelector``
+(planned once; re-planned only for new top-k dtypes) and rewrites the router's
+``StandardTopKOutput`` for the decode rows of the current ``Phase``. Every
+selector accumulates its statistics into its stage's row of one [L, NUM_STATS]
+device table, which the metrics read with one device-to-host copy.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -20,6 +24,7 @@ from lynx_sglang.runtime.expert_parallel.global_selection import GlobalExpertSel
 from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank, rank_tables
 from lynx_sglang.runtime.expert_parallel.rank_aware import RankAwareSelector, physical_ids
 from lynx_sglang.runtime.selection.selector import ExpertSelector
+from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats
 from lynx_sglang.runtime.sglang.options import LynxOptions
 from lynx_sglang.runtime.sglang.phase import Phase
 from lynx_sglang.runtime.sglang.phase import current as current_phase
@@ -56,9 +61,15 @@ class TopKSelectionStage:
 
     def __init__(self, layer_id: int, router: RouterSpec, options: LynxOptions, device: torch.device,
                  correction_bias: Optional[torch.Tensor], physical_ids: bool = False,
-                 ep: EpLayout = EpLayout(), output_type: Optional[type] = None):
+                 ep: EpLayout = EpLayout(), output_type: Optional[type] = None,
+                 stats: Optional[torch.Tensor] = None):
         """``output_type``: the top-k output class (default SGLang's ``StandardTopKOutput``; the GPU
-        hook check, where SGLang cannot be imported, passes a NamedTuple with its fields)."""
+        hook check, where SGLang cannot be imported, passes a NamedTuple with its fields).
+
+        ``stats``: the contiguous int64 [NUM_STATS] device row the layer's selector accumulates into
+        (``build_stages`` hands out rows of one [L, NUM_STATS] table, read with one device-to-host
+        copy per metrics interval); None: a row of its own. Every selector this stage plans (also a
+        re-plan for new dtypes) accumulates into this same row, which captured graphs write to."""
         self.layer_id, self.router, self.options = layer_id, router, options
         self.device, self.correction_bias = device, correction_bias
         # EPLB (or a non-trivial placement) has turned the routed ids into physical replica ids:
@@ -70,6 +81,9 @@ class TopKSelectionStage:
             from sglang.srt.layers.moe.topk import StandardTopKOutput as output_type
 
         self._standard = output_type  # resolved once: __call__ runs on every MoE layer
+        if stats is None:
+            stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device)
+        self.stats = stats
         self.selector = self._plan(torch.int32, torch.float32)
         self.mixed_batches = 0  # mixed prefill+decode batches whose decode rows were selected on (host count)
         self._warned = set()
@@ -79,8 +93,7 @@ class TopKSelectionStage:
         if self.ep.num_ranks < 2:
             return None
         if self.physical_ids:
-            physical_to_logical, _, _ = eplb_maps(self.layer_id)
-            return ExpertPlacement.from_physical_map(physical_to_logical, self.ep.num_ranks,
+            return ExpertPlacement.from_physical_map(eplb_maps(self.layer_id).physical_to_logical, self.ep.num_ranks,
                                                      self.router.num_experts).to(self.device)
         return ExpertPlacement.contiguous(self.router.num_experts, self.ep.num_ranks, self.device)
 
@@ -90,17 +103,20 @@ class TopKSelectionStage:
         return self.options.policy == "lynx_ep"
 
     def _plan(self, ids_dtype, weights_dtype) -> ExpertSelector:
+        """A selector for these dtypes that accumulates into ``self.stats`` (never reallocated or zeroed
+        here: a re-plan keeps counting where the previous selector, and any captured graph, did)."""
         policy = self.options.make_policy()
         common = (self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype)
         if self.ep.global_votes:
-            return GlobalExpertSelector(*common, correction_bias=self.correction_bias, group=self.ep.group)
+            return GlobalExpertSelector(*common, correction_bias=self.correction_bias, group=self.ep.group,
+                                        stats=self.stats)
         if self.rank_aware:
             if self.placement is None:
                 raise ConfigError("--lynx-policy lynx_ep needs expert parallelism (--ep-size >= 2); "
                                   "use lynx on a single expert-parallel rank")
             return RankAwareSelector(*common, correction_bias=self.correction_bias,
-                                     rank_mask=self.placement.logical_on_rank())
-        return ExpertSelector(*common, correction_bias=self.correction_bias)
+                                     rank_mask=self.placement.logical_on_rank(), stats=self.stats)
+        return ExpertSelector(*common, correction_bias=self.correction_bias, stats=self.stats)
 
     def _participates(self, phase: Optional[Phase]) -> bool:
         """Global selection: all EP ranks run it together or none does (its all-reduce must match)."""
@@ -193,7 +209,8 @@ class TopKSelectionStage:
         rank-invariant dynamic dispatch does), valid with and without an
         all-to-all backend. Empty slots stay -1: the remap tables would alias -1.
         """
-        physical_to_logical, logical_to_all, replicas = eplb_maps(self.layer_id)
+        maps = eplb_maps(self.layer_id)
+        physical_to_logical = maps.physical_to_logical
         k = self.router.top_k
         routed = ids[:, :k]
         logical = torch.where(routed >= 0, physical_to_logical[routed.clamp(min=0).long()].to(ids.dtype), routed)
@@ -207,7 +224,7 @@ class TopKSelectionStage:
             replica = physical_ids(new_logical, self.selector.last_slot_rank, self._replica_table).to(ids.dtype)
         else:
             row = torch.arange(ids.shape[0], device=ids.device)[:, None]
-            replica = logical_to_all[target, row % replicas[target]].to(ids.dtype)
+            replica = maps.logical_to_all[target, row % maps.replicas[target]].to(ids.dtype)
         physical = torch.where(new_logical == logical, routed, torch.where(new_logical >= 0, replica, new_logical))
         return torch.cat([physical, ids[:, k:]], dim=1), new_w
 
@@ -220,8 +237,16 @@ class TopKSelectionStage:
         rank_tables(physical_to_logical, self.placement.rank_of, self.selector.rank_mask, self._replica_table)
 
 
-def eplb_maps(layer_id: int):
-    """This layer's (physical -> logical [P], logical -> all physical [E, X], replicas per logical [E]).
+class EplbMaps(NamedTuple):
+    """One layer's EPLB placement, as SGLang's ``ExpertLocationMetadata`` holds it (device tensors)."""
+
+    physical_to_logical: torch.Tensor  # [P]: the logical expert of each physical slot
+    logical_to_all: torch.Tensor  # [E, X]: every physical slot of each logical expert (-1 padded)
+    replicas: torch.Tensor  # [E]: how many of those are valid
+
+
+def eplb_maps(layer_id: int) -> EplbMaps:
+    """This layer's EPLB maps.
 
     Read on every call: EPLB rebalancing rewrites the placement (in place, so
     that captured CUDA graphs see it too).
@@ -229,8 +254,8 @@ def eplb_maps(layer_id: int):
     from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
 
     md = get_global_expert_location_metadata()
-    return (md.physical_to_logical_map[layer_id], md.logical_to_all_physical_map[layer_id],
-            md.logical_to_all_physical_map_num_valid[layer_id])
+    return EplbMaps(md.physical_to_logical_map[layer_id], md.logical_to_all_physical_map[layer_id],
+                    md.logical_to_all_physical_map_num_valid[layer_id])
 
 
 # ----------------------------------------------------------------------------- plan after load
@@ -254,6 +279,18 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
+def router_scoring(topk_config) -> str:
+    """The scoring function SGLang's router really applies (not always ``topk_config.scoring_func``).
+
+    With grouped top-k and a correction bias SGLang routes through ``biased_grouped_topk``, which is
+    sigmoid whatever ``scoring_func`` says; glm4_moe leaves ``scoring_func`` at its "softmax" default
+    there, so trusting the field ranked refills by the wrong score and barely selected anything.
+    """
+    if topk_config.use_grouped_topk and topk_config.correction_bias is not None:
+        return "sigmoid"
+    return topk_config.scoring_func
+
+
 def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = False,
                  ep: EpLayout = EpLayout()) -> list[TopKSelectionStage]:
     """Attach a selection stage to every TopK layer ``options`` enables; refuse what we cannot serve."""
@@ -265,18 +302,22 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
                           "id -1, which SGLang's aiter MoE kernels cannot take")
     E = num_routed_experts(hf_config)
     device = _model_device(model)
-    stages, hashed = [], 0
+    stages, planned, hashed = [], [], 0
     for module in model.modules():
         if isinstance(module, HashTopK):
             hashed += 1
             continue
         if not isinstance(module, TopK):
             continue
+        missing = [a for a in ("topk_config", "is_draft", "enable_waterfill") if not hasattr(module, a)]
+        if missing:  # an SGLang rename: what these attributes decide must not default to "admitted"
+            raise ConfigError(f"--moe-backend lynx: SGLang's TopK has no {missing[0]!r}; cannot check that this "
+                              f"layer is one we can serve, refusing rather than risk wrong results")
         cfg = module.topk_config
         layer_id = getattr(module, "layer_id", None)
         if layer_id is None:
             layer_id = cfg.layer_id
-        if getattr(module, "is_draft", False):
+        if module.is_draft:
             # A speculative draft model's MoE (MTP): its batches are speculative, which we leave alone, and its
             # layer ids lie past the target model's (EPLB maps do not cover them).
             continue
@@ -285,7 +326,7 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
         if "forward" in module.__dict__:
             raise ConfigError(f"--moe-backend lynx: the model replaces TopK.forward on layer {layer_id} (for "
                               f"example with forward_native), so our hook would never run; not supported")
-        if getattr(module, "enable_waterfill", False):
+        if module.enable_waterfill:
             raise ConfigError(f"--moe-backend lynx does not support waterfill shared experts (layer {layer_id}): "
                               f"they widen top-k and remap ids per rank after routing")
         if cfg.fused_gate_packed_ids:
@@ -300,9 +341,14 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
             raise ConfigError(f"--moe-backend lynx: layer {layer_id} uses a custom routing function, "
                               f"whose ranking expert selection cannot reproduce")
         shared = cfg.num_shared_topk_slots
-        router = RouterSpec(E, cfg.top_k - shared, shared, cfg.scoring_func, cfg.correction_bias is not None)
+        router = RouterSpec(E, cfg.top_k - shared, shared, router_scoring(cfg), cfg.correction_bias is not None)
         bias = cfg.correction_bias.detach().float() if cfg.correction_bias is not None else None
-        stage = TopKSelectionStage(layer_id, router, options, device, bias, physical_ids, ep)
+        planned.append((module, layer_id, router, bias))
+    # Every layer's statistics in one [L, NUM_STATS] table: the metrics read it with one copy per interval.
+    table = torch.zeros(len(planned), NUM_STATS, dtype=torch.int64, device=device)
+    for row, (module, layer_id, router, bias) in enumerate(planned):
+        stage = TopKSelectionStage(layer_id, router, options, device, bias, physical_ids=physical_ids, ep=ep,
+                                   stats=table[row])
         object.__setattr__(module, STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
         stages.append(stage)
     if hashed:
@@ -314,26 +360,189 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
     return stages
 
 
-_stages: list[TopKSelectionStage] = []
+@dataclass(frozen=True)
+class StatsSnapshot:
+    """One host copy of every registered stage's statistics.
+
+    ``resets``: how often the statistics were zeroed so far (``StageRegistry.reset_stats``); a reader
+    whose previous snapshot has another count must take these values as counted from zero.
+    """
+
+    resets: int
+    layers: dict  # layer id -> SelectionStats
+    mixed_batches: dict  # layer id -> mixed prefill+decode batches selected on (host counts)
+
+
+class StageRegistry:
+    """The selection stages of this process's model (empty unless --moe-backend lynx).
+
+    Owns the read side of their statistics: the rows the stages' selectors accumulate into are
+    rows of the [L, NUM_STATS] table ``build_stages`` allocated, so ``snapshot`` reads all layers
+    with one device-to-host copy (stages from elsewhere are stacked first: still one copy).
+    """
+
+    def __init__(self, stages: Sequence[TopKSelectionStage] = ()):
+        self._stages: list[TopKSelectionStage] = []
+        self.resets = 0
+        self.add(stages)
+
+    def add(self, stages: Sequence[TopKSelectionStage]) -> None:
+        """Register ``stages`` (in layer order; a model's ``build_stages`` result)."""
+        self._stages.extend(stages)
+        rows = [s.stats for s in self._stages]
+        base = rows[0]._base if rows and rows[0]._base is not None else None
+        # The common case: the stages are exactly the rows of one table, in order.
+        self._table = base if (base is not None and base.dim() == 2 and base.shape[0] == len(rows)
+                               and all(r._base is base and r.data_ptr() == base[i].data_ptr()
+                                       for i, r in enumerate(rows))) else None
+
+    def __iter__(self):
+        return iter(list(self._stages))
+
+    def __len__(self) -> int:
+        return len(self._stages)
+
+    def __bool__(self) -> bool:
+        return bool(self._stages)
+
+    def _host_rows(self) -> list:
+        """Every stage's statistics row on the host: one device-to-host copy."""
+        if not self._stages:
+            return []
+        table = self._table if self._table is not None else torch.stack([s.stats for s in self._stages])
+        return table.tolist()
+
+    def snapshot(self) -> StatsSnapshot:
+        """All layers' statistics (one device-to-host copy), and the reset count they belong to."""
+        rows = self._host_rows()
+        return StatsSnapshot(self.resets,
+                             {s.layer_id: SelectionStats.from_values(r) for s, r in zip(self._stages, rows)},
+                             {s.layer_id: s.mixed_batches for s in self._stages})
+
+    def reset_stats(self) -> None:
+        """Zero every stage's statistics in place (captured graphs keep adding to the same rows) and
+        count the reset, so that readers rebase instead of seeing totals go backwards."""
+        for s in self._stages:
+            s.stats.zero_()
+            s.mixed_batches = 0
+        self.resets += 1
+
+
+_registry = StageRegistry()
 
 
 def stages() -> list[TopKSelectionStage]:
     """The selection stages of this process's model (empty unless --moe-backend lynx)."""
-    return list(_stages)
+    return list(_registry)
 
 
-def prepare(model, hf_config, options: LynxOptions) -> list[TopKSelectionStage]:
-    """Refuse what this process cannot serve, then build and register the stages of ``model``."""
-    if _two_batch_overlap():
-        raise ConfigError("--moe-backend lynx does not support --enable-two-batch-overlap yet (both "
-                          "micro-batches would share one layer's selection buffers)")
-    if _moe_input_gathered_over_dp():
-        raise ConfigError("--moe-backend lynx with attention DP (--attn-dp-size > 1) needs a DeepEP-family "
-                          "--moe-a2a-backend: with a2a none each rank's MoE sees every DP rank's rows "
-                          "gathered, while decode/prefill is known only for its own")
+def registry() -> StageRegistry:
+    """This process's stage registry."""
+    return _registry
+
+
+def prepare(model, hf_config, options: LynxOptions, server_args) -> list[TopKSelectionStage]:
+    """Refuse what this process cannot serve, then build and register the stages of ``model``.
+
+    ``server_args``: SGLang's ``ServerArgs`` of this process (``server_args_of_process()``), or any
+    object with the fields ``refusal`` reads (tests); the refusals are decided from it.
+    """
+    check_supported(server_args)
     built = build_stages(model, hf_config, options, physical_ids=_eplb_remaps_ids(), ep=_ep_layout(options))
-    _stages.extend(built)
+    _registry.add(built)
     return built
+
+
+# ----------------------------------------------------------------------------- refusals
+
+class _Unreadable(Exception):
+    pass
+
+
+def _field(cfg, name: str, kind: type):
+    """``cfg.name`` as ``kind``; a missing field or an unexpected type raises ``_Unreadable``."""
+    if not hasattr(cfg, name):
+        raise _Unreadable(f"server args have no field {name!r}")
+    value = getattr(cfg, name)
+    if kind is int and value is None:
+        value = 1  # SGLang's unset parallel sizes mean 1
+    if kind is str and value is None:
+        value = "none"
+    if kind is bool and isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise _Unreadable(f"server arg {name} is {value!r}, expected {kind.__name__}")
+
+
+def _resolved(server_args):
+    """A read view of ``server_args`` with SGLang's resolution declarations applied (resolution can widen
+    attention DP or change the a2a backend after parsing); a plain namespace reads as it is."""
+    from sglang.srt.arg_groups.model_override_base import resolving_view
+
+    return resolving_view(server_args)
+
+
+def refusal(server_args) -> Optional[str]:
+    """Why ``--moe-backend lynx`` cannot serve this configuration, or None.
+
+    Decided from the parsed (and, in a worker, resolved) server args, never from a best-effort read
+    of live state: a field that is missing or of an unexpected type (an SGLang rename) is a refusal
+    with the reason, not an admission.
+
+    - ``enable_two_batch_overlap``: both micro-batches would share one layer's selection buffers.
+    - attention DP (``attn_dp_size`` > 1, or the deprecated ``--dp-size N --enable-dp-attention``)
+      with ``moe_a2a_backend`` ``none`` (and no DWDP, ``dwdp_size`` <= 1): each rank's MoE then sees
+      every DP rank's rows gathered, while decode/prefill is known only for its own. (Configurations
+      whose MoE input SGLang scatters by other means, e.g. flashinfer-cutlass FP4 all-gather, are
+      refused too: we do not decide that from the arguments.)
+    """
+    try:
+        cfg = _resolved(server_args)
+        if _field(cfg, "enable_two_batch_overlap", bool):
+            return ("--moe-backend lynx does not support --enable-two-batch-overlap yet (both micro-batches "
+                    "would share one layer's selection buffers)")
+        attn_dp = _field(cfg, "attn_dp_size", int)
+        if _field(cfg, "enable_dp_attention", bool):  # the deprecated spelling, before resolution rewrites it
+            attn_dp = max(attn_dp, _field(cfg, "dp_size", int))
+        a2a = _field(cfg, "moe_a2a_backend", str)
+        dwdp = _field(cfg, "dwdp_size", int)
+    except _Unreadable as e:
+        return (f"--moe-backend lynx cannot tell whether this SGLang configuration is supported ({e}); "
+                f"refusing rather than risk wrong results")
+    except Exception as e:  # noqa: BLE001  the resolution view itself failed: an SGLang we do not know
+        return (f"--moe-backend lynx cannot read SGLang's server args ({type(e).__name__}: {e}); "
+                f"refusing rather than risk wrong results")
+    if attn_dp > 1 and a2a == "none" and dwdp <= 1:
+        return ("--moe-backend lynx with attention DP (--attn-dp-size > 1) needs a DeepEP-family "
+                "--moe-a2a-backend: with a2a none each rank's MoE sees every DP rank's rows "
+                "gathered, while decode/prefill is known only for its own")
+    return None
+
+
+def check_supported(server_args) -> None:
+    """Raise ConfigError with ``refusal``'s reason if this configuration cannot be served."""
+    reason = refusal(server_args)
+    if reason is not None:
+        raise ConfigError(reason)
+
+
+def server_args_of_process():
+    """This process's ServerArgs as SGLang published it (a scheduler/TP worker); ConfigError if there
+    are none (then nothing can be decided, and we refuse)."""
+    try:
+        from sglang.srt.runtime_context import get_server_args
+
+        args = get_server_args()
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"--moe-backend lynx cannot read this process's server args "
+                          f"({type(e).__name__}: {e}); refusing rather than risk wrong results") from e
+    if args is None:
+        raise ConfigError("--moe-backend lynx: SGLang published no server args in this process; refusing "
+                          "rather than risk wrong results")
+    return args
 
 
 def _ep_layout(options: LynxOptions) -> EpLayout:
@@ -351,29 +560,8 @@ def _ep_layout(options: LynxOptions) -> EpLayout:
         from sglang.srt.distributed.parallel_state import get_moe_ep_group
 
         group = get_moe_ep_group().device_group
-    return EpLayout(n, rank, group, global_votes, options.a2a_backend == "lynx")
-
-
-def _two_batch_overlap() -> bool:
-    """Whether two-batch overlap splits each batch into micro-batches in this process."""
-    from sglang.srt.runtime_context import get_exec
-
-    try:
-        return bool(get_exec().overlap.enable_two_batch_overlap)
-    except (AttributeError, ValueError, AssertionError):
-        return False  # no execution config published (unit tests): no overlap
-
-
-def _moe_input_gathered_over_dp() -> bool:
-    """Whether attention DP gathers every DP rank's rows into this rank's MoE input."""
-    from sglang.srt.layers.moe.utils import is_moe_input_scattered_across_dp_ranks
-    from sglang.srt.runtime_context import get_parallel
-
-    try:
-        dp = int(get_parallel().attn_dp_size)
-    except (AttributeError, ValueError, AssertionError):
-        return False  # no parallel config published (unit tests): no attention DP
-    return dp > 1 and not is_moe_input_scattered_across_dp_ranks()
+    return EpLayout(num_ranks=n, rank=rank, group=group, global_votes=global_votes,
+                    a2a_home=options.a2a_backend == "lynx")
 
 
 def _eplb_remaps_ids() -> bool:
@@ -381,5 +569,3 @@ def _eplb_remaps_ids() -> bool:
     from sglang.srt.layers.moe.topk import is_expert_remapping_enabled
 
     return bool(is_expert_remapping_enabled())
-
-
