@@ -1,6 +1,8 @@
 """Accuracy harness: what does each expert-selection policy cost on held-out text?
 
-The in-process path runs a transformers Qwen3-MoE model on batches of B
+The in-process path runs a transformers MoE model (Qwen3-MoE, or GLM-4.5-style
+``glm4_moe``: sigmoid router with correction bias, expert groups, routed scaling and a
+shared expert; see ``lynx_sglang.model_routing``) on batches of B
 *independent* held-out sequences and applies expert selection exactly where a
 serving engine would: on every MoE layer, to the B rows of one decode step
 (one position of every sequence), with the same ``ExpertSelector`` the SGLang
@@ -35,6 +37,7 @@ and for every such rule each decode step is also costed with
 
     python -m lynx_sglang.accuracy models/trained-qwen3-moe --out benchmarks/results/accuracy_cpu
     python -m lynx_sglang.accuracy models/trained-qwen3-moe --ep 4 --batch-sizes 64 --out build/accuracy_ep
+    python -m lynx_sglang.accuracy models/trained-glm4-moe --out benchmarks/results/accuracy_glm4
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from lynx_sglang import model_routing
+from lynx_sglang.model_routing import BlockRouter
 from lynx_sglang.runtime.selection import reference
 from lynx_sglang.runtime.selection.config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
 from lynx_sglang.corpus import DOMAINS, HELDOUT, read_jsonl
@@ -121,14 +126,20 @@ def make_batches(
 
 
 def moe_blocks(model) -> List[torch.nn.Module]:
-    """The model's sparse MoE blocks, in layer order (Qwen3-MoE family only)."""
-    blocks = [m for m in model.modules() if type(m).__name__ == "Qwen3MoeSparseMoeBlock"]
+    """The model's sparse MoE blocks, in layer order (Qwen3-MoE and glm4_moe families only)."""
+    blocks = model_routing.moe_blocks(model)
     if not blocks:
         raise ValueError(
-            f"{type(model).__name__} has no Qwen3MoeSparseMoeBlock: the in-process harness supports the "
-            "Qwen3-MoE family; measure other models through the server path"
+            f"{type(model).__name__} has no {' or '.join(model_routing.FAMILY_BLOCKS)}: the in-process harness "
+            "supports the Qwen3-MoE family and glm4_moe; measure other models through the server path"
         )
     return blocks
+
+
+def model_shape(model) -> Tuple[int, int]:
+    """``(num_experts, top_k)`` of the model's routed experts (from its MoE blocks' routers)."""
+    r = model_routing.block_router(moe_blocks(model)[0])
+    return r.num_experts, r.top_k
 
 
 def _distinct(ids: torch.Tensor, num_experts: int) -> int:
@@ -194,15 +205,18 @@ class SelectionPatch:
     def __init__(self, model, rule, seed: int = 0, layers: Optional[Sequence[int]] = None,
                  ep: Optional[int] = None):
         self.blocks = moe_blocks(model)
+        # Each layer's router as the model runs it: RouterSpec (softmax, or sigmoid with the layer's
+        # correction bias), and how the block combines routed experts (+ shared expert).
+        self.routers: List[BlockRouter] = [model_routing.block_router(b) for b in self.blocks]
         self.layers = None if layers is None else set(layers)  # None: every MoE layer
         cfg = model.config
-        self.router = RouterSpec(num_experts=cfg.num_experts, top_k=cfg.num_experts_per_tok)
+        self.router: RouterSpec = self.routers[0].spec  # the same shape and semantics on every layer
         self.rule = rule
         self.decode_start = 0
         self.selectors: Dict[int, ExpertSelector] = {}
         self.counts: List[Tuple[int, int, int]] = []  # (layer, experts_before, experts_after) per decode step
         self.rows = [0, 0]  # decode rows whose top-k changed, decode rows
-        self.placement = None if ep is None else ExpertPlacement.contiguous(cfg.num_experts, ep)
+        self.placement = None if ep is None else ExpertPlacement.contiguous(self.router.num_experts, ep)
         self.hidden_size = cfg.hidden_size
         self.traffic: List[Tuple[int, int, int]] = []  # ep: (layer, all-to-all bytes, busiest rank's experts)
         self.random_counts: Optional[List[int]] = None  # experts to keep, consumed in call order
@@ -226,8 +240,10 @@ class SelectionPatch:
         if sel is None or sel.max_tokens < rows:
             rank_aware = isinstance(self.rule, RankAwareLynxPolicy) and self.placement is not None
             common = (self.router, self.rule, max(rows, 1), logits.device, ids.dtype, torch.float32)
-            sel = (RankAwareSelector(*common, backend="torch", rank_mask=self.placement.logical_on_rank())
-                   if rank_aware else ExpertSelector(*common, backend="torch"))
+            bias = self.routers[layer].correction_bias
+            sel = (RankAwareSelector(*common, correction_bias=bias, backend="torch",
+                                     rank_mask=self.placement.logical_on_rank())
+                   if rank_aware else ExpertSelector(*common, correction_bias=bias, backend="torch"))
             self.selectors[layer] = sel
         return sel
 
@@ -239,13 +255,14 @@ class SelectionPatch:
         if self.rule is None or (self.layers is not None and layer not in self.layers):
             new_ids, new_w = ids, weights
         elif self.rule == RANDOM:
-            new_ids, new_w = self._random_keep(logits, ids, weights)
+            new_ids, new_w = self._random_keep(layer, logits, ids, weights)
         elif isinstance(self.rule, RankDropControl):
-            new_ids, new_w = self._random_rank_drop(logits, ids, weights, home)
+            new_ids, new_w = self._random_rank_drop(layer, logits, ids, weights, home)
         else:
             sel = self._selector(layer, ids.shape[0], logits, ids)
+            ranks = {"home": home} if isinstance(sel, RankAwareSelector) else {}
             new_ids, new_w = sel.run(logits.float().contiguous(), ids.contiguous(), weights.float().contiguous(),
-                                     home=home if isinstance(sel, RankAwareSelector) else None)
+                                     **ranks)
             new_ids, new_w = new_ids.clone(), new_w.clone().to(weights.dtype)
         self.counts.append((layer, before, _distinct(new_ids, E)))
         self.rows[0] += int((new_ids != ids).any(dim=1).sum())
@@ -255,7 +272,7 @@ class SelectionPatch:
             self.traffic.append((layer, int(t.dispatch_bytes + t.combine_bytes), int(t.rank_experts.max())))
         return new_ids, new_w
 
-    def _random_keep(self, logits, ids, weights):
+    def _random_keep(self, layer, logits, ids, weights):
         if not self.random_counts:
             raise RuntimeError("the random-keep control needs the expert counts of a matched run")
         m = self.random_counts.pop(0)
@@ -264,16 +281,17 @@ class SelectionPatch:
         chosen = picked[torch.randperm(picked.numel(), generator=self._gen)[:m]]
         keep = torch.zeros(E, dtype=torch.bool)
         keep[chosen] = True
-        sel = reference.selection_score(self.router, logits, None)
+        sel = reference.selection_score(self.router, logits, self.routers[layer].correction_bias)
         row_ok = torch.ones(ids.shape[0], dtype=torch.bool)
         new_ids, new_w, _ = reference.reroute(self.router, logits, ids, weights.float(), sel, row_ok, keep)
         return new_ids, new_w.to(weights.dtype)
 
-    def _random_rank_drop(self, logits, ids, weights, home):
+    def _random_rank_drop(self, layer, logits, ids, weights, home):
         if self.placement is None:
             raise ValueError("the rank-drop control needs expert parallelism (ep)")
         plan = plan_rank_aware(self.rule.policy, self.router, logits.float(), ids, weights.float(),
-                               self.placement.logical_on_rank(), home=home)
+                               self.placement.logical_on_rank(), home=home,
+                               correction_bias=self.routers[layer].correction_bias)
         dropped, target, done = random_rank_drops(plan, self._gen)
         self.rank_drops[0] += target
         self.rank_drops[1] += done
@@ -282,11 +300,12 @@ class SelectionPatch:
 
     def _make_forward(self, layer: int) -> Callable:
         patch = self
+        router = self.routers[layer]
 
         def forward(block, hidden_states: torch.Tensor) -> torch.Tensor:
+            # The block's own router and combine (model_routing): with selection off this is the stock forward.
             b, s, d = hidden_states.shape
-            flat = hidden_states.reshape(-1, d)
-            logits, weights, ids = block.gate(flat)
+            logits, weights, ids = router.route(hidden_states)
             if patch.decode_start < s:
                 k = ids.shape[-1]
                 lg, i3, w3 = logits.view(b, s, -1), ids.view(b, s, k).clone(), weights.view(b, s, k).clone()
@@ -295,7 +314,7 @@ class SelectionPatch:
                 ids, weights = i3.view(-1, k), w3.view(-1, k)
                 # transformers' experts take index E as "no expert" (an empty slot: weight 0).
                 ids = torch.where(ids < 0, torch.full_like(ids, patch.router.num_experts), ids)
-            return block.experts(flat, ids, weights).reshape(b, s, d)
+            return router.moe_output(hidden_states, ids, weights)
 
         return forward
 
@@ -894,7 +913,7 @@ def compare_servers(
 
 
 def load_model(path: Path):
-    """A transformers Qwen3-MoE model in fp32 (eval mode) and its tokenizer."""
+    """A transformers Qwen3-MoE or glm4_moe model in fp32 (eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -973,8 +992,8 @@ def main() -> None:
         return
     model, tokenizer = load_model(args.model)
     streams = domain_streams(tokenizer)
-    cfg = model.config
-    rules = default_rules(cfg.num_experts, cfg.num_experts_per_tok) if args.ep is None else ep_rules(args.ep)
+    num_experts, top_k = model_shape(model)
+    rules = default_rules(num_experts, top_k) if args.ep is None else ep_rules(args.ep)
     if args.rules:
         wanted = args.rules.split(",")
         unknown = sorted(set(wanted) - {r.label for r in rules})
@@ -989,8 +1008,9 @@ def main() -> None:
     if args.out:
         payload = {
             **meta,
-            "num_experts": cfg.num_experts,
-            "top_k": cfg.num_experts_per_tok,
+            "num_experts": num_experts,
+            "top_k": top_k,
+            "router": model_routing.block_router(moe_blocks(model)[0]).record(),
             "threads": torch.get_num_threads(),
             "seconds": round(time.time() - t0, 1),
             "summaries": [asdict(s) for s in summaries],

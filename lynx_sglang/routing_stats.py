@@ -11,12 +11,16 @@ For any causal LM that transformers loads and that returns router logits
    *independent_domain* (one position of B different windows of one domain,
    decode-like) and *independent_mixed* (the same, windows from all domains).
 3. **Router confidence**: quantiles and histograms of the top-1 minus top-2
-   logit gap, of the top-1 probability and of the probability mass of the top-k.
+   gap of the router's ranking key (the logit for softmax routers), of the top-1
+   probability and of the probability mass of the top-k.
 
 Windows are evenly spaced over each domain's token stream (so they begin at
 different offsets); only positions at or after ``prefix`` are counted, so every
-counted token has context. The router is taken to be softmax over the logits,
-top-k (what Qwen3-MoE, Mixtral and OLMoE do).
+counted token has context. Each layer's picks are the model's own
+(``lynx_sglang.model_routing``): softmax top-k for Qwen3-MoE; for ``glm4_moe``
+sigmoid scores ranked with the layer's ``e_score_correction_bias`` inside the best
+expert groups. For a model of no family described there (Mixtral, OLMoE, ...)
+the router is taken to be softmax over the logits, top-k.
 
 ``--prompts FILE`` measures the same on a JSONL (or .jsonl.gz) of prompts instead of the
 corpus, e.g. HumanEval's problems (one object a line, text in ``--prompt-field``,
@@ -47,6 +51,7 @@ import numpy as np
 import torch
 
 from lynx_sglang.corpus import DOMAINS, HELDOUT, Document, read_jsonl
+from lynx_sglang.model_routing import BlockRouter, assumed_router, model_routers
 from lynx_sglang.train_model import fixed_windows, token_streams
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -159,9 +164,10 @@ class Routing:
     top_k: int
     prefix: int
     ids: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # [N, P, k] int16 top-k expert ids
-    gap: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # [N*P] top-1 minus top-2 logit
+    gap: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # [N*P] top-1 minus top-2 ranking key
     top1: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # [N*P] top-1 probability
     mass: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # [N*P] probability of the top-k
+    routers: List[BlockRouter] = field(default_factory=list)  # per MoE layer: how the picks were made
     trace_positions: Optional[torch.Tensor] = None  # positions (absolute in the window) kept for the trace
     trace_logits: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # [N, len(positions), E] fp16
 
@@ -195,12 +201,17 @@ def collect(
     prefix: int = 16,
     forward_batch: int = 16,
     trace_positions: Optional[torch.Tensor] = None,
+    routers: Optional[Sequence[BlockRouter]] = None,
 ) -> Routing:
     """Run every window through the model once and keep per-token routing facts.
 
     Keeps the top-k ids and three confidence numbers of every position >=
     ``prefix``; the full logits only at ``trace_positions`` (for the trace).
+    ``routers``: each MoE layer's router (default: ``model_routing.model_routers``,
+    or softmax top-k for a model of no family described there).
     """
+    if routers is None:
+        routers = model_routers(model)
     r = Routing(num_experts, top_k, prefix, trace_positions=trace_positions)
     per_layer: List[Dict[str, Dict[str, list]]] = []
     for domain, w in windows.items():
@@ -211,6 +222,9 @@ def collect(
             router = _forward_router_logits(model, x)
             if not per_layer:
                 per_layer = [{} for _ in router]
+                if routers and len(routers) != len(router):
+                    raise ValueError(f"{len(routers)} routers for {len(router)} layers of router logits")
+                r.routers = list(routers) if routers else [assumed_router(num_experts, top_k) for _ in router]
             for li, logits in enumerate(router):
                 z = logits.float().view(x.shape[0], x.shape[1], -1)
                 if z.shape[-1] != num_experts:
@@ -218,13 +232,11 @@ def collect(
                 acc = per_layer[li].setdefault(domain, {"ids": [], "gap": [], "top1": [], "mass": [], "trace": []})
                 if trace_positions is not None:
                     acc["trace"].append(z[:, trace_positions].to(torch.float16))
-                z = z[:, prefix:]
-                p = z.softmax(dim=-1)
-                top_z, ids = z.topk(max(top_k, 2), dim=-1)  # ties broken as torch.topk does, like the router
-                acc["ids"].append(ids[..., :top_k].to(torch.int16))
-                acc["gap"].append((top_z[..., 0] - top_z[..., 1]).reshape(-1))
-                acc["top1"].append(p.amax(dim=-1).reshape(-1))
-                acc["mass"].append(p.gather(-1, ids[..., :top_k].long()).sum(-1).reshape(-1))
+                ids, gap, p = _route(r.routers[li], z[:, prefix:].reshape(-1, num_experts))
+                acc["ids"].append(ids.view(x.shape[0], -1, top_k).to(torch.int16))
+                acc["gap"].append(gap)
+                acc["top1"].append(p.amax(dim=-1))
+                acc["mass"].append(p.gather(-1, ids).sum(-1))
     for layer in per_layer:
         r.ids.append({d: torch.cat(a["ids"]) for d, a in layer.items()})
         r.gap.append({d: torch.cat(a["gap"]) for d, a in layer.items()})
@@ -233,6 +245,19 @@ def collect(
         if trace_positions is not None:
             r.trace_logits.append({d: torch.cat(a["trace"]) for d, a in layer.items()})
     return r
+
+
+def _route(router: BlockRouter, z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer's routing of logits [T, E]: (top-k ids [T, k], top-1 minus top-2 gap [T], probs [T, E]).
+
+    The picks are the model's (``BlockRouter.route_logits``), best first by the router's ranking
+    key; the gap is between the two best picks' keys (softmax: logits; glm4_moe: sigmoid score +
+    correction bias). With top-1 routing the runner-up is the best unpicked expert (no group limit).
+    """
+    ids, _, probs = router.route_logits(z)
+    key = router.ranking_key(z)
+    top2 = key.gather(-1, ids[:, :2]) if router.top_k >= 2 else key.topk(2, dim=-1).values
+    return ids, top2[:, 0] - top2[:, 1], probs
 
 
 # ---------------------------------------------------------------------------
@@ -397,6 +422,8 @@ def build_trace(
     that have ``batch`` windows, or drawn across all domains with equal weight
     per domain). Logits are float16,
     [layers, batches, batch, E]; ``domain`` [batches, batch] indexes ``domains``.
+    ``router`` describes how the model routes them (``BlockRouter.record``) and, for a
+    router with a correction bias (glm4_moe), ``correction_bias`` holds it, [layers, E].
     """
     if routing.trace_positions is None or not routing.trace_logits:
         raise ValueError("collect() was run without trace_positions")
@@ -435,7 +462,7 @@ def build_trace(
             "window": win.to(torch.int32),
             "position": routing.trace_positions[:num_batches].to(torch.int32).clone(),
         }
-    return {
+    trace = {
         "format": TRACE_FORMAT,
         "model": model_path,
         "num_experts": routing.num_experts,
@@ -444,6 +471,12 @@ def build_trace(
         "domains": domains,
         "kinds": kinds,
     }
+    if routing.routers:
+        # How to route the logits (absent in older traces: softmax top-k).
+        trace["router"] = routing.routers[0].record()
+        if routing.routers[0].correction_bias is not None:
+            trace["correction_bias"] = torch.stack([r.correction_bias for r in routing.routers])  # [layers, E]
+    return trace
 
 
 def load_trace(path: Path) -> Dict:
@@ -493,6 +526,10 @@ def scaled_logits(
         raise ValueError(f"trace has no {kind!r} batches; it has {sorted(trace['kinds'])}")
     rec = trace["kinds"][kind]
     E = int(trace["num_experts"])
+    router = trace.get("router", {})
+    if num_experts != E and (router.get("scoring_func", "softmax") != "softmax" or router.get("has_correction_bias")):
+        raise ValueError(f"scaling assumes a softmax top-k router (ranked by logit); this trace's router is "
+                         f"{router.get('rule')!r}")
     if num_experts < E:
         raise ValueError(f"cannot replay a {E}-expert trace at fewer experts ({num_experts})")
     if num_experts != E and not 1 <= top_k < E:
@@ -607,7 +644,10 @@ def analyse(
         "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
         "num_moe_layers": routing.num_layers,
         "norm_topk_prob": getattr(cfg, "norm_topk_prob", None),
-        "router": "softmax over logits, top-k (assumed)",
+        "router": routing.routers[0].describe(),
+        "router_spec": routing.routers[0].record(),
+        # What the confidence gap measures: the router's ranking key (see model_routing.BlockRouter.ranking_key).
+        "gap_key": "logit" if routing.routers[0].spec.scoring_func == "softmax" else "sigmoid score + correction bias",
         "settings": {
             "heldout": None if prompts is not None else str(heldout),
             "prompts": None if prompts is None else {"file": str(prompts), "field": prompt_field,
@@ -689,7 +729,7 @@ def plot(result: Dict, path: Path) -> None:
         edges = np.array(h["edges"])
         counts = np.array(h["counts"], dtype=float)
         ax.bar(edges[:-1], counts / counts.sum(), width=np.diff(edges), align="edge", alpha=0.7)
-        ax.set_xlabel("top-1 minus top-2 router logit (last bin: overflow)")
+        ax.set_xlabel(f"top-1 minus top-2 router {result.get('gap_key', 'logit')} (last bin: overflow)")
         ax.set_ylabel("fraction of tokens")
         med = L["confidence"]["top1_minus_top2_logit"]["all"]["q50"]
         ax.axvline(med, color="k", lw=1, label=f"median {med:.2f}")

@@ -134,7 +134,7 @@ def test_expert_parallel_rules_cost_traffic(model_and_streams, tmp_path):
     A.plot_ep(summaries, tmp_path / "ep.png", "test")
     assert (tmp_path / "ep.png").stat().st_size > 10_000
     # lynx_ep needs the placement: without ep the selector refuses it.
-    with pytest.raises(ConfigError, match="rank_mask"):
+    with pytest.raises(ConfigError, match="expert placement"):
         A.sweep(model, streams, [A.Rule("lynx_ep", make_policy("lynx_ep"))], (4,), 1, prefix=4, decode_len=2,
                 greedy_tokens=0, log=lambda s: None)
 
@@ -193,17 +193,50 @@ def test_unsupported_model_is_refused():
 
 
 def test_cli_writes_json_and_png(tmp_path):
+    """The CLI on a small sweep: its file's numbers obey what must hold whatever the model does."""
     out = tmp_path / "acc"
+    lynx, rand, budget = "lynx moved<=0.4", "random~lynx moved<=0.4", "budget 12"
+    B, decode_len = 4, 4
     proc = subprocess.run(
-        [sys.executable, "-m", "lynx_sglang.accuracy", str(DEFAULT_MODEL), "--out", str(out), "--batch-sizes", "4",
-         "--batches", "1", "--prefix", "6", "--decode-len", "4", "--greedy-tokens", "2"],
+        [sys.executable, "-m", "lynx_sglang.accuracy", str(DEFAULT_MODEL), "--out", str(out), "--batch-sizes", str(B),
+         "--batches", "1", "--prefix", "6", "--decode-len", str(decode_len), "--greedy-tokens", "2",
+         "--rules", ",".join(["off", lynx, budget, rand])],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = json.loads(out.with_suffix(".json").read_text())
-    labels = {s["rule"]["label"] for s in payload["summaries"]}
-    assert "off" in labels and any(label.startswith("random~lynx") for label in labels)
-    assert out.with_suffix(".png").exists()
+    assert (payload["num_experts"], payload["top_k"]) == (32, 4)  # the bundled model; "budget 12" is 3E/8
+    assert payload["settings"]["batch_sizes"] == str(B) and payload["settings"]["decode_len"] == decode_len
+    by = {(s["rule"]["label"], s["kind"]): s for s in payload["summaries"]}
+    kinds = {s["kind"] for s in payload["summaries"]}
+    domains = kinds - {"one-domain", "mixed"}
+    assert "mixed" in kinds and "one-domain" in kinds and len(domains) >= 2
+    assert set(by) == {(r, k) for r in ("off", lynx, budget, rand) for k in kinds}
+    moved = 0
+    for kind in kinds:
+        off = by[("off", kind)]
+        # Selection off is the model itself: exactly no difference, not "a small one".
+        assert off["accuracy"] == off["accuracy_off"] and off["delta_points"] == 0 and off["delta_loglik"] == 0
+        assert off["kl"] == 0 and off["top1_agreement"] == 1 and off["greedy_agreement"] == 1
+        assert off["per_layer_after"] == off["per_layer_before"] and off["rows_changed"] == 0 and off["reduction"] == 0
+        for rule in ("off", lynx, budget, rand):
+            s = by[(rule, kind)]
+            # one batch of B sequences, decode_len scored positions each (one-domain: one batch per domain)
+            batches = len(domains) if kind == "one-domain" else 1
+            assert s["batch_size"] == B and s["tokens"] == B * decode_len * batches
+            # the same batches for every rule: the same baseline, and layer 0 routes before any rewrite
+            assert s["accuracy_off"] == off["accuracy_off"] and s["per_layer_before"][0] == off["per_layer_before"][0]
+            assert s["delta_points"] == pytest.approx(100 * (s["accuracy"] - s["accuracy_off"]), abs=1e-6)
+            assert s["experts_after"] == pytest.approx(sum(s["per_layer_after"]) / 4, abs=1e-3)
+            assert s["reduction"] == pytest.approx(1 - s["experts_after"] / s["experts_before"], abs=1e-3)
+            assert all(a <= b for a, b in zip(s["per_layer_after"], s["per_layer_before"]))
+            assert s["kl"] >= 0 and 0 <= s["rows_changed"] <= 1
+        assert max(by[(budget, kind)]["per_layer_after"]) <= 12
+        # The random control keeps exactly as many experts as the rule it is matched to, step for step.
+        assert by[(rand, kind)]["per_layer_after"] == by[(lynx, kind)]["per_layer_after"]
+        moved += by[(lynx, kind)]["rows_changed"] > 0 and by[(lynx, kind)]["kl"] > 0
+    assert moved > 0  # lynx really changed something (else the comparisons above prove little)
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pooling_runs_weights_by_tokens_and_recomputes_changes(tmp_path):
@@ -237,3 +270,117 @@ def test_pooling_runs_weights_by_tokens_and_recomputes_changes(tmp_path):
     assert len(payload["runs"]) == 2 and payload["seconds"] == 2.0
     assert {s["rule"]["label"]: s["tokens"] for s in payload["summaries"]} == {"lynx_ep": 400, "off": 100}
     assert (tmp_path / "pooled.png").exists()
+
+
+# ----------------------------------------------------------------------------- every bundled model's router
+
+BUNDLED = ("trained-qwen3-moe", "trained-qwen3-moe-e128", "trained-glm4-moe")
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    """Each bundled model (fp32), loaded once for the tests below."""
+    from lynx_sglang.server_process import REPO
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = A.load_model(REPO / "models" / name)[0]
+        return cache[name]
+
+    return get
+
+
+def _capture_blocks(model, tokens):
+    """One forward pass; per MoE block its input, its output and its router's (logits, weights, ids)."""
+    blocks = A.moe_blocks(model)
+    seen = {}
+    hooks = [b.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(n, (i[0], o))) for n, b in enumerate(blocks)]
+    hooks += [b.gate.register_forward_hook(lambda m, i, o, n=n: seen.__setitem__(("gate", n), o))
+              for n, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=tokens).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, [(*seen[n], seen[("gate", n)]) for n in range(len(blocks))]
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_block_router_is_the_models_own_routing(bundled, name):
+    """model_routing reproduces each block: ids/weights from the logits, and the block's output from them."""
+    from lynx_sglang.model_routing import block_router
+
+    model = bundled(name)
+    tokens = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    _, captured = _capture_blocks(model, tokens)
+    glm = name == "trained-glm4-moe"
+    for block, (hidden, out, (logits, weights, ids)) in zip(A.moe_blocks(model), captured):
+        r = block_router(block)
+        # What the harness hands ExpertSelector: the family's scoring and the layer's own bias.
+        assert r.spec.scoring_func == ("sigmoid" if glm else "softmax") and r.spec.has_correction_bias == glm
+        if glm:
+            assert torch.equal(r.correction_bias, block.gate.e_score_correction_bias)
+            assert r.correction_bias.abs().max() > 0  # trained: a zero bias would hide a missing one
+            assert (r.n_group, r.topk_group, r.routed_scaling_factor, r.top_k) == (8, 4, 2.5, 6)
+            assert r.has_shared_expert
+        # route(hidden) is the block's router call itself.
+        for a, b in zip(r.route(hidden), (logits, weights, ids)):
+            assert torch.equal(a, b)
+        # route_logits (what routing_stats uses on recorded logits): the same picks and gate weights.
+        got_ids, got_w, probs = r.route_logits(logits)
+        s_ids, order = ids.sort(dim=-1)
+        g_ids, g_order = got_ids.sort(dim=-1)
+        assert torch.equal(s_ids, g_ids)
+        torch.testing.assert_close(got_w.gather(-1, g_order), weights.float().gather(-1, order), rtol=0, atol=1e-6)
+        torch.testing.assert_close(got_w.sum(-1), torch.full_like(got_w[:, 0], 2.5 if glm else 1.0))
+        torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs[:, 0]))
+        # The block's output, recombined from its routing (routed experts + shared expert): exact.
+        with torch.no_grad():
+            assert torch.equal(r.moe_output(hidden, ids, weights), out)
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_patched_forward_with_policy_off_is_the_model(bundled, name):
+    model = bundled(name)
+    tokens = torch.randint(0, model.config.vocab_size, (4, 20), generator=torch.Generator().manual_seed(1))
+    stock, _ = _capture_blocks(model, tokens)
+    with torch.no_grad(), A.SelectionPatch(model, make_policy("off")) as patch:
+        patch.decode_start = 6
+        patched = model(input_ids=tokens).logits
+    assert torch.equal(stock, patched)
+    assert patch.rows == [0, 4 * 14 * len(A.moe_blocks(model))]
+    sel = patch.selectors[0]
+    if name == "trained-glm4-moe":
+        assert sel.router.scoring_func == "sigmoid" and sel.router.has_correction_bias
+        assert torch.equal(sel.correction_bias, A.moe_blocks(model)[0].gate.e_score_correction_bias)
+    else:
+        assert sel.router.scoring_func == "softmax" and sel.correction_bias is None
+
+
+def test_glm4_selection_keeps_the_routed_scale_and_the_controls_run(bundled, model_and_streams):
+    """On glm4: a rewritten row keeps its routed weight sum (x2.5); lynx, budget and random-keep run end to end."""
+    model = bundled("trained-glm4-moe")
+    tokens = torch.randint(0, model.config.vocab_size, (16, 12), generator=torch.Generator().manual_seed(2))
+    _, captured = _capture_blocks(model, tokens)
+    hidden, _, (logits, weights, ids) = captured[1]
+    last = torch.arange(16) * 12 + 11  # one decode step: the last position of every sequence
+    with A.SelectionPatch(model, make_policy("budget", max_experts=24)) as patch:
+        new_ids, new_w = patch._select(1, logits[last], ids[last], weights[last])
+    assert A._distinct(new_ids, 64) <= 24 < A._distinct(ids[last], 64)
+    assert (new_ids != ids[last]).any()
+    torch.testing.assert_close(new_w.sum(-1), torch.full((16,), 2.5))
+    assert all(len(set(row)) == 6 for row in new_ids.tolist())
+
+    rules = [A.Rule("off", make_policy("off")), A.Rule("lynx", make_policy("lynx")),
+             A.Rule("random~lynx", matched_to="lynx")]
+    streams = {"python": model_and_streams[1]["python"]}  # glm4 was trained with the qwen3 model's tokenizer
+    summaries = A.sweep(model, streams, rules, batch_sizes=(8,), batches_per_kind=1, prefix=6, decode_len=4,
+                        greedy_tokens=2, log=lambda s: None)
+    by = {(s.rule["label"], s.kind): s for s in summaries}
+    off = by[("off", "mixed")]
+    assert off.kl == 0 and off.delta_points == 0 and off.experts_after == off.experts_before
+    assert by[("random~lynx", "mixed")].per_layer_after == by[("lynx", "mixed")].per_layer_after
+    assert by[("lynx", "mixed")].experts_after <= off.experts_before

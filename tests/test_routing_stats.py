@@ -220,3 +220,86 @@ def test_cli_end_to_end(tmp_path):
     assert len(result["summary"]["layers"]) == 2
     trace = rs.load_trace(tmp_path / "trace.pt")
     assert trace["kinds"]["independent_mixed"]["logits"].shape == (2, 4, 8, 16)
+
+
+# --------------------------------------------------------------------------- glm4_moe: the model's own routing
+
+GLM4 = REPO / "models" / "trained-glm4-moe"
+
+
+@pytest.fixture(scope="module")
+def glm4():
+    """The bundled glm4_moe model on 32 windows per domain, with its routers' own picks hooked alongside."""
+    from lynx_sglang.model_routing import moe_blocks
+
+    model, tokenizer, E, k = rs.load_model(GLM4)
+    windows, _ = rs.heldout_windows(tokenizer, rs.HELDOUT, WINDOW, 32)
+    blocks = moe_blocks(model)
+    calls = [[] for _ in blocks]
+    hooks = [b.gate.register_forward_hook(lambda m, i, o, n=n: calls[n].append(o[2])) for n, b in enumerate(blocks)]
+    positions = PREFIX + torch.randint(0, WINDOW - PREFIX, (4,), generator=torch.Generator().manual_seed(1))
+    try:
+        routing = rs.collect(model, windows, E, k, PREFIX, forward_batch=16, trace_positions=positions)
+    finally:
+        for h in hooks:
+            h.remove()
+    # The routers' picks, cut the way collect cuts them: per domain, [windows, positions >= prefix, k].
+    own = []
+    for layer_calls in calls:
+        it, per_domain = iter(layer_calls), {}
+        for d, w in windows.items():
+            parts = [next(it).view(min(16, w.shape[0] - i), WINDOW, k)[:, PREFIX:] for i in range(0, w.shape[0], 16)]
+            per_domain[d] = torch.cat(parts)
+        own.append(per_domain)
+    return {"model": model, "E": E, "k": k, "routing": routing, "own": own, "blocks": blocks}
+
+
+def test_glm4_picks_are_the_models_own(glm4):
+    """collect routes glm4's logits as the model does: sigmoid + bias, group-limited (not softmax top-k)."""
+    r, E, k = glm4["routing"], glm4["E"], glm4["k"]
+    assert (E, k) == (64, 6) and r.num_layers == 4
+    for li, router in enumerate(r.routers):
+        assert router.family == "glm4_moe" and router.spec.scoring_func == "sigmoid" and router.spec.has_correction_bias
+        assert torch.equal(router.correction_bias, glm4["blocks"][li].gate.e_score_correction_bias)
+        for d, ids in r.ids[li].items():
+            assert torch.equal(ids.long().sort(-1).values, glm4["own"][li][d].sort(-1).values), (li, d)
+            # Picks come from the best 4 of 8 groups of 8 experts.
+            groups = torch.zeros(*ids.shape[:2], 8, dtype=torch.bool).scatter_(-1, ids.long() // 8, True)
+            assert (groups.sum(-1) <= 4).all()
+
+
+def test_glm4_distinct_experts_match_the_models_routing(glm4):
+    """B=32 decode-like batches: the tool's count is the count of the model's own picks, near uniform, no dead expert."""
+    r, E, k = glm4["routing"], glm4["E"], glm4["k"]
+    uniform = rs.uniform_distinct(E, k, 32)
+    for li in range(r.num_layers):
+        got = rs.distinct_experts(r.ids[li], E, k, batch_sizes=(32,), num_batches=64, seed=li)
+        own = rs.distinct_experts({d: x.to(torch.int16) for d, x in glm4["own"][li].items()}, E, k,
+                                  batch_sizes=(32,), num_batches=64, seed=li)
+        # The same batches drawn from the model's own picks: the same counts.
+        for kind in ("independent_domain", "independent_mixed"):
+            assert got[kind]["32"] == own[kind]["32"]
+        # What the model really does (softmax top-k of the logits said 32-50 and dead experts).
+        assert 0.9 * uniform <= got["independent_mixed"]["32"]["mean"] <= min(E, 32 * k)
+        assert rs.load_balance(torch.cat([x.reshape(-1) for x in r.ids[li].values()]), E)["dead"] == 0
+        # A batch of the model's own picks counted directly.
+        batch = torch.stack([glm4["own"][li][d][j, 40] for d in glm4["own"][li] for j in range(8)])  # [32, k]
+        assert float(rs.distinct_count(batch[None], E)[0]) == float(rs.distinct_count(
+            torch.stack([r.ids[li][d][j, 40].long() for d in r.ids[li] for j in range(8)])[None], E)[0])
+
+
+def test_glm4_confidence_and_trace(glm4, tmp_path):
+    r = glm4["routing"]
+    c = rs.confidence(r.gap[0], r.top1[0], r.mass[0])
+    # The gap is between the two best picks' ranking keys (sigmoid score + bias): never negative.
+    assert c["top1_minus_top2_logit"]["all"]["q01"] >= 0
+    assert c["top1_prob"]["all"]["mean"] <= c["topk_mass"]["all"]["mean"] <= 1.0
+    trace = rs.build_trace(r, str(GLM4), num_batches=4, batch=32)
+    assert trace["router"]["family"] == "glm4_moe" and trace["router"]["n_group"] == 8
+    assert trace["correction_bias"].shape == (4, 64)
+    torch.save(trace, tmp_path / "t.pt")
+    back = rs.load_trace(tmp_path / "t.pt")
+    assert torch.equal(back["correction_bias"][2], glm4["blocks"][2].gate.e_score_correction_bias)
+    assert rs.scaled_logits(back, 0, 64, 6, 8, torch.Generator().manual_seed(0)).shape == (8, 64)
+    with pytest.raises(ValueError, match="softmax"):
+        rs.scaled_logits(back, 0, 128, 8, 8, torch.Generator().manual_seed(0))
