@@ -366,7 +366,7 @@ def test_rules_are_deterministic_and_empty_batches_pass(device):
         peers.select_peer(SerePolicy(1), router, logits, ids, w)
 
 
-def test_reroute_allowed_is_reference_reroute_for_one_kept_set(device):
+def test_reroute_per_row_kept_set_equals_the_batch_kept_set(device):
     rng = random.Random("reroute")
     for _ in range(20):
         router, logits, ids, w, nv, corr = make_batch(rng, device)
@@ -375,7 +375,7 @@ def test_reroute_allowed_is_reference_reroute_for_one_kept_set(device):
         row_ok = reference.vote(peers.OffPolicy(), router, logits, ids, w, T if nv is None else nv, sel).row_ok
         keep = torch.rand(E, generator=torch.Generator().manual_seed(rng.randrange(1 << 30))).to(device) < 0.5
         want = reference.reroute(router, logits, ids, w, sel, row_ok, keep)
-        got = peers.reroute_allowed(router, logits, ids, w, sel, row_ok, keep[None, :].expand(T, E))
+        got = reference.reroute(router, logits, ids, w, sel, row_ok, keep[None, :].expand(T, E))
         for a, b in zip(got, want):
             assert torch.equal(a, b)
 

@@ -37,7 +37,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from lynx_sglang.runtime.selection.config import MAX_BETA, ConfigError, OffPolicy, RouterSpec, _check_number
-from lynx_sglang.runtime.selection.reference import SelectionInfo, gate_weights, selection_score, vote
+from lynx_sglang.runtime.selection.reference import SelectionInfo, reroute, selection_score, vote
 
 # Logits are summed over the batch in integer units of 1/LOGIT_Q (XShare), so the sum is exact
 # and independent of summation order.
@@ -225,49 +225,6 @@ def _info(router, out_ids, row_ok, picks, changed) -> SelectionInfo:
     )
 
 
-def reroute_allowed(
-    router: RouterSpec,
-    logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_weights: torch.Tensor,
-    sel: torch.Tensor,
-    row_ok: torch.Tensor,
-    allowed: torch.Tensor,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``reference.reroute`` with a per-row allowed set ``allowed`` [T, E] bool.
-
-    A voting row whose picks are all allowed is copied bit for bit. Another keeps its
-    allowed picks in their slots; its freed slots, in slot order, take its best-scoring
-    allowed experts it does not hold (score ``sel``, ties to the lower id), ``-1`` with
-    weight 0 when none is left; weights are the router's gate values of the new set
-    rescaled to the row's original routed sum (``reference.gate_weights``). When a row's
-    picks are its top-k by ``sel`` this is exactly its top-k over the allowed experts.
-    Returns (ids, weights, rows_changed [T] bool).
-    """
-    T, E = logits.shape
-    k = router.top_k
-    ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
-    survive = allowed.gather(1, ids_c)
-    changed = row_ok & ~survive.all(dim=1)
-    freed = ~survive
-
-    in_row = torch.zeros(T, E, dtype=torch.bool, device=logits.device).scatter_(1, ids_c, True)
-    cand = allowed & ~in_row
-    cand_score = torch.where(cand, sel, torch.full_like(sel, float("-inf")))
-    order = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
-    free_rank = torch.cumsum(freed.long(), dim=1) - 1
-    fill = order.gather(1, free_rank.clamp(0, E - 1))
-    fill = torch.where(free_rank < cand.sum(dim=1, keepdim=True), fill, torch.full_like(fill, -1))
-    new_ids = torch.where(freed, fill, ids_c)
-    new_w = gate_weights(router, logits, new_ids, topk_weights)
-
-    out_ids = topk_ids.clone()
-    out_w = topk_weights.clone()
-    out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
-    out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
-    return out_ids, out_w, changed
-
-
 def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
     """An fp32 0-d device tensor (``torch.full``: no host data is copied per step)."""
     return torch.full((), value, dtype=torch.float32, device=like.device)
@@ -324,7 +281,7 @@ def lynx_paper_select(
        a beta, D is the deepest level that fits in int64 at this T and rows deeper than D
        count 0 towards the bonus, as in fp32 where they vanish).
     3. Kept set = union of the voting rows' choices. Every voting row then takes its top-k
-       over the kept experts (``reroute_allowed``: surviving picks stay in their slots,
+       over the kept experts (``reference.reroute`` with a kept set per row: surviving picks stay in their slots,
        freed slots take the best kept experts by the router's score; the row's own choice
        has k kept experts, so no slot is ever empty). Weights: gate values of the new set
        rescaled to the row's original routed weight sum.
@@ -384,7 +341,7 @@ def lynx_paper_select(
     chosen = by_bonus.gather(1, by_level[:, :k])
     keep = _histogram(chosen, row_ok[:, None].expand(T, k), E) > 0
 
-    out_ids, out_w, changed = reroute_allowed(
+    out_ids, out_w, changed = reroute(
         router, logits, topk_ids, topk_weights, sel, row_ok, keep[None, :].expand(T, E)
     )
     return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
@@ -424,7 +381,7 @@ def xshare_select(
     3. Each voting row may use G plus its own top ``top_per_token`` picks (by the router's
        score, ties to the lower id) — and, with ``guarantee_topk`` and m < top_k, all its
        picks (then the rule changes nothing).
-    4. Each row takes its top-k over the experts it may use (``reroute_allowed``); a row with
+    4. Each row takes its top-k over the experts it may use (``reference.reroute`` with a kept set per row); a row with
        fewer than k such experts gets ``-1`` slots with weight 0.
 
     Differences from their code (and from the issue's description):
@@ -475,7 +432,7 @@ def xshare_select(
     ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
     own = torch.zeros(T, E, dtype=torch.int64, device=logits.device).scatter_add_(1, ids_c, (rank < k0).long()) > 0
     allowed = batch_set[None, :] | own
-    out_ids, out_w, changed = reroute_allowed(router, logits, topk_ids, topk_weights, sel, voting, allowed)
+    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, voting, allowed)
     return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
 
 

@@ -303,21 +303,23 @@ def reroute(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 3: rewrite the rows that lost a pick; returns (ids, weights, changed [T] bool).
 
-    ``out``: (ids, weights) buffers shaped like ``topk_ids`` / ``topk_weights`` to write
+    ``keep``: the batch's kept experts [E] bool, or a kept set per row [T, E] bool (peer rules
+    whose allowed experts differ by token, ``peers``). ``out``: (ids, weights) buffers shaped like ``topk_ids`` / ``topk_weights`` to write
     the result into (a selector's planned outputs; None: new tensors).
     """
     T, E = logits.shape
     k = router.top_k
     ids = topk_ids[:, :k].long()
     ids_c = ids.clamp(0, E - 1)
-    survive = keep[ids_c]
+    per_row = keep.dim() == 2
+    survive = keep.gather(1, ids_c) if per_row else keep[ids_c]
     changed = row_ok & ~survive.all(dim=1)
     freed = ~survive
 
     # Candidates: kept experts the row does not hold yet, best score first, ties to the lower id.
     in_row = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
     in_row.scatter_(1, ids_c, True)
-    cand = keep[None, :] & ~in_row
+    cand = (keep if per_row else keep[None, :]) & ~in_row
     cand_score = torch.where(cand, sel, torch.full_like(sel, float("-inf")))
     order = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
     # The j-th freed slot (in slot order) takes the j-th best candidate, or -1 if none is left.
