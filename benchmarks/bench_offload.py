@@ -1,0 +1,466 @@
+"""Offload-aware selection: exact expert page-ins of SGLang's paged experts under each rule.
+
+SGLang 0.5.23's paged experts (``--enable-paged-experts --paged-experts-num-resident K``) keep K
+expert slots per MoE layer on the GPU and page every other expert a step uses in from pinned host
+memory, least recently used slot first (``sglang.srt.layers.moe.paged_experts``; docs/offload.md
+says when and where). This benchmark replays real decode routing of a bundled trained model
+through SGLang's own ``LRUPolicy`` / ``plan_waves`` (imported, not rewritten), one LRU state per
+MoE layer, steps in time order, and counts the page-ins.
+
+Routing comes from the accuracy harness (``lynx_sglang.accuracy``): B independent held-out
+sequences, teacher-forced, one position across the B sequences = one decode step, rewritten by
+each rule exactly where the server rewrites it. ``OffloadPatch`` (a ``SelectionPatch``) records
+every (layer, step)'s final ids and feeds them to the layer's LRU(s) as the eager executor does
+(``torch.unique(topk_ids)`` -> ``plan_waves``). The B prompts are replayed first as one prefill
+step (never rewritten, not counted), so decode starts from the residency a prefill leaves.
+
+Rules:
+
+* ``off``, ``lynx`` (defaults): their ids do not depend on residency; one pass feeds every K.
+* ``lynx+resident`` (``ResidencyRule("keep")``): lynx's kept set plus every resident expert some
+  row picked (a resident expert costs no PCIe), re-routed with ``reference.reroute``. Moves a
+  subset of lynx's moved picks.
+* ``resident-first`` (``ResidencyRule("prefer")``): the kept set is the resident experts some row
+  picked plus the experts some row cannot move (a confident row's rank-0 expert, picks held by the
+  moved-weight cap: lynx's ``mandatory`` votes). A non-resident pick that the cap lets move goes,
+  even when it is near the row's best; freed slots refill from the kept set by score, so they land
+  on resident experts or on non-resident ones that are paged in anyway. Still at most
+  ``max_moved_weight`` of any row's routed weight moves.
+
+``--caps`` (default 0.5, 0.6) adds ``lynx moved<=c`` and ``resident-first moved<=c`` at each cap. Each row also
+carries an ``estimate`` (not a measurement) of a large model's decode-step time at its per-layer page-in rate
+(``estimate_step_ms``: bytes over PCIe Gen5 x16 and H200 HBM3e bandwidth; docs/offload.md, section 4).
+
+Both residency rules read the layer's resident set before the step (``LRUPolicy.resident``) and
+are prototypes in pure torch (``reference.vote`` / ``keep_set`` / ``reroute``), run through the
+same ``SelectionPatch`` so their accuracy comes from the very ids that were paged.
+
+    python -m benchmarks.bench_offload                       # the three bundled models, B = 16 and 32
+    python -m benchmarks.bench_offload --models trained-qwen3-moe --batch-sizes 16 --batches 1
+
+Writes ``benchmarks/results/offload_cpu.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+
+from lynx_sglang import accuracy
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import LynxPolicy, RouterSpec, make_policy
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ("trained-qwen3-moe", "trained-qwen3-moe-e128", "trained-glm4-moe")
+# One routed expert of Qwen3-30B-A3B in bf16: gate + up + down, hidden 2048, expert FFN 768.
+QWEN3_30B_EXPERT_BYTES = 3 * 2048 * 768 * 2
+# One routed expert of DeepSeek-V3 in its fp8 checkpoint: hidden 7168, expert FFN 2048 (scales ignored).
+DEEPSEEK_V3_EXPERT_BYTES = 3 * 7168 * 2048 * 1
+BF16 = 2
+
+# ----------------------------------------------------------------------------- GPU cost model (an estimate)
+# Not a measurement: bytes over bandwidth, with the eager executor's page-ins serialised with compute
+# (it copies a wave's experts, then runs it, on one stream). Bandwidths: PCIe Gen5 x16 as achieved
+# (~55 GB/s of 64), H200 HBM3e (4.8 TB/s peak).
+PCIE_BYTES_PER_S = 55e9
+HBM_BYTES_PER_S = 4.8e12
+LARGE_MODELS = {
+    # name: (expert bytes, MoE layers, bytes of every non-routed-expert weight read per step)
+    "qwen3_30b_a3b": (QWEN3_30B_EXPERT_BYTES, 48, 1.5e9 * 2),  # ~1.5 B non-expert params, bf16
+    "deepseek_v3": (DEEPSEEK_V3_EXPERT_BYTES, 58, 17e9),  # ~17 B non-routed params, ~1 byte each
+}
+
+
+def estimate_step_ms(page_ins_per_layer: float, distinct_per_layer: float, model: str) -> dict:
+    """Estimated decode-step time (ms) of a large model paging experts at these per-layer rates."""
+    expert, layers, dense = LARGE_MODELS[model]
+    pcie = page_ins_per_layer * layers * expert / PCIE_BYTES_PER_S * 1e3
+    hbm = (distinct_per_layer * layers * expert + dense) / HBM_BYTES_PER_S * 1e3
+    return {"pcie_ms": round(pcie, 3), "hbm_ms": round(hbm, 3), "step_ms": round(pcie + hbm, 3)}
+
+
+def sglang_lru():
+    """SGLang's own residency bookkeeping (imported lazily: the package import takes ~10 s)."""
+    from sglang.srt.layers.moe.paged_experts.residency import LRUPolicy, plan_waves
+
+    return LRUPolicy, plan_waves
+
+
+def distinct_experts(ids: torch.Tensor) -> List[int]:
+    """What the eager executor pages for one step: ``torch.unique(topk_ids)`` without padding (-1)."""
+    return [e for e in torch.unique(ids).tolist() if e >= 0]
+
+
+@dataclass
+class StepCost:
+    distinct: int
+    waves: int
+    loads: int
+
+
+def replay_step(policy, ids_or_experts) -> StepCost:
+    """One step of one layer through SGLang's ``plan_waves`` (mutates ``policy``)."""
+    _, plan_waves = sglang_lru()
+    experts = distinct_experts(ids_or_experts) if torch.is_tensor(ids_or_experts) else list(ids_or_experts)
+    waves = plan_waves(policy=policy, distinct=experts)
+    return StepCost(len(experts), len(waves), sum(len(w.loads) for w in waves))
+
+
+def replay(num_slots: int, steps: Iterable) -> List[StepCost]:
+    """A trace of one layer (each step: ids tensor or list of experts) from SGLang's initial state."""
+    LRUPolicy, _ = sglang_lru()
+    policy = LRUPolicy(num_slots)
+    return [replay_step(policy, s) for s in steps]
+
+
+# ----------------------------------------------------------------------------- residency-aware rules
+
+
+@dataclass(frozen=True)
+class ResidencyRule:
+    """A residency-aware prototype on top of a lynx policy, for one K (see the module docstring)."""
+
+    mode: str  # "keep": lynx + resident picks; "prefer": resident picks + experts rows cannot move
+    num_slots: int
+    policy: LynxPolicy = LynxPolicy()
+
+    @property
+    def label(self) -> str:
+        name = {"keep": "lynx+resident", "prefer": "resident-first"}[self.mode]
+        cap = self.policy.max_moved_weight
+        return name if cap == LynxPolicy().max_moved_weight else f"{name} moved<={cap:g}"
+
+
+def residency_keep(rule: ResidencyRule, router: RouterSpec, votes: reference.Votes,
+                   resident: torch.Tensor) -> torch.Tensor:
+    """[E] bool kept set of a residency rule, from lynx's votes and the layer's resident mask [E]."""
+    lynx_keep = reference.keep_set(rule.policy, router, votes)
+    resident_picked = (votes.picks > 0) & resident
+    if rule.mode == "keep":
+        return lynx_keep | resident_picked
+    if rule.mode != "prefer":
+        raise ValueError(f"unknown residency mode {rule.mode!r}")
+    keep = resident_picked | votes.mandatory
+    # Every row must still be able to fill its slots: below min_keep experts, add lynx's (no host sync).
+    short = keep.sum() < rule.policy.resolved_min_keep(router)
+    return torch.where(short, keep | lynx_keep, keep)
+
+
+def residency_select(rule: ResidencyRule, router: RouterSpec, logits: torch.Tensor, ids: torch.Tensor,
+                     weights: torch.Tensor, resident: torch.Tensor,
+                     correction_bias: Optional[torch.Tensor] = None):
+    """One (layer, step): new (ids, weights, changed) under ``rule`` given the resident mask [E] bool."""
+    logits = logits.float()
+    sel = reference.selection_score(router, logits, correction_bias)
+    votes = reference.vote(rule.policy, router, logits, ids, weights.float(), ids.shape[0], sel)
+    keep = residency_keep(rule, router, votes, resident)
+    return reference.reroute(router, logits, ids, weights.float(), sel, votes.row_ok, keep)
+
+
+def resident_mask(policy, num_experts: int) -> torch.Tensor:
+    mask = torch.zeros(num_experts, dtype=torch.bool)
+    mask[list(policy.resident)] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- the recording patch
+
+
+class OffloadPatch(accuracy.SelectionPatch):
+    """A ``SelectionPatch`` that replays each (layer, step)'s final ids through SGLang's LRU.
+
+    ``slots``: the K values to replay (one ``LRUPolicy`` per layer and K); a ``ResidencyRule``
+    replays only its own K and decides on that LRU's resident set. The last instance made is
+    ``OffloadPatch.last`` (``measure`` makes its patch itself).
+    """
+
+    slots: Sequence[int] = ()
+    last: Optional["OffloadPatch"] = None
+
+    def __init__(self, model, rule, *args, **kwargs):
+        super().__init__(model, rule, *args, **kwargs)
+        LRUPolicy, _ = sglang_lru()
+        ks = [rule.num_slots] if isinstance(rule, ResidencyRule) else list(self.slots)
+        self.lru: List[Dict[int, object]] = [{k: LRUPolicy(k) for k in ks} for _ in self.blocks]
+        # (K) -> per layer: list of StepCost of the decode steps, and the prefill's
+        self.steps: Dict[int, List[List[StepCost]]] = {k: [[] for _ in self.blocks] for k in ks}
+        self.prefill: Dict[int, List[StepCost]] = {k: [] for k in ks}
+        for layer, router in enumerate(self.routers):
+            object.__setattr__(router, "route", self._recording_route(layer, router.route))
+        OffloadPatch.last = self
+
+    def _recording_route(self, layer: int, route):
+        def wrapped(hidden):
+            logits, weights, ids = route(hidden)
+            if hidden.dim() == 3 and self.decode_start > 0:
+                b, s = hidden.shape[:2]
+                prompt = ids.reshape(b, s, -1)[:, : min(self.decode_start, s)]
+                for k, policy in self.lru[layer].items():  # one prefill step, never rewritten
+                    self.prefill[k].append(replay_step(policy, prompt))
+            return logits, weights, ids
+
+        return wrapped
+
+    def _select(self, layer: int, logits, ids, weights):
+        if isinstance(self.rule, ResidencyRule):
+            new_ids, new_w = self._residency_select(layer, logits, ids, weights)
+        else:
+            new_ids, new_w = super()._select(layer, logits, ids, weights)
+        for k, policy in self.lru[layer].items():
+            self.steps[k][layer].append(replay_step(policy, new_ids))
+        return new_ids, new_w
+
+    def _residency_select(self, layer, logits, ids, weights):
+        rule: ResidencyRule = self.rule
+        E = self.router.num_experts
+        resident = resident_mask(self.lru[layer][rule.num_slots], E)
+        new_ids, new_w, _ = residency_select(rule, self.router, logits, ids.contiguous(), weights, resident,
+                                             self.routers[layer].correction_bias)
+        new_w = new_w.to(weights.dtype)
+        # The harness's own bookkeeping (what SelectionPatch._select records).
+        self.counts.append((layer, len(distinct_experts(ids)), len(distinct_experts(new_ids))))
+        self.rows[0] += int((new_ids != ids).any(dim=1).sum())
+        self.rows[1] += ids.shape[0]
+        return new_ids, new_w
+
+
+@contextlib.contextmanager
+def recording(slots: Sequence[int]):
+    """Make the harness build ``OffloadPatch`` (replaying ``slots``) while inside."""
+    saved = accuracy.SelectionPatch
+    OffloadPatch.slots = tuple(slots)
+    accuracy.SelectionPatch = OffloadPatch
+    try:
+        yield
+    finally:
+        accuracy.SelectionPatch = saved
+        OffloadPatch.slots = ()
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def expert_bytes(model) -> int:
+    """Bytes of one routed expert of the bundled model in bf16 (gate, up, down)."""
+    cfg = model.config
+    return 3 * cfg.hidden_size * cfg.moe_intermediate_size * BF16
+
+
+def slot_counts(num_experts: int, top_k: int) -> List[int]:
+    return [max(top_k, num_experts // d) for d in (8, 4, 2)]
+
+
+@dataclass
+class Series:
+    """One (rule, K) over the batches: per batch, per layer, the decode steps' costs; accuracy per batch."""
+
+    rule: str
+    num_slots: int
+    steps: List[List[List[StepCost]]]  # [batch][layer][step]
+    prefill: List[List[StepCost]]  # [batch][layer]
+    results: list  # accuracy.BatchResult per batch
+
+    def mean(self, field: str) -> float:
+        """Mean per (layer, decode step)."""
+        vals = [getattr(c, field) for b in self.steps for layer in b for c in layer]
+        return sum(vals) / max(1, len(vals))
+
+    def accuracy(self) -> dict:
+        tokens = sum(r.tokens for r in self.results)
+        d = sum(r.correct - r.correct_off for r in self.results)
+        seqs = [(c - o, n, kl) for r in self.results for c, o, n, kl in zip(
+            r.per_sequence["correct"], r.per_sequence["correct_off"], r.per_sequence["tokens"],
+            r.per_sequence["kl"])]
+        return {"delta_acc_points": 100.0 * d / tokens, "kl": sum(r.kl for r in self.results) / tokens,
+                "delta_acc_ci95": _bootstrap(seqs), "tokens": tokens}
+
+
+def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
+    """95 % percentile interval of the pooled Δ accuracy (points), resampling sequences."""
+    if not seqs:
+        return [float("nan")] * 2
+    d = torch.tensor([s[0] for s in seqs], dtype=torch.float64)
+    n = torch.tensor([s[1] for s in seqs], dtype=torch.float64)
+    idx = torch.randint(0, len(seqs), (reps, len(seqs)), generator=torch.Generator().manual_seed(seed))
+    rep = 100.0 * d[idx].sum(1) / n[idx].sum(1)
+    lo, hi = torch.quantile(rep, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return [round(lo, 4), round(hi, 4)]
+
+
+def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
+              seed: int, caps: Sequence[float] = (0.5, 0.6), log=print) -> dict:
+    model, tokenizer = accuracy.load_model(path)
+    streams = accuracy.domain_streams(tokenizer)
+    E, k = accuracy.model_shape(model)
+    layers = len(accuracy.moe_blocks(model))
+    ks = slot_counts(E, k)
+    out = {"model": path.name, "num_experts": E, "top_k": k, "moe_layers": layers,
+           "expert_bytes_bf16": expert_bytes(model), "slots": ks, "batch_sizes": {}}
+    for B in batch_sizes:
+        t0 = time.time()
+        batches = accuracy.make_batches(streams, B, batches_per_kind, prefix + decode_len + 1, seed=seed)
+        # Residency-independent rules (one pass feeds every K), then the residency rules per K.
+        plain = {"lynx": make_policy("lynx")}
+        plain.update({f"lynx moved<={c:g}": make_policy("lynx", max_moved_weight=c) for c in caps})
+        residency = [ResidencyRule(mode, K, LynxPolicy(max_moved_weight=c)) for K in ks
+                     for mode, c in [("keep", 0.4), ("prefer", 0.4)] + [("prefer", c) for c in caps]]
+        series: Dict[tuple, Series] = {}
+
+        def add(label, K, patch, res):
+            s = series.setdefault((label, K), Series(label, K, [], [], []))
+            s.steps.append(patch.steps[K])
+            s.prefill.append(patch.prefill[K])
+            s.results.append(res)
+
+        for batch in batches:
+            with recording(ks):
+                off = accuracy.off_reference(model, batch, prefix, 0)
+                off_patch = OffloadPatch.last
+                zero = accuracy.measure(model, batch, make_policy("off"), off, prefix, 0)[0]
+                for K in ks:
+                    add("off", K, off_patch, zero)
+                for label, policy in plain.items():
+                    res = accuracy.measure(model, batch, policy, off, prefix, 0)[0]
+                    for K in ks:
+                        add(label, K, OffloadPatch.last, res)
+            for rule in residency:
+                with recording([rule.num_slots]):
+                    res = accuracy.measure(model, batch, rule, off, prefix, 0)[0]
+                add(rule.label, rule.num_slots, OffloadPatch.last, res)
+        rows = []
+        for (label, K), s in series.items():
+            row = {"rule": label, "num_slots": K,
+                   "page_ins_per_layer_step": s.mean("loads"),
+                   "waves_per_layer_step": s.mean("waves"),
+                   "distinct_per_layer_step": s.mean("distinct"),
+                   **s.accuracy(),
+                   "raw": {"loads": [[[c.loads for c in layer] for layer in b] for b in s.steps],
+                           "waves": [[[c.waves for c in layer] for layer in b] for b in s.steps],
+                           "distinct": [[[c.distinct for c in layer] for layer in b] for b in s.steps],
+                           "prefill_loads": [[c.loads for c in b] for b in s.prefill]}}
+            row["page_ins_per_decode_step"] = row["page_ins_per_layer_step"] * layers
+            row["bytes_per_decode_step_bundled"] = row["page_ins_per_decode_step"] * out["expert_bytes_bf16"]
+            row["bytes_per_layer_step_if_qwen3_30b_sized"] = row["page_ins_per_layer_step"] * QWEN3_30B_EXPERT_BYTES
+            row["estimate"] = {m: estimate_step_ms(row["page_ins_per_layer_step"], row["distinct_per_layer_step"], m)
+                               for m in LARGE_MODELS}
+            rows.append(row)
+        for K in ks:
+            base = next(r for r in rows if r["rule"] == "off" and r["num_slots"] == K)["page_ins_per_layer_step"]
+            for r in rows:
+                if r["num_slots"] == K:
+                    r["page_ins_vs_off"] = r["page_ins_per_layer_step"] / base if base else float("nan")
+        out["batch_sizes"][str(B)] = {"batches": len(batches), "decode_steps_per_batch": decode_len, "rows": rows}
+        log(f"{path.name} B={B}: {len(batches)} batches in {time.time() - t0:.0f} s")
+        log(table(out, B))
+    return out
+
+
+def table(model_out: dict, B: int) -> str:
+    lines = [f"{model_out['model']} (E={model_out['num_experts']}, k={model_out['top_k']}), B={B}",
+             "| K | rule | page-ins / layer-step | vs off | waves | distinct | Δacc (pts) [95% CI] | KL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in model_out["batch_sizes"][str(B)]["rows"]:
+        ci = r["delta_acc_ci95"]
+        lines.append(f"| {r['num_slots']} | {r['rule']} | {r['page_ins_per_layer_step']:.2f} | "
+                     f"{r['page_ins_vs_off']:.2f} | {r['waves_per_layer_step']:.2f} | "
+                     f"{r['distinct_per_layer_step']:.1f} | "
+                     f"{r['delta_acc_points']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] | {r['kl']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(payload: dict, png: Path) -> None:
+    from benchmarks.results_io import pyplot
+
+    plt = pyplot(png)
+    if plt is None:
+        return
+    models = payload["models"]
+    sizes = sorted({int(b) for m in models for b in m["batch_sizes"]})
+    fig, axes = plt.subplots(len(sizes), len(models), figsize=(5.2 * len(models), 4.2 * len(sizes)), squeeze=False)
+    colors = {"off": "k", "lynx": "tab:blue", "lynx+resident": "tab:green", "resident-first": "tab:red"}
+    palette = iter(["tab:cyan", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray"])
+    for m in models:
+        for b in m["batch_sizes"].values():
+            for r in b["rows"]:
+                if r["rule"] not in colors:
+                    colors[r["rule"]] = next(palette, "0.5")
+    markers = {0: "o", 1: "s", 2: "^"}
+    for i, B in enumerate(sizes):
+        for j, m in enumerate(models):
+            ax = axes[i][j]
+            rows = m["batch_sizes"].get(str(B), {}).get("rows", [])
+            for ki, K in enumerate(m["slots"]):
+                for r in rows:
+                    if r["num_slots"] == K:
+                        ax.scatter(r["page_ins_per_layer_step"], r["delta_acc_points"], c=colors[r["rule"]],
+                                   marker=markers[ki], s=40,
+                                   label=f"{r['rule']}" if ki == 1 else None)
+                        ax.annotate(f"K={K}", (r["page_ins_per_layer_step"], r["delta_acc_points"]), fontsize=6,
+                                    xytext=(3, 3), textcoords="offset points")
+            ax.axhline(0, color="0.7", lw=0.8)
+            ax.set_title(f"{m['model']} (E={m['num_experts']}, k={m['top_k']}), B={B}", fontsize=9)
+            ax.set_xlabel("experts paged in per layer and decode step (SGLang LRU)")
+            ax.set_ylabel("Δ next-token accuracy vs off (points)")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7, title="K: o E/8, s E/4, ^ E/2", title_fontsize=7)
+    fig.suptitle("Paged experts: page-ins vs accuracy (teacher-forced held-out decode, CPU replay)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from benchmarks.results_io import RESULTS_DIR, environment
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(MODELS), help="bundled model folders under models/")
+    ap.add_argument("--batch-sizes", default="16,32")
+    ap.add_argument("--batches", type=int, default=2, help="batches per kind (each domain, and mixed)")
+    ap.add_argument("--prefix", type=int, default=32)
+    ap.add_argument("--decode-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--caps", default="0.5,0.6", help="extra moved-weight caps: lynx and resident-first at each")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    models = [run_model(ROOT / "models" / name, [int(b) for b in args.batch_sizes.split(",")], args.batches,
+                        args.prefix, args.decode_len, args.seed,
+                        [float(c) for c in args.caps.split(",") if c]) for name in args.models.split(",")]
+    import transformers
+
+    payload = {
+        **environment(torch.device("cpu")),
+        "transformers": transformers.__version__,
+        "command": "python -m benchmarks.bench_offload " + " ".join(sys.argv[1:] if argv is None else argv),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "seconds": round(time.time() - t0, 1),
+        "replay": "sglang.srt.layers.moe.paged_experts.residency.LRUPolicy / plan_waves, one LRU per MoE layer "
+                  "and K, initial state experts 0..K-1, the B prompts replayed first as one prefill step "
+                  "(not counted); a step pages torch.unique(topk_ids) (the eager executor's path, which every "
+                  "decode step with B*k > K takes)",
+        "expert_bytes": {"qwen3_30b_a3b_bf16": QWEN3_30B_EXPERT_BYTES, "deepseek_v3_fp8": DEEPSEEK_V3_EXPERT_BYTES},
+        "estimate_note": "ESTIMATE, not measured: a large model paging experts at this row's per-layer rates; "
+                         "pcie_ms = page-ins x layers x expert bytes / 55 GB/s (PCIe Gen5 x16, serialised with "
+                         "compute as in the eager executor); hbm_ms = (distinct experts x layers x expert bytes + "
+                         "non-expert weights) / 4.8 TB/s (H200)",
+        "models": models,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(payload) + "\n")
+    print(f"wrote {args.out.with_suffix('.json')}")
+    plot(payload, args.out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()

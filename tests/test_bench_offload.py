@@ -1,0 +1,182 @@
+"""benchmarks/bench_offload.py: we drive SGLang's paged-experts LRU right, and the residency rules do what they say."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import bench_offload as bo
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import WEIGHT_Q, LynxPolicy, RouterSpec, make_policy
+from lynx_sglang.runtime.selection.selector import ExpertSelector
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_replay_matches_a_hand_computed_lru_sequence():
+    # K = 2, slots start holding experts 0, 1 (LRU order 0, 1).
+    costs = bo.replay(2, [[0, 1], [2], [0, 1], [2, 3, 4]])
+    # step 0: both resident.                      order 0, 1
+    # step 1: 2 evicts 0 (slot 0).                order 1, 2
+    # step 2: residents first: wave [1, 0]; 0 evicts 2 (slot 0).   order 1, 0
+    # step 3: waves [2, 3] (evict 1, then 0) and [4] (evicts 2).  order 3, 4
+    assert [(c.distinct, c.waves, c.loads) for c in costs] == [(2, 1, 0), (1, 1, 1), (2, 1, 1), (3, 2, 3)]
+    LRUPolicy, _ = bo.sglang_lru()
+    policy = LRUPolicy(2)
+    for step in [[0, 1], [2], [0, 1], [2, 3, 4]]:
+        bo.replay_step(policy, step)
+    assert list(policy.resident.items()) == [(3, 0), (4, 1)]
+
+
+def test_a_step_pages_the_distinct_ids_of_its_topk_without_padding():
+    LRUPolicy, _ = bo.sglang_lru()
+    ids = torch.tensor([[5, -1], [5, 7], [-1, -1]])
+    assert bo.distinct_experts(ids) == [5, 7]
+    cost = bo.replay_step(LRUPolicy(4), ids)
+    assert (cost.distinct, cost.waves, cost.loads) == (2, 1, 2)
+    # An all-padding step still runs one (empty) wave and pages nothing.
+    cost = bo.replay_step(LRUPolicy(4), torch.full((2, 2), -1))
+    assert (cost.distinct, cost.waves, cost.loads) == (0, 1, 0)
+
+
+def test_one_step_pages_exactly_its_non_resident_experts_so_a_subset_never_pages_more():
+    LRUPolicy, _ = bo.sglang_lru()
+    rng = random.Random(0)
+    for _ in range(200):
+        E, K = rng.choice([(8, 2), (16, 4), (32, 8), (32, 16)])
+        policy = LRUPolicy(K)
+        for _ in range(rng.randrange(4)):  # some history
+            bo.replay_step(policy, rng.sample(range(E), rng.randint(1, E)))
+        step = rng.sample(range(E), rng.randint(1, E))
+        subset = rng.sample(step, rng.randint(0, len(step)))
+        resident = set(policy.resident)
+        clone = LRUPolicy(K)
+        clone.resident = policy.resident.copy()
+        full, sub = bo.replay_step(policy, sorted(step)), bo.replay_step(clone, sorted(subset))
+        assert full.loads == len(set(step) - resident) and sub.loads == len(set(subset) - resident)
+        assert sub.loads <= full.loads
+        assert full.waves == max(1, -(-len(step) // K))
+
+
+def test_steps_inside_a_fixed_set_of_k_experts_stop_paging():
+    # Every step a subset of the same K experts: after they are in, nothing more is paged.
+    costs = bo.replay(4, [[4, 5, 6, 7], [4, 5], [6, 7], [5, 6, 7], [4]])
+    assert [c.loads for c in costs] == [4, 0, 0, 0, 0]
+
+
+# ----------------------------------------------------------------------------- residency rules
+
+
+def _routed(router: RouterSpec, T: int, seed: int, bias=None):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(T, router.num_experts, generator=gen) * 1.5
+    score = reference.selection_score(router, z, bias)
+    ids = score.topk(router.top_k, dim=1).indices
+    gate = z.softmax(-1) if router.scoring_func == "softmax" else z.sigmoid()
+    w = gate.gather(1, ids)
+    return z, ids, (w / w.sum(1, keepdim=True)).float()
+
+
+ROUTERS = [
+    (RouterSpec(num_experts=32, top_k=4), None),
+    (RouterSpec(num_experts=64, top_k=6, scoring_func="sigmoid", has_correction_bias=True),
+     torch.linspace(-0.05, 0.05, 64)),
+]
+
+
+def _lynx(router, bias, z, ids, w, policy=None):
+    sel = ExpertSelector(router, policy or make_policy("lynx"), z.shape[0], z.device, ids.dtype, torch.float32,
+                         correction_bias=bias, backend="torch")
+    out_ids, out_w = sel.run(z, ids, w)
+    return out_ids.clone(), out_w.clone()
+
+
+@pytest.mark.parametrize("router,bias", ROUTERS)
+@pytest.mark.parametrize("T", [1, 16, 32])
+def test_keep_mode_with_nothing_resident_is_lynx_bit_for_bit(router, bias, T):
+    for seed in range(3):
+        z, ids, w = _routed(router, T, seed, bias)
+        resident = torch.zeros(router.num_experts, dtype=torch.bool)
+        got_ids, got_w, _ = bo.residency_select(bo.ResidencyRule("keep", 8), router, z, ids, w, resident, bias)
+        want_ids, want_w = _lynx(router, bias, z, ids, w)
+        assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
+
+
+@pytest.mark.parametrize("router,bias", ROUTERS)
+@pytest.mark.parametrize("mode", ["keep", "prefer"])
+def test_everything_resident_changes_nothing(router, bias, mode):
+    # K >= E: every expert is resident, nothing costs PCIe, so no pick moves.
+    for seed in range(3):
+        z, ids, w = _routed(router, 16, seed, bias)
+        resident = torch.ones(router.num_experts, dtype=torch.bool)
+        got_ids, got_w, changed = bo.residency_select(bo.ResidencyRule(mode, 8), router, z, ids, w, resident, bias)
+        assert not changed.any() and torch.equal(got_ids, ids) and torch.equal(got_w, w)
+
+
+def _moved(ids, new_ids):
+    return [set(a.tolist()) - set(b.tolist()) for a, b in zip(ids, new_ids)]
+
+
+@pytest.mark.parametrize("router,bias", ROUTERS)
+@pytest.mark.parametrize("cap", [0.4, 0.6])
+def test_residency_rules_keep_resident_picks_and_bound_the_moved_weight(router, bias, cap):
+    policy = LynxPolicy(max_moved_weight=cap)
+    for seed in range(5):
+        z, ids, w = _routed(router, 16, seed, bias)
+        resident = torch.rand(router.num_experts, generator=torch.Generator().manual_seed(seed)) < 0.3
+        lynx_ids, _ = _lynx(router, bias, z, ids, w, policy)
+        for mode in ("keep", "prefer"):
+            rule = bo.ResidencyRule(mode, 8, policy)
+            new_ids, new_w, _ = bo.residency_select(rule, router, z, ids, w, resident, bias)
+            moved = _moved(ids, new_ids)
+            for t, gone in enumerate(moved):
+                assert not any(resident[e] for e in gone), "a resident pick moved"
+                q = reference.quantized(w[t])
+                lost = sum(int(q[s]) for s in range(router.top_k) if int(ids[t, s]) in gone)
+                assert lost * WEIGHT_Q <= int(q.sum()) * policy.moved_weight_q
+                assert (new_ids[t] >= 0).all() and len(set(new_ids[t].tolist())) == router.top_k
+            if mode == "keep":  # moves a subset of what lynx moves
+                for mine, lynx in zip(moved, _moved(ids, lynx_ids)):
+                    assert mine <= lynx
+
+
+def test_single_request_is_untouched():
+    router, bias = ROUTERS[0]
+    z, ids, w = _routed(router, 1, 0, bias)
+    for mode in ("keep", "prefer"):
+        for resident in (torch.zeros(32, dtype=torch.bool), torch.arange(32) < 8):
+            new_ids, _, changed = bo.residency_select(bo.ResidencyRule(mode, 8), router, z, ids, w, resident, bias)
+            assert not changed.any() and torch.equal(new_ids, ids)
+
+
+# ----------------------------------------------------------------------------- through the harness
+
+
+@pytest.mark.skipif(not (ROOT / "models/trained-qwen3-moe/config.json").exists(), reason="bundled model missing")
+def test_patch_on_the_bundled_model_with_every_expert_resident():
+    from lynx_sglang import accuracy
+
+    model, tokenizer = accuracy.load_model(ROOT / "models/trained-qwen3-moe")
+    E, k = accuracy.model_shape(model)
+    batch = accuracy.make_batches(accuracy.domain_streams(tokenizer), 4, 1, 8 + 4 + 1, kinds=("mixed",))[0]
+    with bo.recording([E, 8]):
+        off = accuracy.off_reference(model, batch, 8, 0)
+        off_patch = bo.OffloadPatch.last
+        lynx_res = accuracy.measure(model, batch, make_policy("lynx"), off, 8, 0)[0]
+        lynx_patch = bo.OffloadPatch.last
+    layers = len(accuracy.moe_blocks(model))
+    for patch in (off_patch, lynx_patch):
+        assert [len(s) for s in patch.steps[E]] == [4] * layers  # 4 decode steps per layer
+        assert all(c.loads == 0 for s in patch.steps[E] for c in s)  # K = E: nothing is ever paged
+        assert all(len(p) == layers for p in patch.prefill.values())
+    # The recorded page-ins are those of the ids the harness ran.
+    mean_distinct = [sum(c.distinct for c in s) / len(s) for s in lynx_patch.steps[8]]
+    assert mean_distinct == pytest.approx(lynx_res.experts_after)
+    for mode in ("keep", "prefer"):
+        with bo.recording([E]):
+            res = accuracy.measure(model, batch, bo.ResidencyRule(mode, E), off, 8, 0)[0]
+        assert res.kl == 0.0 and res.correct == res.correct_off  # everything resident: off exactly
+    assert lynx_res.tokens == res.tokens
