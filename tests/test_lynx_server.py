@@ -103,3 +103,50 @@ def test_redundant_experts_select_on_logical_ids(tmp_path):
         layers = scrape_lynx_metrics(srv.url)
     assert len(answers) == len(PROMPTS)
     assert layers and all(c.steps > 0 and c.mean_experts_after < c.mean_experts_before for c in layers.values())
+
+
+# ---------------------------------------------------------------------------------------------- peer policies
+
+def _sere_file(path, model=DEFAULT_MODEL, seed=0):
+    """A SERE similarity file for ``model``: every MoE layer's matrix from random expert outputs (the real
+    measurement is python -m lynx_sglang.sere_calibrate's; any valid matrix exercises the serving path)."""
+    from transformers import AutoConfig
+
+    from lynx_sglang.runtime.selection.model_identity import model_identity
+    from lynx_sglang.runtime.selection.peers import expert_similarity
+    from lynx_sglang.runtime.selection.similarity import ExpertSimilarity, save_similarity
+
+    config = AutoConfig.from_pretrained(model)
+    ident = model_identity(config)
+    g = torch.Generator().manual_seed(seed)
+    mats = {layer: expert_similarity(torch.randn(ident["num_experts"], 16, 8, generator=g), "cosine")
+            for layer in range(config.num_hidden_layers)}
+    save_similarity(path, ExpertSimilarity(mats, ident, "cosine", {"source": "random expert outputs (test)"}))
+    return str(path)
+
+
+PEER_SERVERS = {
+    "lynx_paper": ("--lynx-preset", "qwen3-30b-a3b"),  # lynx_paper, alpha 3, beta 2
+    "xshare": ("--lynx-policy", "xshare", "--lynx-xshare-budget", "12"),
+    "sere": ("--lynx-policy", "sere", "--lynx-sere-top-s", "2", "--lynx-sere-threshold", "0.5"),
+}
+
+
+@pytest.mark.parametrize("policy", list(PEER_SERVERS))
+def test_peer_policy_serves_concurrent_requests_with_fewer_experts(policy, tmp_path):
+    args = PEER_SERVERS[policy]
+    if policy == "sere":
+        args = (*args, "--lynx-sere-similarity", _sere_file(tmp_path / "sim.safetensors"))
+    with running_server(*BASE, "--moe-backend", "lynx", *args, "--enable-metrics", "--decode-log-interval", "1",
+                        log_dir=tmp_path) as srv:
+        answers = complete(srv.url, PROMPTS, max_tokens=MAX_NEW, concurrency=16)
+        layers = scrape_lynx_metrics(srv.url)
+    assert len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+    assert sorted(layers) == list(range(json.loads((DEFAULT_MODEL / "config.json").read_text())["num_hidden_layers"]))
+    for layer, c in layers.items():
+        print(f"{policy} layer {layer}: {c.steps} decode steps, experts per step {c.mean_experts_before:.2f} -> "
+              f"{c.mean_experts_after:.2f}, rows changed {c.rows_changed} of {c.rows_voting}")
+        assert c.steps > 0, f"layer {layer} saw no decode step"
+        assert c.mean_experts_after < c.mean_experts_before
+        assert 0 < c.rows_changed <= c.rows_voting
+

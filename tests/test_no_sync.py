@@ -53,6 +53,13 @@ POLICIES = {
     "oea": ("oea", {}),
     "budget": ("budget", {"max_experts": 24}),
 }
+#: The peer rules (runtime/selection/peers.py): torch backend only, not under global selection.
+PEER_POLICIES = {
+    "lynx_paper": ("lynx_paper", {"alpha": 3.0, "beta": 2}),  # the qwen3-235b / qwen3-30b-a3b preset
+    "lynx_paper_nobeta": ("lynx_paper", {"alpha": 1.0}),  # the llama-4 preset
+    "xshare": ("xshare", {"expert_budget": 24, "top_per_token": 1, "min_batch": 1, "max_batch": 64}),
+    "sere": ("sere", {"select_top_k": 2, "threshold": 0.5}),
+}
 TOKENS = (1, 16, 64)
 MAX_TOKENS = 64
 EP_RANKS = 8  # lynx_ep and the accounting: one node's EP group
@@ -68,6 +75,10 @@ _BUDGETS = {  # (path, policy): (Qwen3-30B-A3B, DeepSeek-V3) launches per layer
     ("torch", "oea"): (95, 100),  # measured 93 / 98
     ("torch", "budget"): (104, 109),  # measured 102 / 107
     ("torch", "lynx_ep"): (184, 190),  # measured 182 / 188 (rank_aware.py being reduced: was 337 / 340)
+    ("torch", "lynx_paper"): (130, 135),  # measured 128 / 133
+    ("torch", "lynx_paper_nobeta"): (127, 132),  # measured 125 / 130
+    ("torch", "xshare"): (122, 127),  # measured 120 / 125
+    ("torch", "sere"): (101, 105),  # measured 99 / 103
     ("global", "off"): (93, 98),  # measured 91 / 96
     ("global", "lynx"): (164, 169),  # measured 162 / 167
     ("global", "lynx_uncapped"): (145, 150),  # measured 143 / 148
@@ -100,11 +111,19 @@ def audited(fn) -> OpAudit:
     return audit
 
 
+def similarity(E: int, device) -> torch.Tensor:
+    """A valid [E, E] SERE similarity (symmetric, diagonal 1, values in [0, 1])."""
+    sim = torch.rand(E, E, generator=torch.Generator().manual_seed(E))
+    sim = (sim + sim.T) / 2
+    return sim.fill_diagonal_(1.0).to(device)
+
+
 def selector(policy: str, shape: str, backend: str, device, bias):
-    name, params = POLICIES[policy]
+    name, params = POLICIES[policy] if policy in POLICIES else PEER_POLICIES[policy]
     router = SHAPES[shape]
+    sim = similarity(router.num_experts, device) if name == "sere" else None
     return ExpertSelector(router, make_policy(name, **params), MAX_TOKENS, device,
-                          correction_bias=None if bias is None else bias.to(device), backend=backend)
+                          correction_bias=None if bias is None else bias.to(device), backend=backend, similarity=sim)
 
 
 class _KernelRecorder:
@@ -148,6 +167,22 @@ def test_torch_backend_needs_no_host(policy, shape, T, nv_mode, device):
     nv = num_valid_for(nv_mode, T, device)
     audit = audited(lambda: sel.run(logits, ids, w, nv))
     audit.raise_on_host_work()
+
+
+@pytest.mark.parametrize("nv_mode", ["none", "device"])
+@pytest.mark.parametrize("T", TOKENS)
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("policy", list(PEER_POLICIES))
+def test_peer_policies_need_no_host(policy, shape, T, nv_mode, device):
+    """The served peer rules (``ExpertSelector`` -> ``peers.select_peer`` with plan-time constants)."""
+    router, bias, (logits, ids, w) = make_batch(shape, T, device)
+    sel = selector(policy, shape, "auto", device, bias)
+    assert sel.backend == "torch"
+    nv = num_valid_for(nv_mode, T, device)
+    audit = audited(lambda: sel.run(logits, ids, w, nv))
+    audit.raise_on_host_work()
+    # The rules' scalar parameters (alpha, rho) are plan-time constants (peers.peer_constants), not a fill per step.
+    assert "aten.full" not in audit.ops, dict(audit.ops)
 
 
 @pytest.mark.parametrize("nv_mode", ["none", "device"])

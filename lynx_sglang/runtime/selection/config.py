@@ -235,10 +235,156 @@ class BudgetPolicy:
         _check_number("budget max_experts", self.max_experts, 1, router.num_experts, integer=True)
 
 
-Policy = Union[OffPolicy, LynxPolicy, RankAwareLynxPolicy, OeaPolicy, BudgetPolicy]
-POLICIES = {cls.name: cls for cls in (OffPolicy, LynxPolicy, RankAwareLynxPolicy, OeaPolicy, BudgetPolicy)}
-# Stable small integers for the kernels (lynx_ep has none: it runs on the torch backend only).
+# ----------------------------------------------------------------------------- peer policies
+# Published batch-aware rules, served for comparison; the rules live in ``peers.py`` (torch backend only).
+
+
+def lynx_paper_depth(beta: Optional[int], max_tokens: int) -> Optional[int]:
+    """Deepest level D whose votes the exact popularity score of ``lynx_paper`` counts.
+
+    The score sums ``B**(D - level)`` over rows (levels 0..D), below ``B**(D + 1)``; it
+    must stay below 2**62. With ``beta`` set, D = beta (None if that overflows at
+    ``max_tokens``); without, D is the deepest level that fits.
+    """
+    bits = max(1, math.ceil(math.log2(max(2, max_tokens))))
+    if beta is not None:
+        return beta if (beta + 1) * bits <= _INT64_BITS else None
+    return _INT64_BITS // bits - 1
+
+
+@dataclass(frozen=True)
+class LynxPaperPolicy:
+    """The official Lynx rule (gt-nexs/lynx, ``src/lynx/routing.py``); see ``peers.lynx_paper_select``.
+
+    alpha: quantisation steps per logit: ``q = ceil(alpha * (z - max z))``.
+    beta: ``q`` is clamped at ``-beta`` (None: no clamp, as their ``quant`` and
+        ``quant_alphaX_optimized`` policies).
+    Their per-model settings are the presets ``LYNX_PAPER_PRESETS``.
+    """
+
+    name = "lynx_paper"
+    alpha: float = 1.0
+    beta: Optional[int] = None
+
+    def validate(self, router: RouterSpec, max_tokens: int) -> None:
+        _check_number("lynx_paper alpha", self.alpha, 1e-3, 1e3, integer=False)
+        if self.beta is not None:
+            _check_number("lynx_paper beta", self.beta, 0, MAX_BETA, integer=True)
+            if lynx_paper_depth(self.beta, max_tokens) is None:
+                raise ConfigError(
+                    f"lynx_paper beta={self.beta} with up to {max_tokens} tokens per batch overflows the "
+                    f"exact integer popularity score; lower beta or the maximum batch size"
+                )
+
+
+@dataclass(frozen=True)
+class XSharePolicy:
+    """XShare's batch expert budget (vLLM PR 35551, ``MoEPruningConfig``); see ``peers.xshare_select``.
+
+    expert_budget: experts kept for the batch (None: ``budget_alpha * E``; 0 is refused: a
+        budget of no expert is not a budget, use ``budget_alpha`` 0 for "no batch set").
+    budget_alpha: fraction of E kept when ``expert_budget`` is None (0: no batch set).
+    top_per_token: every token also keeps its own top this many (0: none).
+    min_batch / max_batch: the rule runs only on batches of ``min_batch <= B`` (and
+        ``B <= max_batch`` when ``max_batch > 0``) voting rows; other batches pass through.
+    guarantee_topk: as vLLM's gpt-oss path (which passes ``topk``): when the budget is below
+        ``top_k`` every token keeps its whole top-k, which makes the rule a no-op.
+    """
+
+    name = "xshare"
+    expert_budget: Optional[int] = None
+    budget_alpha: float = 0.5
+    top_per_token: int = 0
+    min_batch: int = 0
+    max_batch: int = 0
+    guarantee_topk: bool = True
+
+    def validate(self, router: RouterSpec, max_tokens: int) -> None:
+        E = router.num_experts
+        if self.expert_budget is not None:
+            _check_number("xshare expert_budget", self.expert_budget, 1, E, integer=True)
+        _check_number("xshare budget_alpha", self.budget_alpha, 0.0, 1.0, integer=False)
+        _check_number("xshare top_per_token", self.top_per_token, 0, E, integer=True)
+        _check_number("xshare min_batch", self.min_batch, 0, 1 << 30, integer=True)
+        _check_number("xshare max_batch", self.max_batch, 0, 1 << 30, integer=True)
+        if not isinstance(self.guarantee_topk, bool):
+            raise ConfigError(f"xshare guarantee_topk must be a bool, got {self.guarantee_topk!r}")
+
+    def budget(self, router: RouterSpec) -> int:
+        """Experts of the batch set (their ``ml``): 0 means no batch set."""
+        E = router.num_experts
+        if self.expert_budget:
+            return min(self.expert_budget, E)
+        return max(1, int(self.budget_alpha * E)) if self.budget_alpha > 0 else 0
+
+
+@dataclass(frozen=True)
+class SerePolicy:
+    """SERE's similarity re-routing (JL-Cheng/SERE, ``vllm/SERE_vllm``); see ``peers.sere_select``.
+
+    select_top_k: S, the picks per token that are primary (1..top_k; top_k: no-op).
+    threshold: rho in [-1, 1] (similarities lie in [-1, 1]); a secondary pick whose best
+        primary has similarity below rho stays (rho <= 0: every secondary pick outside the
+        primary set is re-routed, their default 0).
+    The [E, E] similarity matrix is a plan-time input (``ExpertSelector(similarity=...)``, the
+    server loads it with ``similarity.load_similarity``).
+    """
+
+    name = "sere"
+    select_top_k: int = 1
+    threshold: float = 0.0
+
+    def validate(self, router: RouterSpec, max_tokens: int) -> None:
+        _check_number("sere select_top_k", self.select_top_k, 1, router.top_k, integer=True)
+        _check_number("sere threshold (rho: similarities lie in [-1, 1])", self.threshold, -1.0, 1.0,
+                      integer=False)
+
+
+PeerPolicy = Union[LynxPaperPolicy, XSharePolicy, SerePolicy]
+PEER_POLICIES = {cls.name: cls for cls in (LynxPaperPolicy, XSharePolicy, SerePolicy)}
+# The policy types the torch backend runs through ``peers.select_peer`` (no Triton kernels).
+PEER_POLICY_TYPES = tuple(PEER_POLICIES.values())
+
+# The official Lynx per-model settings (gt-nexs/lynx ``src/lynx/registry.py``, LYNX_MODEL_REGISTRY, and the
+# config files it names, ``src/lynx/configs/<family>/<file>.json``), as presets of ``lynx_paper``.
+# Where the policy name (``quant_alpha{a}_beta{b}_optimized``) selects a kernel with alpha/beta baked in,
+# the name decides (their softmax path ignores the file's alpha/beta fields); their grouped path
+# (DeepSeek) reads the file's ``alpha``/``beta`` fields, their sigmoid path (Llama 4, policy ``quant``)
+# reads ``alpha`` and has no beta. docs/policies.md lists the source of each.
+LYNX_PAPER_PRESETS = {
+    "qwen3-235b-thinking": {"alpha": 1.0, "beta": 2},  # qwen3_235b/quant_alpha1_beta2_optimized.json
+    "qwen3-235b": {"alpha": 3.0, "beta": 2},  # qwen3_235b/quant_alpha3_beta2_optimized.json
+    # Their registry names qwen3_30b/quant_alpha3_beta2_optimized.json, which their repository does not
+    # contain (only do_nothing / quant_alpha1_beta1_optimized); alpha 3, beta 2 is the intended setting.
+    "qwen3-30b-a3b": {"alpha": 3.0, "beta": 2},
+    "qwen2-57b": {"alpha": 3.0, "beta": 4},  # qwen2/quant_alpha3_beta4_optimized.json
+    "mixtral-8x22b": {"alpha": 1.0, "beta": 1},  # mixtral/quant_alpha1_beta1_optimized.json
+    "mixtral-8x7b": {"alpha": 0.7, "beta": 1},  # mixtral/quant_alpha0.7_beta1_optimized.json
+    # deepseek_v2_coder/quant_alpha1_beta1_optimized.json: the grouped path reads the file's alpha 1, beta 2.
+    "deepseek-coder-v2": {"alpha": 1.0, "beta": 2},
+    "gpt-oss-120b": {"alpha": 3.0, "beta": 2},  # gpt_oss_120b/quant_alpha3_beta2_optimized.json
+    "llama-4": {"alpha": 1.0, "beta": None},  # llama4/quant_alpha1.json (policy quant: no beta)
+}
+
+
+Policy = Union[OffPolicy, LynxPolicy, RankAwareLynxPolicy, OeaPolicy, BudgetPolicy, LynxPaperPolicy, XSharePolicy,
+               SerePolicy]
+POLICIES = {cls.name: cls for cls in (OffPolicy, LynxPolicy, RankAwareLynxPolicy, OeaPolicy, BudgetPolicy,
+                                      *PEER_POLICY_TYPES)}
+# Stable small integers for the kernels (lynx_ep and the peer policies have none: torch backend only).
 POLICY_IDS = {"off": 0, "lynx": 1, "oea": 2, "budget": 3}
+
+
+def is_peer(policy) -> bool:
+    """Whether ``policy`` is one of the peer rules (``peers.select_peer``; torch backend only)."""
+    return isinstance(policy, PEER_POLICY_TYPES)
+
+
+def preset_params(name: str) -> dict:
+    """The ``lynx_paper`` parameters of an official Lynx preset (ConfigError for an unknown name)."""
+    if name not in LYNX_PAPER_PRESETS:
+        raise ConfigError(f"unknown --lynx-preset {name!r} (choose from {', '.join(LYNX_PAPER_PRESETS)})")
+    return dict(LYNX_PAPER_PRESETS[name])
 
 
 def make_policy(name: str, **params) -> Policy:

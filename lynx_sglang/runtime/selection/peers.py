@@ -30,135 +30,81 @@ This module is part of the selection core: it imports only ``lynx_sglang.runtime
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from lynx_sglang.runtime.selection.config import MAX_BETA, ConfigError, OffPolicy, RouterSpec, _check_number
+from lynx_sglang.runtime.selection.config import (  # noqa: F401  the policies are re-exported
+    PEER_POLICIES, PEER_POLICY_TYPES, ConfigError, LynxPaperPolicy, OffPolicy, PeerPolicy, RouterSpec, SerePolicy,
+    XSharePolicy, lynx_paper_depth,
+)
 from lynx_sglang.runtime.selection.reference import SelectionInfo, reroute, selection_score, vote
 
 # Logits are summed over the batch in integer units of 1/LOGIT_Q (XShare), so the sum is exact
 # and independent of summation order.
 LOGIT_Q = 65536
-# Exact integer scores must stay below 2**62 (int64 with headroom), as in config.LynxPolicy.
-_INT64_BITS = 62
 
 
 # --------------------------------------------------------------------------------------------
-# Policies (validated once, at plan time)
+# Plan-time constants
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class LynxPaperPolicy:
-    """The official Lynx rule (gt-nexs/lynx, ``src/lynx/routing.py``).
+class PeerConstants:
+    """A peer policy's float parameters as fp32 0-d tensors on one device (as ``reference.LynxConstants``).
 
-    alpha: quantisation steps per logit: ``q = ceil(alpha * (z - max z))``.
-    beta: ``q`` is clamped at ``-beta`` (None: no clamp, as their ``quant`` and
-        ``quant_alphaX_optimized`` policies).
+    Built once per (policy values, device) by ``peer_constants`` (a selector does it at plan time), so a
+    step builds no tensor from Python data. ``scale``: lynx_paper's alpha, sere's threshold (rho).
     """
 
-    name = "lynx_paper"
-    alpha: float = 1.0
-    beta: Optional[int] = None
-
-    def validate(self, router: RouterSpec, max_tokens: int) -> None:
-        _check_number("lynx_paper alpha", self.alpha, 1e-3, 1e3, integer=False)
-        if self.beta is not None:
-            _check_number("lynx_paper beta", self.beta, 0, MAX_BETA, integer=True)
-            if lynx_paper_depth(self.beta, max_tokens) is None:
-                raise ConfigError(
-                    f"lynx_paper beta={self.beta} with up to {max_tokens} tokens per batch overflows the "
-                    f"exact integer popularity score; lower beta or the maximum batch size"
-                )
+    scale: torch.Tensor
 
 
-@dataclass(frozen=True)
-class XSharePolicy:
-    """XShare's batch expert budget (vLLM PR 35551, ``MoEPruningConfig``).
+_PEER_CONSTANTS: dict = {}
 
-    expert_budget: experts kept for the batch (None: ``budget_alpha * E``).
-    budget_alpha: fraction of E kept when ``expert_budget`` is None (0: no batch set).
-    top_per_token: every token also keeps its own top this many (0: none).
-    min_batch / max_batch: the rule runs only on batches of ``min_batch <= B`` (and
-        ``B <= max_batch`` when ``max_batch > 0``) voting rows; other batches pass through.
-    guarantee_topk: as vLLM's gpt-oss path (which passes ``topk``): when the budget is below
-        ``top_k`` every token keeps its whole top-k, which makes the rule a no-op.
+
+def peer_constants(policy, device: torch.device | str) -> Optional[PeerConstants]:
+    """The ``PeerConstants`` of ``policy`` on ``device`` (None for xshare, which has no float step constant):
+    made on the first call, the same object after."""
+    if isinstance(policy, LynxPaperPolicy):
+        value = float(policy.alpha)
+    elif isinstance(policy, SerePolicy):
+        value = float(policy.threshold)
+    else:
+        return None
+    device = torch.device(device)
+    if device.type != "cpu" and device.index is None:  # "cuda" -> "cuda:0", as tensors report it
+        device = torch.empty(0, device=device).device
+    key = (value, device)
+    consts = _PEER_CONSTANTS.get(key)
+    if consts is None:
+        # torch.full rounds the Python double to fp32 exactly as the per-call fill did.
+        consts = _PEER_CONSTANTS.setdefault(key, PeerConstants(torch.full((), value, dtype=torch.float32,
+                                                                          device=device)))
+    return consts
+
+
+def check_similarity(similarity, num_experts: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Plan-time check of a SERE similarity matrix (reads its values: never inside a step).
+
+    Returns it as a contiguous float32 tensor (on ``device`` if given). Refuses (ConfigError) a
+    non-tensor, another shape, a non-floating dtype, NaN/inf, or values outside [-1, 1].
     """
-
-    name = "xshare"
-    expert_budget: Optional[int] = None
-    budget_alpha: float = 0.5
-    top_per_token: int = 0
-    min_batch: int = 0
-    max_batch: int = 0
-    guarantee_topk: bool = True
-
-    def validate(self, router: RouterSpec, max_tokens: int) -> None:
-        E = router.num_experts
-        if self.expert_budget is not None:
-            _check_number("xshare expert_budget", self.expert_budget, 1, E, integer=True)
-        _check_number("xshare budget_alpha", self.budget_alpha, 0.0, 1.0, integer=False)
-        _check_number("xshare top_per_token", self.top_per_token, 0, E, integer=True)
-        _check_number("xshare min_batch", self.min_batch, 0, 1 << 30, integer=True)
-        _check_number("xshare max_batch", self.max_batch, 0, 1 << 30, integer=True)
-        if not isinstance(self.guarantee_topk, bool):
-            raise ConfigError(f"xshare guarantee_topk must be a bool, got {self.guarantee_topk!r}")
-
-    def budget(self, router: RouterSpec) -> int:
-        """Experts of the batch set (their ``ml``): 0 means no batch set."""
-        E = router.num_experts
-        if self.expert_budget:
-            return min(self.expert_budget, E)
-        return max(1, int(self.budget_alpha * E)) if self.budget_alpha > 0 else 0
-
-
-@dataclass(frozen=True)
-class SerePolicy:
-    """SERE's similarity re-routing (JL-Cheng/SERE, ``vllm/SERE_vllm``).
-
-    select_top_k: S, the picks per token that are primary (1..top_k; top_k: no-op).
-    threshold: rho; a secondary pick whose best primary has similarity below rho stays
-        (0: every secondary pick outside the primary set is re-routed, their default).
-    The [E, E] similarity matrix is an input of ``sere_select`` (``expert_similarity``).
-    """
-
-    name = "sere"
-    select_top_k: int = 1
-    threshold: float = 0.0
-
-    def validate(self, router: RouterSpec, max_tokens: int) -> None:
-        _check_number("sere select_top_k", self.select_top_k, 1, router.top_k, integer=True)
-        _check_number("sere threshold", self.threshold, 0.0, 1e6, integer=False)
-
-
-PeerPolicy = Union[LynxPaperPolicy, XSharePolicy, SerePolicy]
-PEER_POLICIES = {cls.name: cls for cls in (LynxPaperPolicy, XSharePolicy, SerePolicy)}
-
-
-def lynx_paper_depth(beta: Optional[int], max_tokens: int) -> Optional[int]:
-    """Deepest level D whose votes the exact popularity score of ``lynx_paper`` counts.
-
-    The score sums ``B**(D - level)`` over rows (levels 0..D), below ``B**(D + 1)``; it
-    must stay below 2**62. With ``beta`` set, D = beta (None if that overflows at
-    ``max_tokens``); without, D is the deepest level that fits.
-    """
-    bits = max(1, math.ceil(math.log2(max(2, max_tokens))))
-    if beta is not None:
-        return beta if (beta + 1) * bits <= _INT64_BITS else None
-    return _INT64_BITS // bits - 1
-
-
-def check_similarity(similarity: torch.Tensor, num_experts: int) -> None:
-    """Plan-time check of a SERE similarity matrix (reads its values: never inside a step)."""
     if not isinstance(similarity, torch.Tensor) or tuple(similarity.shape) != (num_experts, num_experts):
-        raise ConfigError(f"similarity must be a [{num_experts}, {num_experts}] tensor")
-    if similarity.dtype != torch.float32:
-        raise ConfigError(f"similarity must be float32, got {similarity.dtype}")
-    if not bool(torch.isfinite(similarity).all()):
-        raise ConfigError("similarity holds non-finite values")
+        shape = tuple(similarity.shape) if isinstance(similarity, torch.Tensor) else type(similarity).__name__
+        raise ConfigError(f"sere similarity must be a [{num_experts}, {num_experts}] tensor, got {shape}")
+    if not similarity.is_floating_point():
+        raise ConfigError(f"sere similarity must be floating point, got {similarity.dtype}")
+    sim = similarity.detach().to(dtype=torch.float32)
+    if not bool(torch.isfinite(sim).all()):
+        raise ConfigError("sere similarity holds NaN or inf")
+    if bool((sim.abs() > 1).any()):
+        raise ConfigError("sere similarity holds values outside [-1, 1]")
+    if device is not None:
+        sim = sim.to(device)
+    return sim.contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,10 +150,31 @@ def _rows(router, logits, topk_ids, topk_weights, num_valid, correction_bias):
     return sel, votes.row_ok, votes.rank, votes.picks
 
 
-def _empty(topk_ids, topk_weights, E: int):
+def _copy(topk_ids, topk_weights, out):
+    """The inputs unchanged: written into ``out`` (a selector's planned buffers) or cloned."""
+    if out is None:
+        return topk_ids.clone(), topk_weights.clone()
+    out[0].copy_(topk_ids)
+    out[1].copy_(topk_weights)
+    return out
+
+
+def _outputs(topk_ids, topk_weights, k: int, out):
+    """Buffers to write a result into, shared-expert slots already as given (routed slots: written next)."""
+    if out is None:
+        return topk_ids.clone(), topk_weights.clone()
+    out_ids, out_w = out
+    if topk_ids.shape[1] > k:
+        out_ids[:, k:] = topk_ids[:, k:]
+        out_w[:, k:] = topk_weights[:, k:]
+    return out_ids, out_w
+
+
+def _empty(topk_ids, topk_weights, E: int, out=None):
     zero = torch.zeros((), dtype=torch.int64, device=topk_ids.device)
     keep = torch.zeros(E, dtype=torch.bool, device=topk_ids.device)
-    return topk_ids.clone(), topk_weights.clone(), SelectionInfo(keep, zero, zero.clone(), zero.clone(), zero.clone())
+    ids, w = _copy(topk_ids, topk_weights, out)
+    return ids, w, SelectionInfo(keep, zero, zero.clone(), zero.clone(), zero.clone())
 
 
 def _info(router, out_ids, row_ok, picks, changed) -> SelectionInfo:
@@ -225,25 +192,23 @@ def _info(router, out_ids, row_ok, picks, changed) -> SelectionInfo:
     )
 
 
-def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
-    """An fp32 0-d device tensor (``torch.full``: no host data is copied per step)."""
-    return torch.full((), value, dtype=torch.float32, device=like.device)
-
-
 # --------------------------------------------------------------------------------------------
 # lynx_paper: the official Lynx rule
 # --------------------------------------------------------------------------------------------
 
 
-def lynx_paper_levels(policy: LynxPaperPolicy, logits: torch.Tensor) -> torch.Tensor:
+def lynx_paper_levels(policy: LynxPaperPolicy, logits: torch.Tensor,
+                      consts: Optional[PeerConstants] = None) -> torch.Tensor:
     """fp32 [T, E] quantised affinity ``q`` (integers <= 0) of every expert of every row.
 
     ``x = alpha * (z - max_row z)`` in fp32 on the raw logits; ``q = ceil(x)``, and with a
     beta, ``q = -beta`` where ``x <= -beta`` (their kernels' ``tl.where(q <= -beta, -beta,
-    ceil(q))``).
+    ceil(q))``). ``consts``: ``peer_constants(policy, logits.device)`` (None: looked up).
     """
+    if consts is None:
+        consts = peer_constants(policy, logits.device)
     z = logits.float()
-    x = (z - z.max(dim=1, keepdim=True).values) * _scalar(policy.alpha, z)
+    x = (z - z.max(dim=1, keepdim=True).values) * consts.scale
     q = torch.ceil(x)
     if policy.beta is not None:
         q = torch.where(x <= -float(policy.beta), torch.full_like(q, -float(policy.beta)), q)
@@ -258,8 +223,13 @@ def lynx_paper_select(
     topk_weights: torch.Tensor,
     num_valid: Optional[int | torch.Tensor] = None,
     correction_bias: Optional[torch.Tensor] = None,
+    consts: Optional[PeerConstants] = None,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
     """The official Lynx rule on one batch.
+
+    ``consts``: ``peer_constants(policy, device)`` (None: looked up); ``out``: (ids, weights) buffers
+    shaped like the inputs to write the result into (None: new tensors), as ``reference.select``.
 
     Read from gt-nexs/lynx ``src/lynx/routing.py``: ``quant_policy`` / ``quant_policy_beta``
     and the per-alpha/beta ``quant_policy_alpha*_beta*`` variants, the kernels
@@ -317,14 +287,14 @@ def lynx_paper_select(
     T, E = logits.shape
     k = router.top_k
     if T == 0:
-        return _empty(topk_ids, topk_weights, E)
+        return _empty(topk_ids, topk_weights, E, out)
     depth = lynx_paper_depth(policy.beta, T)
     if depth is None:
         raise ValueError(f"lynx_paper beta={policy.beta} overflows the exact score at T={T}")
     sel, row_ok, rank, picks = _rows(router, logits, topk_ids, topk_weights, num_valid, correction_bias)
     dev = logits.device
 
-    q = lynx_paper_levels(policy, logits)
+    q = lynx_paper_levels(policy, logits, consts)
     q = torch.where(row_ok[:, None], q, torch.zeros_like(q))  # rows that do not vote may hold NaN
     # Level L = -q; L > depth contributes nothing (index depth + 1 of the power table holds 0).
     level = torch.where(row_ok[:, None], (-q).clamp(max=depth + 1), torch.full_like(q, depth + 1)).long()
@@ -342,7 +312,7 @@ def lynx_paper_select(
     keep = _histogram(chosen, row_ok[:, None].expand(T, k), E) > 0
 
     out_ids, out_w, changed = reroute(
-        router, logits, topk_ids, topk_weights, sel, row_ok, keep[None, :].expand(T, E)
+        router, logits, topk_ids, topk_weights, sel, row_ok, keep[None, :].expand(T, E), out
     )
     return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
 
@@ -360,8 +330,11 @@ def xshare_select(
     topk_weights: torch.Tensor,
     num_valid: Optional[int | torch.Tensor] = None,
     correction_bias: Optional[torch.Tensor] = None,
+    consts: Optional[PeerConstants] = None,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
-    """XShare's expert budget on one batch.
+    """XShare's expert budget on one batch (``consts``: unused, xshare has none; ``out`` as
+    ``lynx_paper_select``).
 
     Read from vLLM pull request 35551 (RFC 35550), at vllm-project/vllm commit 1e4517a7:
     ``vllm/config/moe.py`` (``MoEPruningConfig``; at commit 1a54afc8 ``max_batch`` defaults to
@@ -406,7 +379,7 @@ def xshare_select(
     T, E = logits.shape
     k = router.top_k
     if T == 0:
-        return _empty(topk_ids, topk_weights, E)
+        return _empty(topk_ids, topk_weights, E, out)
     sel, row_ok, rank, picks = _rows(router, logits, topk_ids, topk_weights, num_valid, correction_bias)
     m = policy.budget(router)
     k0 = min(policy.top_per_token, k)
@@ -414,8 +387,8 @@ def xshare_select(
         k0 = k
     if m >= E or k0 >= k or (m == 0 and k0 == 0):  # all experts, all picks, or no rule at all: a no-op
         changed = torch.zeros(T, dtype=torch.bool, device=logits.device)
-        out_ids = topk_ids.clone()
-        return out_ids, topk_weights.clone(), _info(router, out_ids, row_ok, picks, changed)
+        out_ids, out_w = _copy(topk_ids, topk_weights, out)
+        return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
 
     batch = row_ok.sum()
     active = batch >= policy.min_batch
@@ -432,7 +405,7 @@ def xshare_select(
     ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
     own = torch.zeros(T, E, dtype=torch.int64, device=logits.device).scatter_add_(1, ids_c, (rank < k0).long()) > 0
     allowed = batch_set[None, :] | own
-    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, voting, allowed)
+    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, voting, allowed, out)
     return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
 
 
@@ -450,8 +423,12 @@ def sere_select(
     topk_weights: torch.Tensor,
     num_valid: Optional[int | torch.Tensor] = None,
     correction_bias: Optional[torch.Tensor] = None,
+    consts: Optional[PeerConstants] = None,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
     """SERE's re-routing on one batch, given the [E, E] fp32 ``similarity`` (planned once).
+
+    ``consts``: ``peer_constants(policy, device)`` (None: looked up); ``out`` as ``lynx_paper_select``.
 
     Read from JL-Cheng/SERE: ``vllm/SERE_vllm/rerouting_cuda_ops/rerouting_kernel.cu``
     (``reroute_kernel``, ``reroute_cuda``), ``vllm/SERE_vllm/rerouting_cuda_ops/__init__.py``
@@ -492,7 +469,7 @@ def sere_select(
     if similarity.device != logits.device:
         raise ValueError(f"similarity is on {similarity.device}, logits on {logits.device}")
     if T == 0:
-        return _empty(topk_ids, topk_weights, E)
+        return _empty(topk_ids, topk_weights, E, out)
     sel, row_ok, rank, picks = _rows(router, logits, topk_ids, topk_weights, num_valid, correction_bias)
     dev = logits.device
     S = policy.select_top_k
@@ -508,7 +485,9 @@ def sere_select(
     best = torch.where(sim == best_sim, expert, torch.full_like(expert, E)).min(dim=-1).values
     stay = in_primary | (rank < S) | ~row_ok[:, None]
     if policy.threshold > 0:
-        stay = stay | (best_sim[..., 0] < _scalar(policy.threshold, sim))
+        if consts is None:
+            consts = peer_constants(policy, dev)
+        stay = stay | (best_sim[..., 0] < consts.scale)
     target = torch.where(stay, ids_c, best)
     changed = row_ok & ~stay.all(dim=1)
 
@@ -522,8 +501,7 @@ def sere_select(
     new_w = torch.where(dup, torch.zeros_like(w), torch.where(shared, merged, w))
     new_ids = torch.where(dup, torch.full_like(target, -1), target)
 
-    out_ids = topk_ids.clone()
-    out_w = topk_weights.clone()
+    out_ids, out_w = _outputs(topk_ids, topk_weights, k, out)
     out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
     out_w[:, :k] = torch.where(changed[:, None], new_w, w)
     return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
@@ -612,14 +590,18 @@ def select_peer(
     num_valid: Optional[int | torch.Tensor] = None,
     correction_bias: Optional[torch.Tensor] = None,
     similarity: Optional[torch.Tensor] = None,
+    consts: Optional[PeerConstants] = None,
+    out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
-    """Run one peer rule on one batch (``similarity`` is SERE's [E, E] matrix)."""
+    """Run one peer rule on one batch (``similarity`` is SERE's [E, E] matrix; ``consts`` and ``out``
+    as ``lynx_paper_select``: what ``ExpertSelector`` plans once)."""
+    args = (router, logits, topk_ids, topk_weights, num_valid, correction_bias, consts, out)
     if isinstance(policy, LynxPaperPolicy):
-        return lynx_paper_select(policy, router, logits, topk_ids, topk_weights, num_valid, correction_bias)
+        return lynx_paper_select(policy, *args)
     if isinstance(policy, XSharePolicy):
-        return xshare_select(policy, router, logits, topk_ids, topk_weights, num_valid, correction_bias)
+        return xshare_select(policy, *args)
     if isinstance(policy, SerePolicy):
         if similarity is None:
             raise ValueError("sere needs the [E, E] similarity matrix")
-        return sere_select(policy, router, similarity, logits, topk_ids, topk_weights, num_valid, correction_bias)
+        return sere_select(policy, router, similarity, *args[1:])
     raise ConfigError(f"not a peer policy: {policy!r}")

@@ -13,8 +13,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from lynx_sglang.runtime.selection import reference
-from lynx_sglang.runtime.selection.config import MAX_KERNEL_EXPERTS, ConfigError, LynxPolicy, Policy, RankAwareLynxPolicy, RouterSpec
+from lynx_sglang.runtime.selection import peers, reference
+from lynx_sglang.runtime.selection.config import (
+    MAX_KERNEL_EXPERTS, ConfigError, LynxPolicy, Policy, RankAwareLynxPolicy, RouterSpec, SerePolicy, is_peer,
+)
 from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats, StatField
 
 BACKENDS = ("auto", "triton", "torch")
@@ -53,7 +55,12 @@ class ExpertSelector:
             ``StatField``; e.g. a row of a [layers, NUM_STATS] table the metrics read with one copy),
             or None for a buffer of its own. It is kept as given (never reallocated), so a
             re-planned selector can keep accumulating into the buffer a captured graph writes.
+        similarity: policy ``sere`` only (required there): the layer's [E, E] expert similarity, values in
+            [-1, 1]; checked and moved to ``device`` as float32 once, here.
 
+    The peer policies (``lynx_paper``, ``xshare``, ``sere``: ``runtime.selection.peers``) run on the
+    torch backend only (``auto`` picks it; ``triton`` is a ConfigError), and not in the expert-parallel
+    subclasses (their votes are not reducible over ranks).
     Policy ``lynx_ep`` needs the expert placement: it runs in
     ``lynx_sglang.runtime.expert_parallel.rank_aware.RankAwareSelector``.
     """
@@ -75,6 +82,7 @@ class ExpertSelector:
         backend: str = "auto",
         block_t: Optional[int] = None,
         stats: Optional[torch.Tensor] = None,
+        similarity: Optional[torch.Tensor] = None,
     ):
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -105,6 +113,22 @@ class ExpertSelector:
             if backend == "triton":
                 raise ConfigError("policy lynx_ep runs on the torch backend only (the Triton kernels do not implement it)")
             backend = "torch"
+        peer = is_peer(policy)
+        if peer:
+            if self._collective or self._rank_aware:
+                raise ConfigError(f"policy {policy.name} cannot run under expert-parallel global or rank-aware "
+                                  f"selection: its batch decision is not a sum of per-rank votes")
+            if backend == "triton":
+                raise ConfigError(f"policy {policy.name} runs on the torch backend only (the Triton kernels "
+                                  f"implement off, lynx, oea and budget); use backend 'torch' or 'auto'")
+            backend = "torch"
+        if isinstance(policy, SerePolicy):
+            if similarity is None:
+                raise ConfigError("policy sere needs the layer's [E, E] expert similarity (similarity=...; the "
+                                  "server reads it from --lynx-sere-similarity)")
+            similarity = peers.check_similarity(similarity, router.num_experts, device)
+        elif similarity is not None:
+            raise ConfigError(f"similarity is an input of policy sere only, not of {policy.name}")
         if stats is not None and (stats.shape != (NUM_STATS,) or stats.dtype != torch.int64
                                   or stats.device != device or not stats.is_contiguous()):
             raise ConfigError(f"stats must be a contiguous int64 [{NUM_STATS}] tensor on {device}, got "
@@ -127,6 +151,10 @@ class ExpertSelector:
         self._stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device) if stats is None else stats
         self._ws = self._launch = None
         self._consts = reference.lynx_constants(policy, device) if isinstance(policy, LynxPolicy) else None
+        self._peer = peer
+        self.similarity = similarity
+        if peer:
+            self._consts = peers.peer_constants(policy, device)
         self._writes_outputs = getattr(type(self)._select_torch, "writes_outputs", False)
         if backend == "torch":
             # One step's statistics, gathered here and added to the totals with one launch;
@@ -216,6 +244,11 @@ class ExpertSelector:
         the results of any other.
         """
         T = router_logits.shape[0]
+        if self._peer:
+            return peers.select_peer(
+                self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias,
+                similarity=self.similarity, consts=self._consts, out=(self._out_ids[:T], self._out_weights[:T]),
+            )
         return reference.select(
             self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias,
             consts=self._consts, out=(self._out_ids[:T], self._out_weights[:T]),

@@ -16,7 +16,10 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
-from lynx_sglang.runtime.selection.config import MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy
+from lynx_sglang.runtime.selection.config import (
+    LYNX_PAPER_PRESETS, MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy, preset_params,
+)
+from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME as SIMILARITY_FILE
 
 ENV_VAR = "LYNX_SGLANG_OPTIONS"
 # Set to a directory: every TP rank dumps its per-layer statistics there (metrics.dump_stats).
@@ -25,7 +28,19 @@ MOE_BACKENDS = ("default", "lynx")
 # Our choice added to SGLang's --moe-a2a-backend; SGLang itself then runs as with "none".
 A2A_BACKEND = "lynx"
 
+
+def _bool(text: str) -> bool:
+    """A true/false flag value (argparse's ``type=bool`` would take any non-empty string as True)."""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 # Flag name -> (policy parameter, type). One flag per parameter keeps `--help` self-explanatory.
+# --lynx-alpha / --lynx-beta also set lynx_paper's alpha / beta (the same names there).
 _POLICY_FLAGS = {
     "lynx_alpha": ("alpha", float),
     "lynx_beta": ("beta", int),
@@ -37,6 +52,14 @@ _POLICY_FLAGS = {
     "lynx_rank_slack": ("rank_slack", float),
     "lynx_oea_k0": ("k0", int),
     "lynx_budget_experts": ("max_experts", int),
+    "lynx_xshare_budget": ("expert_budget", int),
+    "lynx_xshare_budget_alpha": ("budget_alpha", float),
+    "lynx_xshare_top_per_token": ("top_per_token", int),
+    "lynx_xshare_min_batch": ("min_batch", int),
+    "lynx_xshare_max_batch": ("max_batch", int),
+    "lynx_xshare_guarantee_topk": ("guarantee_topk", _bool),
+    "lynx_sere_top_s": ("select_top_k", int),
+    "lynx_sere_threshold": ("threshold", float),
 }
 _PARAMS_OF = {name: {f.name for f in fields(cls)} for name, cls in POLICIES.items()}
 
@@ -51,6 +74,8 @@ class LynxOptions:
     layers: Optional[list[int]] = None  # None: every MoE layer
     max_batch: int = 1024  # largest decode batch a selector is planned for
     a2a_backend: str = "none"  # "lynx": our all-to-all dispatcher (--moe-a2a-backend lynx)
+    preset: Optional[str] = None  # an official Lynx preset of lynx_paper (params override it)
+    similarity: Optional[str] = None  # sere: the similarity file (None: <model path>/sere_similarity.safetensors)
 
     @property
     def enabled(self) -> bool:
@@ -58,8 +83,10 @@ class LynxOptions:
         return self.moe_backend == "lynx"
 
     def make_policy(self):
-        """The configured policy object (raises ConfigError on bad names or parameters)."""
-        return make_policy(self.policy, **self.params)
+        """The configured policy object (raises ConfigError on bad names or parameters); a preset's
+        parameters first, ``params`` over them."""
+        base = preset_params(self.preset) if self.preset is not None else {}
+        return make_policy(self.policy, **{**base, **self.params})
 
     def layer_enabled(self, layer_id: Optional[int]) -> bool:
         """Whether selection runs on this MoE layer."""
@@ -75,6 +102,11 @@ class LynxOptions:
             raise ConfigError(f"--lynx-max-batch must be a positive int, got {self.max_batch!r}")
         if self.layers is not None and any((not isinstance(i, int)) or i < 0 for i in self.layers):
             raise ConfigError(f"--lynx-layers must list non-negative layer ids, got {self.layers!r}")
+        if self.preset is not None and self.policy != "lynx_paper":
+            raise ConfigError(f"--lynx-preset {self.preset} is a setting of --lynx-policy lynx_paper (the official "
+                              f"Lynx rule), not of {self.policy}")
+        if self.similarity is not None and self.policy != "sere":
+            raise ConfigError(f"--lynx-sere-similarity does not apply to --lynx-policy {self.policy}")
         policy = self.make_policy()
         # Model-dependent bounds (k0 <= k, min_keep <= E, ...) are checked again per layer at load.
         policy.validate(RouterSpec(MAX_EXPERTS, MAX_ROUTED_TOP_K), self.max_batch)
@@ -116,9 +148,16 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--moe-backend", choices=MOE_BACKENDS, default="default",
                    help="'lynx' rewrites each decode batch's top-k expert choice (lynx-sglang plugin)")
     g.add_argument("--lynx-policy", choices=sorted(POLICIES), default=None,
-                   help="expert-selection policy (default: lynx); see docs/policies.md")
+                   help="expert-selection policy (default: lynx); lynx_paper, xshare and sere are the published "
+                        "peer rules; see docs/policies.md")
+    g.add_argument("--lynx-preset", choices=list(LYNX_PAPER_PRESETS), default=None,
+                   help="the official Lynx per-model setting (alpha, beta) of --lynx-policy lynx_paper (implied); "
+                        "--lynx-alpha / --lynx-beta override it")
     for flag, (param, typ) in _POLICY_FLAGS.items():
         g.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, help=f"policy parameter {param}")
+    g.add_argument("--lynx-sere-similarity", type=str, default=None, metavar="PATH",
+                   help=f"--lynx-policy sere: the expert-similarity file (python -m lynx_sglang.sere_calibrate; "
+                        f"default: <model path>/{SIMILARITY_FILE})")
     g.add_argument("--lynx-layers", type=str, default=None,
                    help="comma-separated MoE layer ids to run selection on (default: all)")
     g.add_argument("--lynx-max-batch", type=int, default=None,
@@ -162,15 +201,33 @@ def take_a2a_choice(args: argparse.Namespace) -> str:
     return A2A_BACKEND
 
 
+def default_similarity_path(model_path) -> Optional[str]:
+    """``<model_path>/sere_similarity.safetensors`` when the model is a local folder, else None (a hub id:
+    the file must then be named with --lynx-sere-similarity)."""
+    if model_path and os.path.isdir(model_path):
+        return os.path.join(model_path, SIMILARITY_FILE)
+    return None
+
+
 def options_from_args(args: argparse.Namespace) -> LynxOptions:
     """Combine ``--lynx-config`` and the flags (flags win) and validate."""
     opts = LynxOptions.from_file(args.lynx_config) if getattr(args, "lynx_config", None) else LynxOptions()
     if args.moe_backend != "default" or not getattr(args, "lynx_config", None):
         opts.moe_backend = args.moe_backend
-    if args.lynx_policy is not None:
-        if args.lynx_policy != opts.policy:
+    preset = getattr(args, "lynx_preset", None)
+    if preset is not None:
+        if args.lynx_policy is not None and args.lynx_policy != "lynx_paper":
+            raise ConfigError(f"--lynx-preset {preset} is a setting of --lynx-policy lynx_paper (the official Lynx "
+                              f"rule); it cannot go with --lynx-policy {args.lynx_policy}")
+        preset_params(preset)  # a clear error for an unknown name (the Engine API has no choices check)
+    policy = args.lynx_policy if args.lynx_policy is not None else ("lynx_paper" if preset is not None else None)
+    if policy is not None:
+        if policy != opts.policy:
             opts.params = {}  # parameters of another policy do not carry over
-        opts.policy = args.lynx_policy
+            opts.preset = opts.similarity = None
+        opts.policy = policy
+    if preset is not None:
+        opts.preset = preset
     for flag, (param, _) in _POLICY_FLAGS.items():
         value = getattr(args, flag, None)
         if value is None:
@@ -185,7 +242,15 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
             raise ConfigError(f"--lynx-layers must be comma-separated ints, got {args.lynx_layers!r}") from e
     if args.lynx_max_batch is not None:
         opts.max_batch = args.lynx_max_batch
-    given = [f"--{f.replace('_', '-')}" for f in ("lynx_policy", *_POLICY_FLAGS, "lynx_layers", "lynx_max_batch")
+    similarity = getattr(args, "lynx_sere_similarity", None)
+    if similarity is not None:
+        if opts.policy != "sere":
+            raise ConfigError(f"--lynx-sere-similarity does not apply to --lynx-policy {opts.policy}")
+        opts.similarity = os.path.abspath(similarity)
+    if opts.policy == "sere" and opts.similarity is None:
+        opts.similarity = default_similarity_path(getattr(args, "model_path", None))
+    given = [f"--{f.replace('_', '-')}" for f in ("lynx_policy", "lynx_preset", *_POLICY_FLAGS, "lynx_sere_similarity",
+                                                  "lynx_layers", "lynx_max_batch")
              if getattr(args, f, None) is not None]
     if given and not opts.enabled:
         raise ConfigError(f"{', '.join(given)} only take effect with --moe-backend lynx (without it the server "

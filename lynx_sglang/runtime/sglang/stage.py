@@ -14,18 +14,20 @@ device table, which the metrics read with one device-to-host copy.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from lynx_sglang.runtime.selection.config import ConfigError, RouterSpec
+from lynx_sglang.runtime.selection.config import PEER_POLICIES, ConfigError, RouterSpec
 from lynx_sglang.runtime.expert_parallel.global_selection import GlobalExpertSelector
 from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank, rank_tables
 from lynx_sglang.runtime.expert_parallel.rank_aware import RankAwareSelector, physical_ids
+from lynx_sglang.runtime.selection.model_identity import model_identity
 from lynx_sglang.runtime.selection.selector import ExpertSelector
+from lynx_sglang.runtime.selection.similarity import load_similarity
 from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats
-from lynx_sglang.runtime.sglang.options import LynxOptions
+from lynx_sglang.runtime.sglang.options import LynxOptions, default_similarity_path
 from lynx_sglang.runtime.sglang.phase import Phase
 from lynx_sglang.runtime.sglang.phase import current as current_phase
 
@@ -62,15 +64,18 @@ class TopKSelectionStage:
     def __init__(self, layer_id: int, router: RouterSpec, options: LynxOptions, device: torch.device,
                  correction_bias: Optional[torch.Tensor], physical_ids: bool = False,
                  ep: EpLayout = EpLayout(), output_type: Optional[type] = None,
-                 stats: Optional[torch.Tensor] = None):
+                 stats: Optional[torch.Tensor] = None, similarity: Optional[torch.Tensor] = None):
         """``output_type``: the top-k output class (default SGLang's ``StandardTopKOutput``; the GPU
         hook check, where SGLang cannot be imported, passes a NamedTuple with its fields).
 
         ``stats``: the contiguous int64 [NUM_STATS] device row the layer's selector accumulates into
         (``build_stages`` hands out rows of one [L, NUM_STATS] table, read with one device-to-host
         copy per metrics interval); None: a row of its own. Every selector this stage plans (also a
-        re-plan for new dtypes) accumulates into this same row, which captured graphs write to."""
+        re-plan for new dtypes) accumulates into this same row, which captured graphs write to.
+
+        ``similarity``: policy sere, this layer's [E, E] expert similarity (``build_stages`` loads the file)."""
         self.layer_id, self.router, self.options = layer_id, router, options
+        self.similarity = similarity
         self.device, self.correction_bias = device, correction_bias
         # EPLB (or a non-trivial placement) has turned the routed ids into physical replica ids:
         # selection then runs on logical ids (what the router ranked) and maps back (_select_physical).
@@ -108,6 +113,8 @@ class TopKSelectionStage:
         policy = self.options.make_policy()
         common = (self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype)
         if self.ep.global_votes:
+            if self.options.policy in PEER_POLICIES:
+                raise ConfigError(_peer_global_refusal(self.options.policy))
             return GlobalExpertSelector(*common, correction_bias=self.correction_bias, group=self.ep.group,
                                         stats=self.stats)
         if self.rank_aware:
@@ -116,7 +123,8 @@ class TopKSelectionStage:
                                   "use lynx on a single expert-parallel rank")
             return RankAwareSelector(*common, correction_bias=self.correction_bias,
                                      rank_mask=self.placement.logical_on_rank(), stats=self.stats)
-        return ExpertSelector(*common, correction_bias=self.correction_bias, stats=self.stats)
+        return ExpertSelector(*common, correction_bias=self.correction_bias, stats=self.stats,
+                              similarity=self.similarity)
 
     def _participates(self, phase: Optional[Phase]) -> bool:
         """Global selection: all EP ranks run it together or none does (its all-reduce must match)."""
@@ -273,6 +281,25 @@ def num_routed_experts(hf_config) -> int:
                       f"(looked for {', '.join(_EXPERT_COUNT_FIELDS)})")
 
 
+def _peer_global_refusal(policy: str) -> str:
+    return (f"--lynx-policy {policy} cannot run with a DeepEP-family --moe-a2a-backend: there each rank routes "
+            f"only its own tokens and the batch decision must be reduced over ranks, which only the policies "
+            f"off, lynx, oea and budget support (their votes are sums); use --moe-a2a-backend none or lynx")
+
+
+def layer_similarities(hf_config, options: LynxOptions, layer_ids: Sequence[int]) -> dict:
+    """Policy sere: every listed layer's [E, E] similarity from ``options.similarity``, checked against the
+    served model (``similarity.load_similarity``: format, model identity, expert count, values, layers)."""
+    if options.similarity is None:
+        raise ConfigError("--lynx-policy sere needs an expert-similarity file: pass --lynx-sere-similarity PATH "
+                          "(written by python -m lynx_sglang.sere_calibrate; the default, "
+                          "<model path>/sere_similarity.safetensors, applies only to a local model folder)")
+    loaded = load_similarity(options.similarity, model_identity(hf_config), layer_ids)
+    logger.info("lynx-sglang: sere similarity from %s (method %s, %d layers)", options.similarity, loaded.method,
+                len(loaded.matrices))
+    return {layer: loaded.matrices[layer] for layer in layer_ids}
+
+
 def _model_device(model) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -300,6 +327,8 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
     if torch.version.hip is not None:
         raise ConfigError("--moe-backend lynx is not supported on ROCm: a row left without a kept expert gets "
                           "id -1, which SGLang's aiter MoE kernels cannot take")
+    if ep.global_votes and options.policy in PEER_POLICIES:
+        raise ConfigError(_peer_global_refusal(options.policy))
     E = num_routed_experts(hf_config)
     device = _model_device(model)
     stages, planned, hashed = [], [], 0
@@ -344,19 +373,22 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
         router = RouterSpec(E, cfg.top_k - shared, shared, router_scoring(cfg), cfg.correction_bias is not None)
         bias = cfg.correction_bias.detach().float() if cfg.correction_bias is not None else None
         planned.append((module, layer_id, router, bias))
+    # Policy sere: one file for every layer, read once, refused here (start-up) if it does not fit the model.
+    sims = (layer_similarities(hf_config, options, [layer_id for _, layer_id, _, _ in planned])
+            if options.policy == "sere" and planned else {})
     # Every layer's statistics in one [L, NUM_STATS] table: the metrics read it with one copy per interval.
     table = torch.zeros(len(planned), NUM_STATS, dtype=torch.int64, device=device)
     for row, (module, layer_id, router, bias) in enumerate(planned):
         stage = TopKSelectionStage(layer_id, router, options, device, bias, physical_ids=physical_ids, ep=ep,
-                                   stats=table[row])
+                                   stats=table[row], similarity=sims.get(layer_id))
         object.__setattr__(module, STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
         stages.append(stage)
     if hashed:
         logger.warning("lynx-sglang: %d hash-routed MoE layer(s) (HashTopK) are left unchanged", hashed)
     if not stages:
         logger.warning("lynx-sglang: --moe-backend lynx found no MoE layer to select on")
-    logger.info("lynx-sglang: %s policy on %d MoE layer(s), E=%d, %s", options.policy, len(stages), E,
-                options.params or "default parameters")
+    logger.info("lynx-sglang: %s policy on %d MoE layer(s), E=%d, %s%s", options.policy, len(stages), E,
+                options.make_policy(), f" (preset {options.preset})" if options.preset else "")
     return stages
 
 
@@ -448,6 +480,8 @@ def prepare(model, hf_config, options: LynxOptions, server_args) -> list[TopKSel
     object with the fields ``refusal`` reads (tests); the refusals are decided from it.
     """
     check_supported(server_args)
+    if options.policy == "sere" and options.similarity is None:  # Engine API users: the default beside the model
+        options = replace(options, similarity=default_similarity_path(getattr(server_args, "model_path", None)))
     built = build_stages(model, hf_config, options, physical_ids=_eplb_remaps_ids(), ep=_ep_layout(options))
     _registry.add(built)
     return built
