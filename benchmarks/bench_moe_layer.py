@@ -31,6 +31,20 @@ all tokens, as in bench_selection) or ``trace`` (router logits recorded from our
 trained model, ``--trace``, replayed at the shape's expert count with
 ``lynx_sglang.routing_stats.scaled_logits``; shapes with fewer experts than the
 trace are skipped). Each copy of the layer replays a different recorded layer.
+A row's ``routing_source`` says which trace replay it is: ``recorded`` (the shape
+has the trace's E and k: the recorded rows as the model routed them) or
+``extrapolated (what-if)`` (another E or k: the recorded profile stretched by
+``scaled_logits``, an assumption about how a bigger router would behave).
+
+``--model DIR`` adds the bandwidth-realistic twin of a bundled model as a shape
+(``lynx_sglang.twin``: its E, k and hidden size, experts ``--twin-factor`` times
+wider; weights random, as for every shape): with ``--routing trace`` and the
+model's own trace that is the model's real decode routing at its real E and k.
+``--aa`` adds ``off_aa``, stock again, timed interleaved with the others: its
+speedup over ``off`` is the noise floor (A/A) a speedup must beat. On CPU every
+row also has the paired speedups (``speedup_paired``: off's time over this
+policy's in the same round) and their 10-90 % range, and ``roofline_speedup``:
+off's expert bytes over this policy's (the speedup if time were the bytes read).
 
 What runs (the JSON's ``kernel`` says it again, with file hashes):
 
@@ -71,6 +85,10 @@ Commands:
     # CPU (under a minute; relative numbers only; --trace PATH for trace routing,
     # default data/routing/trained-qwen3-moe.pt when present):
     nice -n 19 .venv/bin/python -m benchmarks.bench_moe_layer
+    # CPU, the twin of the bundled model (E=32, k=4, experts 32x wider: 4.5 MiB in bf16) on its recorded
+    # decode routing, one weight set per model layer, with the A/A noise floor (~3 min):
+    .venv/bin/python -m benchmarks.bench_moe_layer --model models/trained-qwen3-moe --routing trace --aa \
+        --copies 4 --batches 1,4,8,16,32,64 --reps 15 --out benchmarks/results/moe_layer_twin_cpu
     # CPU logic check of the GPU path: SGLang's Triton kernels in Triton's interpreter (float16: the
     # interpreter computes bf16 dots on raw bits), tiny shapes:
     TRITON_INTERPRET=1 .venv/bin/python -m benchmarks.bench_moe_layer --kernel sglang_triton \
@@ -160,6 +178,25 @@ SHAPES: Dict[str, MoEShape] = {
     )
 }
 MODEL_SHAPES = ("qwen3-30b-a3b", "qwen2-57b-a14b", "mixtral-8x7b", "deepseek-v2-lite", "olmoe")
+
+
+def register_twin_shape(model_dir: Path, factor: Optional[int] = None) -> MoEShape:
+    """The MoE layer of ``model_dir``'s bandwidth-realistic twin (``lynx_sglang.twin``), added to SHAPES.
+
+    E, k, hidden size and norm_topk_prob from its config.json; routed experts ``factor`` times wider
+    (default: the twin tool's, one expert >= 4 MiB in bf16). Shared experts are not modelled: refused.
+    """
+    from lynx_sglang.twin import check_factor, default_factor, moe_config
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    mc = moe_config(config)
+    if config.get("n_shared_experts") or config.get("shared_expert_intermediate_size"):
+        raise SystemExit(f"{model_dir}: shared experts are not modelled by --model (use a qwen3_moe model)")
+    r = check_factor(factor if factor is not None else default_factor(mc["hidden"], mc["ff"]))
+    shape = MoEShape(f"{Path(model_dir).name}-twin-r{r}", mc["experts"], mc["top_k"], mc["hidden"], mc["ff"] * r,
+                     renormalize=bool(config.get("norm_topk_prob", True)))
+    SHAPES[shape.name] = shape
+    return shape
 
 
 @dataclass
@@ -861,7 +898,12 @@ def measure_peak(device: torch.device, nbytes: int, clock: str = "wall") -> dict
 # --------------------------------------------------------------------------- one shape
 
 
+STOCK = ("off", "off_aa")  # off_aa: stock again, the A/A noise floor
+
+
 def _policy(name: str, shape: MoEShape, budget: Optional[int]):
+    if name == "off_aa":
+        return make_policy("off")
     if name == "budget":
         return make_policy("budget", max_experts=budget or max(shape.top_k, shape.experts // 4))
     return make_policy(name)
@@ -915,7 +957,7 @@ def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: flo
             cases = []
             for pname in args.policies:
                 policy = _policy(pname, shape, args.budget_experts)
-                sels = [] if pname == "off" else [
+                sels = [] if pname in STOCK else [
                     ExpertSelector(shape.router(), policy, B, device, backend=args.selection_backend)
                     for _ in range(copies)]
 
@@ -967,6 +1009,12 @@ def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: flo
                 rows.append({"shape": shape.name, "B": B, "routing": routing, "error": f"{type(e).__name__}: {e}"})
                 continue
             base = statistics.median(step_times[0])  # "off" comes first
+            off_bytes = statistics.mean(cases[0]["after"]) * shape.expert_bytes(elem) + shape.shared_bytes(elem)
+            if routing == "trace":
+                src = ("recorded" if (shape.experts, shape.top_k) == (int(trace["num_experts"]), int(trace["top_k"]))
+                       else "extrapolated (what-if)")
+            else:
+                src = "synthetic"
             for c, times in zip(cases, step_times):
                 t_med = statistics.median(times)
                 sel = sel_times.get(c["policy"], [])
@@ -987,8 +1035,17 @@ def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: flo
                     "selection_backend": c["sels"][0].backend if c["sels"] else None,
                     "speedup": base / t_med if t_med else float("nan"),
                     "iqr_us": _iqr(times),
+                    "routing_source": src,
+                    "roofline_speedup": off_bytes / wbytes,
                     **extra, **extra_noise, **info,
                 }
+                if not cuda:  # interleaved: round i of every case ran back to back
+                    paired = [a / b for a, b in zip(step_times[0], times) if b > 0]
+                    r["speedup_paired"] = paired
+                    if len(paired) >= 2:
+                        dec = statistics.quantiles(paired, n=10)
+                        r["speedup_paired_median"] = statistics.median(paired)
+                        r["speedup_paired_q10"], r["speedup_paired_q90"] = dec[0], dec[-1]
                 rows.append(r)
                 print(f"{shape.name:16s} {routing:6s} B={B:4d} {r['policy']:6s} {t_med:10.1f} us  "
                       f"experts {r['experts_before']:6.1f} -> {e_after:6.1f}  {gbps:8.1f} GB/s "
@@ -1039,11 +1096,19 @@ def parse_args(argv=None):
     ap.add_argument("--out", type=Path, default=None,
                     help="output prefix (default benchmarks/results/moe_layer_<device>)")
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--model", type=Path, default=None, metavar="DIR",
+                    help="add the bandwidth-realistic twin of this MoE model as a shape (lynx_sglang.twin; replaces "
+                         "the default shapes unless --shapes is given)")
+    ap.add_argument("--twin-factor", type=int, default=None,
+                    help="expert width factor of --model's twin (default: lynx_sglang.twin's, experts >= 4 MiB)")
+    ap.add_argument("--aa", action="store_true", help="also time stock again (off_aa): the A/A noise floor")
     ap.add_argument("--export-sglang-files", type=Path, default=None, metavar="DIR",
                     help="copy SGLang's kernel files and tuned configs to DIR (for the GPU machine) and exit")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    args.shapes = _csv(args.shapes) if args.shapes else (list(MODEL_SHAPES) if cuda else ["qwen3-30b-a3b"])
+    twin = [register_twin_shape(args.model, args.twin_factor).name] if args.model else []
+    args.shapes = (_csv(args.shapes) + twin if args.shapes else
+                   twin or (list(MODEL_SHAPES) if cuda else ["qwen3-30b-a3b"]))
     for s in args.shapes:
         if s not in SHAPES:
             ap.error(f"unknown shape {s!r}")
@@ -1056,6 +1121,8 @@ def parse_args(argv=None):
     args.policies = _csv(args.policies) if args.policies else (["off", "lynx", "oea"] if cuda else ["off", "lynx"])
     if "off" not in args.policies:
         args.policies = ["off"] + args.policies  # speedups need the stock time
+    if args.aa and "off_aa" not in args.policies:
+        args.policies.append("off_aa")
     args.reps = args.reps or (20 if cuda else 7)
     args.peak_mib = args.peak_mib or (2048 if cuda else 256)
     if args.trace is None and DEFAULT_TRACE.is_file():
@@ -1138,7 +1205,7 @@ def plot(payload: dict, png: Path) -> None:
     if not shapes:
         return
     fig, axes = plt.subplots(3, len(shapes), figsize=(max(7.0, 4.6 * len(shapes)), 10.5), squeeze=False)
-    colors = {"off": "black", "lynx": "tab:blue", "oea": "tab:orange", "budget": "tab:green"}
+    colors = {"off": "black", "off_aa": "grey", "lynx": "tab:blue", "oea": "tab:orange", "budget": "tab:green"}
     for col, s in enumerate(shapes):
         for routing, ls in (("random", "-"), ("trace", "--")):
             for pol in sorted({r["policy"] for r in rows}):
@@ -1151,6 +1218,9 @@ def plot(payload: dict, png: Path) -> None:
                 axes[0][col].plot(bs, [p[1]["time_us"] for p in pts], **kw)
                 if pol != "off":
                     axes[1][col].plot(bs, [p[1].get("speedup", float("nan")) for p in pts], **kw)
+                    if pol != "off_aa" and all("roofline_speedup" in p[1] for p in pts):
+                        axes[1][col].plot(bs, [p[1]["roofline_speedup"] for p in pts], color=kw["color"], ls=":",
+                                          lw=1, label=f"{pol} ({routing}): roofline (off's bytes / its bytes)")
                 axes[2][col].plot(bs, [100 * p[1]["bw_fraction_of_peak"] for p in pts], **kw)
         sh = payload["shapes"][s]
         axes[0][col].set_title(f"{s} (E={sh['experts']} k={sh['top_k']} d={sh['hidden']} d_ff={sh['ff']}"
@@ -1164,6 +1234,7 @@ def plot(payload: dict, png: Path) -> None:
             ax.set_xlabel("decode batch B")
             ax.grid(alpha=0.3)
         axes[0][col].legend(fontsize=6)
+        axes[1][col].legend(fontsize=5)
     env = payload["environment"]
     title = f"MoE layer decode step on {env['device']} ({payload['kernel']['name']}, {payload['dtype']})"
     if payload["relative_only"]:

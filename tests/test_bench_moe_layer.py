@@ -506,3 +506,62 @@ def test_gpu_checks_logic_on_cpu_every_policy_at_every_expert_count():
     assert len(rows) == len(gc.POLICIES) + 1 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     bad = gc._recorded("agreement", {"E": 8}, lambda: 1 / 0)
     assert bad["ok"] is False and bad["E"] == 8 and "ZeroDivisionError" in bad["error"]
+
+
+def test_cli_twin_of_the_bundled_model_on_its_recorded_routing(tmp_path, monkeypatch):
+    """--model: the twin's layer (the model's E, k, d; experts r times wider) on the model's own trace is labelled
+    recorded, a larger shape on the same trace an extrapolated what-if; --aa times stock twice (the noise floor);
+    roofline_speedup is off's expert bytes over the policy's; paired speedups come one per round."""
+    model = REPO / "models" / "trained-qwen3-moe"
+    trace = REPO / "data" / "routing" / "trained-qwen3-moe.pt"
+    data = bm.main(["--model", str(model), "--twin-factor", "2", "--shapes", "tiny", "--routing", "trace",
+                    "--trace", str(trace), "--aa", "--batches", "1,16", "--kernel", "torch_loop", "--reps", "3",
+                    "--peak-mib", "8", "--no-plot", "--out", str(tmp_path / "twin")])
+    shape = bm.SHAPES["trained-qwen3-moe-twin-r2"]
+    assert (shape.experts, shape.top_k, shape.hidden, shape.ff) == (32, 4, 256, 192)
+    rows = [r for r in data["results"] if "time_us" in r]
+    twin_rows = [r for r in rows if r["shape"] == shape.name]
+    assert [(r["B"], r["policy"]) for r in twin_rows] == [(B, p) for B in (1, 16) for p in ("off", "lynx", "off_aa")]
+    assert {r["routing_source"] for r in twin_rows} == {"recorded"}
+    skipped = [r for r in data["results"] if "skipped" in r]  # tiny has 16 experts: fewer than the trace's 32
+    assert len(skipped) == 1 and skipped[0]["shape"] == "tiny"
+    for r in twin_rows:
+        assert len(r["speedup_paired"]) == 3
+        assert r["roofline_speedup"] == pytest.approx(
+            next(o for o in twin_rows if o["B"] == r["B"] and o["policy"] == "off")["experts_after"] / r["experts_after"])
+        if r["policy"] == "off_aa":
+            assert r["experts_after"] == r["experts_before"] and r["selection_us"] == 0.0
+    lynx16 = next(r for r in twin_rows if r["B"] == 16 and r["policy"] == "lynx")
+    assert lynx16["experts_after"] < lynx16["experts_before"]  # the recorded batch really loses experts
+    # The same trace at a bigger router is a what-if, and says so.
+    monkeypatch.setitem(bm.SHAPES, "e64", bm.MoEShape("e64", 64, 4, 64, 32))
+    big = bm.main(["--shapes", "e64", "--routing", "trace", "--trace", str(trace), "--batches", "4",
+                   "--kernel", "torch_loop", "--reps", "1", "--peak-mib", "8", "--no-plot",
+                   "--out", str(tmp_path / "big")])
+    assert {r["routing_source"] for r in big["results"]} == {"extrapolated (what-if)"}
+
+
+def test_cli_twin_refuses_a_bad_factor_and_shared_experts(tmp_path):
+    from lynx_sglang.twin import TwinError
+
+    with pytest.raises(TwinError, match="power of two"):
+        bm.main(["--model", str(REPO / "models" / "trained-qwen3-moe"), "--twin-factor", "3", "--no-plot",
+                 "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="shared experts"):
+        bm.main(["--model", str(REPO / "models" / "trained-glm4-moe"), "--no-plot", "--out", str(tmp_path / "y")])
+
+
+def test_selection_cost_benchmark_smoke(tmp_path):
+    """benchmarks/bench_selection_cost.py (selection vs the twin's MoE layer) end to end at a tiny twin factor."""
+    from benchmarks import bench_selection_cost as bsc
+
+    data = bsc.main(["--factor", "1", "--batches", "1,4", "--rounds", "2", "--reps", "2",
+                     "--out", str(tmp_path / "sc")])
+    saved = json.loads((tmp_path / "sc.json").read_text())
+    assert saved["results"] == data["results"] and saved["E"] == 32 and saved["k"] == 4
+    assert [r["B"] for r in data["results"]] == [1, 4]
+    for r in data["results"]:
+        assert len(r["selection_times_us"]) == len(r["moe_times_us"]) == 4 and len(r["fraction_per_round"]) == 2
+        assert r["fraction"] == pytest.approx(r["selection_us"] / r["moe_us"])
+    assert data["results"][0]["distinct_experts_mean"] == 4  # one token: its k experts
+    assert (tmp_path / "sc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -102,6 +102,8 @@ class LynxConstants:
 
     alpha: torch.Tensor  # bins per logit of affinity
     margin: torch.Tensor  # logit margin that makes a row confident
+    neg_alpha: Optional[torch.Tensor] = None  # -alpha (fp32 negation is exact: -fp32(a) == fp32(-a))
+    powers: Optional[torch.Tensor] = None  # [beta + 1] int64: beta, ..., 0 (exponents of B in the lynx score)
 
 
 _LYNX_CONSTANTS: dict = {}
@@ -112,12 +114,15 @@ def lynx_constants(policy: LynxPolicy, device: torch.device | str) -> LynxConsta
     device = torch.device(device)
     if device.type != "cpu" and device.index is None:  # "cuda" -> "cuda:0", as tensors report it
         device = torch.empty(0, device=device).device
-    key = (float(policy.alpha), float(policy.margin), device)
+    key = (float(policy.alpha), float(policy.margin), int(policy.beta), device)
     consts = _LYNX_CONSTANTS.get(key)
     if consts is None:
         # torch.full rounds the Python double to fp32 exactly as torch.tensor(x, dtype=float32) does.
         make = lambda x: torch.full((), x, dtype=torch.float32, device=device)  # noqa: E731
-        consts = _LYNX_CONSTANTS.setdefault(key, LynxConstants(alpha=make(key[0]), margin=make(key[1])))
+        alpha = make(key[0])
+        consts = _LYNX_CONSTANTS.setdefault(key, LynxConstants(
+            alpha=alpha, margin=make(key[1]), neg_alpha=-alpha,
+            powers=torch.arange(key[2], -1, -1, dtype=torch.int64, device=device)))
     return consts
 
 
@@ -135,27 +140,36 @@ def vote(
 
     ``consts``: lynx's ``lynx_constants`` (None: looked up for the logits' device).
     """
+    return _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)[0]
+
+
+def _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts=None):
+    """``vote`` and the clamped ids [T, k] int64 (``reroute`` reuses them).
+
+    Written for few torch ops (each costs a few microseconds on a CPU server; a launch on a GPU); the
+    decisions are those of the plain formulation (tests/test_policies.py, test_kernels.py, test_properties.py).
+    """
     T, E = logits.shape
     k = router.top_k
     dev = logits.device
     ids = topk_ids[:, :k].long()
     w = topk_weights[:, :k].float()
     z = logits.float()
+    ids_c = ids.clamp(0, E - 1)
 
     # A row votes only if it is real (not padding) and well formed; any other
     # row passes through unchanged (docs/policies.md, "The contract").
-    rows = torch.arange(T, device=dev)
-    in_range = ((ids >= 0) & (ids < E)).all(dim=1)
-    same = ids[:, :, None] == ids[:, None, :]
-    dup = (same & ~torch.eye(k, dtype=torch.bool, device=dev)).any(dim=(1, 2))
+    # In range: clamping changes nothing. Weights in [0, MAX]: clamping changes nothing (NaN != NaN).
+    # Finite logits: z * 0 is 0 for every finite logit, NaN for inf and NaN, so the row sum is 0 or NaN.
+    # No duplicate: sorted ids never repeat a neighbour (out-of-range rows fail the range check anyway).
+    sorted_ids = ids_c.sort(dim=1).values
     row_ok = (
-        (rows < num_valid)
-        & in_range
-        & ~dup
-        & torch.isfinite(z).all(dim=1)
-        & ((w >= 0) & (w <= MAX_GATE_WEIGHT)).all(dim=1)  # NaN fails both
+        ((ids_c == ids) & (w.clamp(0.0, MAX_GATE_WEIGHT) == w)).all(dim=1)
+        & (sorted_ids[:, 1:] != sorted_ids[:, :-1]).all(dim=1)
+        & ((z * 0.0).sum(dim=1) == 0)
     )
-    ids_c = ids.clamp(0, E - 1)
+    if not (isinstance(num_valid, int) and num_valid >= T):
+        row_ok &= torch.arange(T, device=dev) < num_valid
 
     # rank[t, s] = number of picks of row t that beat pick s (higher score, then lower id).
     sel_p = sel.gather(1, ids_c)
@@ -165,35 +179,38 @@ def vote(
     rank = beats.sum(dim=-1)
 
     # Votes are scatter-adds of 0/1 (or integer weights) masked by row_ok: exact and sync-free.
-    voting = row_ok[:, None].expand(T, k).long()
-    out = Votes(row_ok=row_ok, rank=rank, picks=_count(ids_c, voting, E))
+    voting = row_ok[:, None].expand(T, k)
+    amount = voting.long()
 
     if isinstance(policy, LynxPolicy):
-        if consts is None:
+        if consts is None or consts.neg_alpha is None:
             consts = lynx_constants(policy, dev)
-        level = affinity_level(policy, z, ids_c, rank, voting > 0, consts)
-        z_p = z.gather(1, ids_c)
-        z_r0 = (z_p * (rank == 0)).sum(dim=1)
+        # A voting row's ranks are 0..k-1, each once: its best two picks are the first two of argsort.
+        top = rank.argsort(dim=1)[:, : min(k, 2)]
+        z_p = sel_p if sel is z else z.gather(1, ids_c)
+        z_top = z_p.gather(1, top)  # logits of the row's best (and second best) pick
+        level = affinity_level(policy, z, ids_c, rank, voting, consts, z_p=z_p, z_best=z_top[:, 0])
         nb = policy.beta + 1
-        out.lynx_votes = _count(ids_c * nb + level, voting, E * nb).view(E, nb)
-
-        if k >= 2:
-            z_r1 = (z_p * (rank == 1)).sum(dim=1)
-            confident = (z_r0 - z_r1) >= consts.margin
-        else:
-            confident = torch.ones(T, dtype=torch.bool, device=dev)
-        r0 = ids_c.gather(1, rank.argmin(dim=1, keepdim=True))[:, 0]
-        out.mandatory = _count(r0, (row_ok & confident).long(), E) > 0
+        lynx_votes = _count(ids_c * nb + level, amount, E * nb).view(E, nb)
+        out = Votes(row_ok=row_ok, rank=rank, picks=lynx_votes.sum(dim=1), lynx_votes=lynx_votes)
+        # Mandatory: the best pick of a confident voting row, and picks the moved-weight cap holds.
+        lead = row_ok & ((z_top[:, 0] - z_top[:, 1]) >= consts.margin) if k >= 2 else row_ok
+        flagged = (rank == 0) & lead[:, None]
         if policy.moved_weight_q < WEIGHT_Q:
-            held = held_by_cap(policy, w, rank, voting > 0)
-            out.mandatory |= _count(ids_c, voting * held, E) > 0
-    elif isinstance(policy, OeaPolicy):
-        core = voting * (rank < policy.resolved_k0(router))
+            flagged |= held_by_cap(policy, w, rank, voting)  # False on rows that do not vote
+        # Every write is True, so repeated experts need no order; unflagged picks land on a spare slot E.
+        out.mandatory = torch.zeros(E + 1, dtype=torch.bool, device=dev).scatter_(
+            0, torch.where(flagged, ids_c, E).view(-1), True)[:E]
+        return out, ids_c
+
+    out = Votes(row_ok=row_ok, rank=rank, picks=_count(ids_c, amount, E))
+    if isinstance(policy, OeaPolicy):
+        core = amount * (rank < policy.resolved_k0(router))
         out.oea_core = _count(ids_c, core, E) > 0
     elif isinstance(policy, BudgetPolicy):
         q = quantized(w)
-        out.budget_score = _count(ids_c, q * voting, E)
-    return out
+        out.budget_score = _count(ids_c, q * amount, E)
+    return out, ids_c
 
 
 def quantized(w: torch.Tensor) -> torch.Tensor:
@@ -202,20 +219,26 @@ def quantized(w: torch.Tensor) -> torch.Tensor:
 
 
 def affinity_level(policy: LynxPolicy, z: torch.Tensor, ids_c: torch.Tensor, rank: torch.Tensor,
-                   voting: torch.Tensor, consts: Optional[LynxConstants] = None) -> torch.Tensor:
+                   voting: torch.Tensor, consts: Optional[LynxConstants] = None,
+                   z_p: Optional[torch.Tensor] = None, z_best: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[T, k] int64 lynx level of each pick: 0 = as close as the row's best expert, up to beta.
 
     Bins are floor((z_pick - z_best) * alpha) in fp32 (as the kernels compute them);
     rows that do not vote (``voting`` False; they may hold NaN) get level 0.
-    ``consts``: ``lynx_constants(policy, z.device)`` (None: looked up).
+    ``consts``: ``lynx_constants(policy, z.device)`` (None: looked up). ``z_p`` / ``z_best``: the picks'
+    logits [T, k] and the row's best pick's logit [T] where the caller has them (None: computed).
+
+    Computed as clamp(ceil((z_pick - z_best) * -alpha), 0, beta), which is -clamp(floor(min(z_pick -
+    z_best, 0) * alpha), -beta, 0) exactly: fp32 negation is exact and ceil(-x) == -floor(x).
     """
-    if consts is None:
+    if consts is None or consts.neg_alpha is None:
         consts = lynx_constants(policy, z.device)
-    z_p = z.gather(1, ids_c)
-    z_r0 = (z_p * (rank == 0)).sum(dim=1)
-    affinity = (z_p - z_r0[:, None]).clamp(max=0.0)
-    bins = torch.floor(affinity * consts.alpha).clamp(min=-policy.beta)
-    return torch.where(voting, -bins, torch.zeros_like(bins)).long()
+    if z_p is None:
+        z_p = z.gather(1, ids_c)
+    if z_best is None:
+        z_best = (z_p * (rank == 0)).sum(dim=1)
+    level = ((z_p - z_best[:, None]) * consts.neg_alpha).ceil_().clamp_(0, policy.beta)
+    return level.masked_fill_(~voting, 0).long()
 
 
 def held_by_cap(policy: LynxPolicy, w: torch.Tensor, rank: torch.Tensor, voting: torch.Tensor) -> torch.Tensor:
@@ -236,13 +259,13 @@ def gate_weights(router: RouterSpec, logits: torch.Tensor, new_ids: torch.Tensor
     """fp32 [T, k] gate weights of a rewritten row's picks (-1: none), rescaled to its original routed sum."""
     k = router.top_k
     z = logits.float()
-    held = new_ids >= 0
+    free = new_ids < 0
     z_new = z.gather(1, new_ids.clamp(min=0))
     if router.scoring_func != "softmax":  # log sigmoid: a sigmoid gate itself underflows to 0 below logit -88
         z_new = torch.nn.functional.logsigmoid(z_new)
     # Relative to the row's largest held gate (softmax: the normaliser cancels; sigmoid: no underflow).
-    z_max = torch.where(held, z_new, torch.full_like(z_new, float("-inf"))).max(dim=1, keepdim=True).values
-    gate = torch.where(held, torch.exp(z_new - z_max), torch.zeros_like(z_new))
+    z_max = z_new.masked_fill(free, float("-inf")).max(dim=1, keepdim=True).values
+    gate = torch.exp(z_new - z_max).masked_fill_(free, 0.0)
     row_sum = topk_weights[:, :k].float().sum(dim=1, keepdim=True)
     return row_sum * gate / gate.sum(dim=1, keepdim=True)
 
@@ -265,14 +288,17 @@ def lynx_scores(votes: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
     return score
 
 
-def keep_set(policy: Policy, router: RouterSpec, votes: Votes) -> torch.Tensor:
-    """Stage 2: the batch's kept experts, [E] bool (always a subset of the picked ones)."""
-    active = votes.picks > 0
+def keep_set(policy: Policy, router: RouterSpec, votes: Votes, consts: Optional[LynxConstants] = None) -> torch.Tensor:
+    """Stage 2: the batch's kept experts, [E] bool (always a subset of the picked ones).
+
+    ``consts``: lynx's ``lynx_constants`` (None: looked up for the votes' device).
+    """
     if isinstance(policy, OffPolicy):
-        return active
+        return votes.picks > 0
     if isinstance(policy, OeaPolicy):
         return votes.oea_core
     if isinstance(policy, BudgetPolicy):
+        active = votes.picks > 0
         # Greedy by total gate weight, ties to the lower id (stable sort), only picked experts.
         score = torch.where(active, votes.budget_score, torch.full_like(votes.budget_score, -1))
         order = torch.sort(score, descending=True, stable=True).indices
@@ -280,13 +306,19 @@ def keep_set(policy: Policy, router: RouterSpec, votes: Votes) -> torch.Tensor:
         position[order] = torch.arange(order.numel(), device=order.device)
         return active & (position < policy.max_experts)
     assert isinstance(policy, LynxPolicy)
-    batch = votes.voting_rows()
-    score = lynx_scores(votes.lynx_votes, batch)
+    if consts is None or consts.powers is None:
+        consts = lynx_constants(policy, votes.lynx_votes.device)
+    # B**(beta - j) for every bin j, and the score as one product: the same exact integers as
+    # lynx_scores' Horner loop (integer arithmetic; config.LynxPolicy.validate rules out overflow).
+    powers = votes.voting_rows().pow(consts.powers)
+    score = (votes.lynx_votes * powers).sum(dim=1)
     # Level threshold: min_votes votes at bin >= -keep_level, in the same integer units.
-    theta = policy.min_votes * batch.pow(policy.beta - policy.keep_level)
-    # Dynamic part: lower the threshold to the min_keep-th largest score.
+    theta = powers[policy.keep_level]
+    if policy.min_votes != 1:
+        theta = policy.min_votes * theta
+    # Dynamic part: lower the threshold to the min_keep-th largest score (a value: ties do not matter).
     m = policy.resolved_min_keep(router)
-    theta = torch.minimum(theta, torch.sort(score, descending=True).values[m - 1])
+    theta = torch.minimum(theta, score.topk(m).values[m - 1])
     theta = theta.clamp(min=1)  # never keep an expert nobody picked
     return (score >= theta) | votes.mandatory
 
@@ -300,32 +332,31 @@ def reroute(
     row_ok: torch.Tensor,
     keep: torch.Tensor,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    ids_c: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 3: rewrite the rows that lost a pick; returns (ids, weights, changed [T] bool).
 
     ``keep``: the batch's kept experts [E] bool, or a kept set per row [T, E] bool (peer rules
     whose allowed experts differ by token, ``peers``). ``out``: (ids, weights) buffers shaped like ``topk_ids`` / ``topk_weights`` to write
-    the result into (a selector's planned outputs; None: new tensors).
+    the result into (a selector's planned outputs; None: new tensors). ``ids_c``: the picks clamped to
+    [0, E) as int64 [T, k] where the caller has them (None: computed).
     """
     T, E = logits.shape
     k = router.top_k
-    ids = topk_ids[:, :k].long()
-    ids_c = ids.clamp(0, E - 1)
-    per_row = keep.dim() == 2
-    survive = keep.gather(1, ids_c) if per_row else keep[ids_c]
-    changed = row_ok & ~survive.all(dim=1)
-    freed = ~survive
+    if ids_c is None:
+        ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
+    keep_rows = keep if keep.dim() == 2 else keep[None, :].expand(T, E)
+    freed = ~keep_rows.gather(1, ids_c)
+    changed = row_ok & freed.any(dim=1)
 
     # Candidates: kept experts the row does not hold yet, best score first, ties to the lower id.
-    in_row = torch.zeros(T, E, dtype=torch.bool, device=logits.device)
-    in_row.scatter_(1, ids_c, True)
-    cand = (keep if per_row else keep[None, :]) & ~in_row
-    cand_score = torch.where(cand, sel, torch.full_like(sel, float("-inf")))
+    cand = keep_rows.clone().scatter_(1, ids_c, False)
+    cand_score = sel.masked_fill(~cand, float("-inf"))
     order = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
     # The j-th freed slot (in slot order) takes the j-th best candidate, or -1 if none is left.
-    free_rank = torch.cumsum(freed.long(), dim=1) - 1
+    free_rank = torch.cumsum(freed, dim=1) - 1  # int64 (cumsum promotes bool)
     fill = order.gather(1, free_rank.clamp(0, E - 1))
-    fill = torch.where(free_rank < cand.sum(dim=1, keepdim=True), fill, torch.full_like(fill, -1))
+    fill = fill.masked_fill_(free_rank >= cand.sum(dim=1, keepdim=True), -1)
     new_ids = torch.where(freed, fill, ids_c)  # only changed rows (all ids in range) use it
 
     # Gate weights of the new set from the logits, rescaled to the row's original sum.
@@ -338,9 +369,17 @@ def reroute(
         if topk_ids.shape[1] > k:  # shared-expert slots as given
             out_ids[:, k:] = topk_ids[:, k:]
             out_w[:, k:] = topk_weights[:, k:]
-    out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
-    out_w[:, :k] = torch.where(changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
+    _where_into(out_ids[:, :k], changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
+    _where_into(out_w[:, :k], changed[:, None], new_w.to(topk_weights.dtype), topk_weights[:, :k])
     return out_ids, out_w, changed
+
+
+def _where_into(dst: torch.Tensor, cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """dst[...] = where(cond, a, b): written straight into ``dst`` where the dtypes allow (one op, not two)."""
+    if dst.dtype == a.dtype == b.dtype:
+        torch.where(cond, a, b, out=dst)
+    else:
+        dst.copy_(torch.where(cond, a, b))
 
 
 def select(
@@ -370,12 +409,14 @@ def select(
     if num_valid is None:
         num_valid = T
     sel = selection_score(router, logits, correction_bias)
-    votes = vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)
+    votes, ids_c = _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)
     rows_voting = votes.row_ok.sum()
     if vote_reduce is not None:
         votes = vote_reduce(votes)
-    keep = keep_set(policy, router, votes)
-    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep, out)
+    elif votes.num_voting is None:
+        votes.num_voting = rows_voting  # what voting_rows() would sum again
+    keep = keep_set(policy, router, votes, consts)
+    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep, out, ids_c)
     info = SelectionInfo(
         keep=keep,
         experts_before=(votes.picks > 0).sum(),
