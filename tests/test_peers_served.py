@@ -90,7 +90,7 @@ def test_sere_similarity_is_checked_at_plan_time():
     for msg, sim in bad.items():
         with pytest.raises(ConfigError, match=msg):
             ExpertSelector(router, policy, 8, similarity=sim)
-    with pytest.raises(ConfigError, match="input of policy sere only"):
+    with pytest.raises(ConfigError, match="input of policy sere and of lynx with refill_similarity"):
         ExpertSelector(router, make_policy("lynx"), 8, similarity=torch.eye(8))
     sel = ExpertSelector(router, policy, 8, similarity=torch.eye(8, dtype=torch.float64) * 0.5)
     assert sel.similarity.dtype == torch.float32 and sel.similarity.is_contiguous()

@@ -111,6 +111,13 @@ class LynxPolicy:
     max_moved_weight: a token's picks may only move while their routed weight,
         counted from its weakest pick up, stays within this fraction of the
         token's routed weight sum; the others are always kept (1.0: no cap).
+    refill_similarity: 0 (default): a moved pick goes to the row's best-scored kept
+        expert. > 0: to the kept expert maximising ``score + refill_similarity *
+        similarity[moved expert, candidate]`` (SERE's idea: a similar expert is a
+        better stand-in), with the layer's expert-similarity file
+        (``python -m lynx_sglang.sere_calibrate``); score units are the router's
+        ranking score (logits; sigmoid score + bias for biased routers). Torch backend
+        only. See docs/peers.md for what it buys.
     """
 
     name = "lynx"
@@ -121,10 +128,12 @@ class LynxPolicy:
     min_keep: Optional[int] = None
     confidence_margin: Optional[float] = None
     max_moved_weight: float = 0.4
+    refill_similarity: float = 0.0
 
     def validate(self, router: RouterSpec, max_tokens: int) -> None:
         _check_number("lynx alpha", self.alpha, 1e-3, 1e3, integer=False)
         _check_number("lynx max_moved_weight", self.max_moved_weight, 0.0, 1.0, integer=False)
+        _check_number("lynx refill_similarity", self.refill_similarity, 0.0, 1e3, integer=False)
         _check_number("lynx beta", self.beta, 0, MAX_BETA, integer=True)
         _check_number("lynx keep_level", self.keep_level, 0, self.beta, integer=True)
         _check_number("lynx min_votes", self.min_votes, 1, 1 << 16, integer=True)
@@ -194,6 +203,9 @@ class RankAwareLynxPolicy(LynxPolicy):
 
     def validate(self, router: RouterSpec, max_tokens: int) -> None:
         super().validate(router, max_tokens)
+        if self.refill_similarity:
+            raise ConfigError("lynx_ep does not take refill_similarity (its refill prefers the ranks a token "
+                              "already visits)")
         if self.rank_slack is not None:
             _check_number("lynx_ep rank_slack", self.rank_slack, 0.0, 16.0, integer=False)
 
@@ -373,6 +385,11 @@ POLICIES = {cls.name: cls for cls in (OffPolicy, LynxPolicy, RankAwareLynxPolicy
                                       *PEER_POLICY_TYPES)}
 # Stable small integers for the kernels (lynx_ep and the peer policies have none: torch backend only).
 POLICY_IDS = {"off": 0, "lynx": 1, "oea": 2, "budget": 3}
+
+
+def needs_similarity(policy) -> bool:
+    """Whether ``policy`` reads the layers' expert-similarity file (sere; lynx with refill_similarity > 0)."""
+    return isinstance(policy, SerePolicy) or (isinstance(policy, LynxPolicy) and policy.refill_similarity > 0)
 
 
 def is_peer(policy) -> bool:

@@ -333,13 +333,17 @@ def reroute(
     keep: torch.Tensor,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ids_c: Optional[torch.Tensor] = None,
+    refill_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Stage 3: rewrite the rows that lost a pick; returns (ids, weights, changed [T] bool).
 
     ``keep``: the batch's kept experts [E] bool, or a kept set per row [T, E] bool (peer rules
     whose allowed experts differ by token, ``peers``). ``out``: (ids, weights) buffers shaped like ``topk_ids`` / ``topk_weights`` to write
     the result into (a selector's planned outputs; None: new tensors). ``ids_c``: the picks clamped to
-    [0, E) as int64 [T, k] where the caller has them (None: computed).
+    [0, E) as int64 [T, k] where the caller has them (None: computed). ``refill_bias``: fp32 [E, E]
+    (lynx's ``refill_similarity`` times the layer's expert similarity, made at plan time) or None: a
+    freed slot that held expert d then takes, in slot order, the candidate maximising
+    ``sel + refill_bias[d]`` not taken yet (ties to the lower id) instead of the j-th best by ``sel``.
     """
     T, E = logits.shape
     k = router.top_k
@@ -351,6 +355,9 @@ def reroute(
 
     # Candidates: kept experts the row does not hold yet, best score first, ties to the lower id.
     cand = keep_rows.clone().scatter_(1, ids_c, False)
+    if refill_bias is not None:
+        new_ids = _refill_by_similarity(sel, cand, freed, ids_c, refill_bias)
+        return _finish(router, logits, topk_ids, topk_weights, new_ids, changed, out)
     cand_score = sel.masked_fill(~cand, float("-inf"))
     order = torch.sort(cand_score, dim=1, descending=True, stable=True).indices
     # The j-th freed slot (in slot order) takes the j-th best candidate, or -1 if none is left.
@@ -358,8 +365,28 @@ def reroute(
     fill = order.gather(1, free_rank.clamp(0, E - 1))
     fill = fill.masked_fill_(free_rank >= cand.sum(dim=1, keepdim=True), -1)
     new_ids = torch.where(freed, fill, ids_c)  # only changed rows (all ids in range) use it
+    return _finish(router, logits, topk_ids, topk_weights, new_ids, changed, out)
 
-    # Gate weights of the new set from the logits, rescaled to the row's original sum.
+
+def _refill_by_similarity(sel: torch.Tensor, cand: torch.Tensor, freed: torch.Tensor, ids_c: torch.Tensor,
+                          refill_bias: torch.Tensor) -> torch.Tensor:
+    """[T, k] new ids: freed slot j (in slot order) takes argmax over untaken candidates of
+    ``sel + refill_bias[ids_c[:, j]]``, or -1 when none is left. k small steps of fixed shape."""
+    new_ids = ids_c.clone()
+    free = cand.clone()
+    neg = torch.full_like(sel, float("-inf"))
+    for j in range(ids_c.shape[1]):
+        key = torch.where(free, sel + refill_bias.index_select(0, ids_c[:, j]), neg)
+        best, tgt = key.max(dim=1)  # first maximal index: ties to the lower id
+        take = freed[:, j] & (best > float("-inf"))
+        new_ids[:, j] = torch.where(take, tgt, torch.where(freed[:, j], torch.full_like(tgt, -1), ids_c[:, j]))
+        free.scatter_(1, tgt[:, None], free.gather(1, tgt[:, None]) & ~take[:, None])
+    return new_ids
+
+
+def _finish(router, logits, topk_ids, topk_weights, new_ids, changed, out):
+    """Write the rewritten rows (gate weights from the logits, rescaled to each row's routed sum)."""
+    k = router.top_k
     new_w = gate_weights(router, logits, new_ids, topk_weights)
 
     if out is None:
@@ -393,6 +420,7 @@ def select(
     vote_reduce: Optional[Callable[[Votes], Votes]] = None,
     consts: Optional[LynxConstants] = None,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+    refill_bias: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
     """Run one policy on one batch; returns new (topk_ids, topk_weights) and the batch's facts.
 
@@ -416,7 +444,8 @@ def select(
     elif votes.num_voting is None:
         votes.num_voting = rows_voting  # what voting_rows() would sum again
     keep = keep_set(policy, router, votes, consts)
-    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep, out, ids_c)
+    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep, out, ids_c,
+                                      refill_bias)
     info = SelectionInfo(
         keep=keep,
         experts_before=(votes.picks > 0).sum(),

@@ -15,7 +15,8 @@ import torch
 
 from lynx_sglang.runtime.selection import peers, reference
 from lynx_sglang.runtime.selection.config import (
-    MAX_KERNEL_EXPERTS, ConfigError, LynxPolicy, Policy, RankAwareLynxPolicy, RouterSpec, SerePolicy, is_peer,
+    MAX_KERNEL_EXPERTS, ConfigError, LynxPolicy, Policy, RankAwareLynxPolicy, RouterSpec, is_peer,
+    needs_similarity,
 )
 from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats, StatField
 
@@ -55,7 +56,8 @@ class ExpertSelector:
             ``StatField``; e.g. a row of a [layers, NUM_STATS] table the metrics read with one copy),
             or None for a buffer of its own. It is kept as given (never reallocated), so a
             re-planned selector can keep accumulating into the buffer a captured graph writes.
-        similarity: policy ``sere`` only (required there): the layer's [E, E] expert similarity, values in
+        similarity: policy ``sere``, and ``lynx`` with ``refill_similarity > 0`` (required there): the
+            layer's [E, E] expert similarity, values in
             [-1, 1]; checked and moved to ``device`` as float32 once, here.
 
     The peer policies (``lynx_paper``, ``xshare``, ``sere``: ``runtime.selection.peers``) run on the
@@ -122,13 +124,21 @@ class ExpertSelector:
                 raise ConfigError(f"policy {policy.name} runs on the torch backend only (the Triton kernels "
                                   f"implement off, lynx, oea and budget); use backend 'torch' or 'auto'")
             backend = "torch"
-        if isinstance(policy, SerePolicy):
+        refill = isinstance(policy, LynxPolicy) and policy.refill_similarity > 0
+        if refill:
+            if backend == "triton":
+                raise ConfigError("lynx refill_similarity runs on the torch backend only (the Triton kernels refill "
+                                  "by router score); use backend 'torch' or 'auto'")
+            backend = "torch"
+        if needs_similarity(policy):
             if similarity is None:
-                raise ConfigError("policy sere needs the layer's [E, E] expert similarity (similarity=...; the "
-                                  "server reads it from --lynx-sere-similarity)")
+                raise ConfigError(f"policy {policy.name}{' with refill_similarity' if refill else ''} needs the "
+                                  f"layer's [E, E] expert similarity (similarity=...; the server reads it from "
+                                  f"--lynx-sere-similarity)")
             similarity = peers.check_similarity(similarity, router.num_experts, device)
         elif similarity is not None:
-            raise ConfigError(f"similarity is an input of policy sere only, not of {policy.name}")
+            raise ConfigError(f"similarity is an input of policy sere and of lynx with refill_similarity > 0 only, "
+                              f"not of {policy.name}")
         if stats is not None and (stats.shape != (NUM_STATS,) or stats.dtype != torch.int64
                                   or stats.device != device or not stats.is_contiguous()):
             raise ConfigError(f"stats must be a contiguous int64 [{NUM_STATS}] tensor on {device}, got "
@@ -153,6 +163,8 @@ class ExpertSelector:
         self._consts = reference.lynx_constants(policy, device) if isinstance(policy, LynxPolicy) else None
         self._peer = peer
         self.similarity = similarity
+        # lynx's refill preference, scaled once here so the step multiplies nothing.
+        self._refill_bias = (similarity * policy.refill_similarity).contiguous() if refill else None
         if peer:
             self._consts = peers.peer_constants(policy, device)
         self._writes_outputs = getattr(type(self)._select_torch, "writes_outputs", False)
@@ -251,7 +263,7 @@ class ExpertSelector:
             )
         return reference.select(
             self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias,
-            consts=self._consts, out=(self._out_ids[:T], self._out_weights[:T]),
+            consts=self._consts, out=(self._out_ids[:T], self._out_weights[:T]), refill_bias=self._refill_bias,
         )
 
     _select_torch.writes_outputs = True
