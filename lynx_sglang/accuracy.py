@@ -21,6 +21,13 @@ batches with selection off:
   loop with a KV cache: fraction of ``greedy_tokens`` generated before the
   first token that differs from off's greedy continuation).
 
+Every result keeps per-sequence sums (``SEQ_FIELDS``), and summaries carry 95 %
+paired-bootstrap intervals of the accuracy change and of KL (``BOOTSTRAP_REPS``
+resamples of whole sequences, the same ones for off and the rule; seed 0), so
+intervals can be recomputed and pooled across runs. Peer rules (``peers``:
+lynx_paper, xshare, sere) run through ``ExpertSelector`` like ours;
+``lynx_sglang.frontier`` puts every rule on one frontier.
+
 A random-keep control keeps, in every (batch, layer, step), as many randomly
 chosen experts of the batch's picked set as the policy it is matched to kept,
 and re-routes the same way: if selection is good, it must lose clearly less.
@@ -70,6 +77,8 @@ from lynx_sglang.runtime.expert_parallel.rank_aware import (
 )
 from lynx_sglang.runtime.selection.selector import ExpertSelector
 
+BOOTSTRAP_REPS = 1000  # paired bootstrap replicates (resampling sequences)
+BOOTSTRAP_LEVEL = 0.95
 RANDOM = "random"  # the control: random experts, matched in count
 RANK_DROP = "random-rank-drop"  # the control of lynx_ep's rank drops: random visits, matched in count
 ACTIVATION_BYTES = 2  # expert parallelism: hidden rows travel in bf16
@@ -142,6 +151,25 @@ def model_shape(model) -> Tuple[int, int]:
     return r.num_experts, r.top_k
 
 
+def moe_layer_ids(model) -> List[int]:
+    """Decoder layer index of every MoE block, in block order (SGLang's ``layer_id``; SERE's file keys)."""
+    blocks = {id(b): i for i, b in enumerate(moe_blocks(model))}
+    out = [None] * len(blocks)
+    for name, mod in model.named_modules():
+        if id(mod) in blocks:
+            digits = [p for p in name.split(".") if p.isdigit()]
+            out[blocks[id(mod)]] = int(digits[-1]) if digits else blocks[id(mod)]
+    return out
+
+
+PEER_NAMES = ("lynx_paper", "xshare", "sere")
+
+
+def is_peer(policy) -> bool:
+    """A peer rule (``peers``: lynx_paper, xshare, sere), not one of ours."""
+    return getattr(policy, "name", None) in PEER_NAMES
+
+
 def _distinct(ids: torch.Tensor, num_experts: int) -> int:
     ids = ids[ids >= 0]
     return int(torch.bincount(ids.reshape(-1), minlength=num_experts).gt(0).sum())
@@ -200,10 +228,13 @@ class SelectionPatch:
     ``ep``: number of expert-parallel ranks (contiguous placement, rows owned
     as ``home_rank``); then ``lynx_ep`` gets the rank mask and the rows' homes,
     and every decode step's traffic is recorded in ``traffic``.
+    A peer rule (``peers``: lynx_paper, xshare, sere; ``make_policy``) runs through
+    ``ExpertSelector`` like ours; ``similarity`` ([E, E] per MoE block, in block order) is
+    SERE's plan-time input.
     """
 
     def __init__(self, model, rule, seed: int = 0, layers: Optional[Sequence[int]] = None,
-                 ep: Optional[int] = None):
+                 ep: Optional[int] = None, similarity: Optional[Sequence[torch.Tensor]] = None):
         self.blocks = moe_blocks(model)
         # Each layer's router as the model runs it: RouterSpec (softmax, or sigmoid with the layer's
         # correction bias), and how the block combines routed experts (+ shared expert).
@@ -223,6 +254,7 @@ class SelectionPatch:
         self.rank_drops = [0, 0]  # rank-drop control: visits lynx_ep would drop, visits dropped
         self._gen = torch.Generator().manual_seed(seed)
         self._saved = []
+        self.similarity = similarity
 
     def __enter__(self):
         for layer, block in enumerate(self.blocks):
@@ -241,6 +273,15 @@ class SelectionPatch:
             rank_aware = isinstance(self.rule, RankAwareLynxPolicy) and self.placement is not None
             common = (self.router, self.rule, max(rows, 1), logits.device, ids.dtype, torch.float32)
             bias = self.routers[layer].correction_bias
+            sim = None
+            if getattr(self.rule, "name", None) == "sere":
+                if self.similarity is None:
+                    raise ValueError("sere needs the similarity matrices (sere_calibrate)")
+                sim = self.similarity[layer]
+            if is_peer(self.rule):  # the peers run in ExpertSelector (torch backend); sere's similarity at plan time
+                sel = ExpertSelector(*common, correction_bias=bias, backend="torch", similarity=sim)
+                self.selectors[layer] = sel
+                return sel
             sel = (RankAwareSelector(*common, correction_bias=bias, backend="torch",
                                      rank_mask=self.placement.logical_on_rank())
                    if rank_aware else ExpertSelector(*common, correction_bias=bias, backend="torch"))
@@ -345,6 +386,62 @@ class BatchResult:
     busiest_before: List[float] = field(default_factory=list)
     busiest_after: List[float] = field(default_factory=list)
     rank_drops: Tuple[int, int] = (0, 0)  # rank-drop control: visits lynx_ep would drop, visits it dropped
+    # Per sequence (row of the batch, in row order): sums over its scored positions (``SEQ_FIELDS``).
+    per_sequence: Dict[str, list] = field(default_factory=dict)
+
+
+# Per-sequence sums kept with every result, so paired intervals can be recomputed and pooled:
+# scored positions, correct next tokens with selection off / under the rule, KL(off || rule)
+# summed over positions, positions whose top-1 equals off's, log-likelihood change summed.
+SEQ_FIELDS = ("tokens", "correct_off", "correct", "kl", "top1", "dloglik")
+
+
+def concat_sequences(parts: Sequence[Dict[str, list]]) -> Dict[str, list]:
+    """The per-sequence sums of several batches (or runs), one after the other."""
+    out: Dict[str, list] = {f: [] for f in SEQ_FIELDS}
+    for part in parts:
+        for f in SEQ_FIELDS:
+            out[f].extend(part.get(f, []))
+    return out
+
+
+def bootstrap_indices(n: int, reps: int = BOOTSTRAP_REPS, seed: int = 0) -> torch.Tensor:
+    """[reps, n] int64: sequences drawn with replacement; deterministic in (n, reps, seed), so
+    every rule measured on the same n sequences gets the same resamples (paired across rules)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, n, (reps, n), generator=gen)
+
+
+def bootstrap_replicates(per_sequence: Dict[str, list], reps: int = BOOTSTRAP_REPS, seed: int = 0,
+                         index: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+    """Paired bootstrap over sequences: [reps] float64 replicates of the pooled statistics.
+
+    Resamples whole sequences (tokens of one sequence are correlated), the same sequences for
+    the rule and for selection off (the difference is paired). Statistics: ``delta_points``
+    (next-token accuracy change, points), ``kl`` (nats per token), ``top1`` (agreement).
+    """
+    n = len(per_sequence["tokens"])
+    if index is None:
+        index = bootstrap_indices(n, reps, seed)
+    col = {f: torch.tensor(per_sequence[f], dtype=torch.float64)[index].sum(dim=1) for f in SEQ_FIELDS}
+    tokens = col["tokens"].clamp(min=1)
+    return {"delta_points": 100 * (col["correct"] - col["correct_off"]) / tokens,
+            "kl": col["kl"] / tokens, "top1": col["top1"] / tokens}
+
+
+def percentile_interval(replicates: torch.Tensor, level: float = BOOTSTRAP_LEVEL) -> Tuple[float, float]:
+    """The percentile interval of bootstrap replicates (e.g. 2.5 % and 97.5 % at level 0.95)."""
+    lo, hi = torch.quantile(replicates.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def sequence_intervals(per_sequence: Dict[str, list], reps: int = BOOTSTRAP_REPS, seed: int = 0) -> dict:
+    """``delta_points_ci`` and ``kl_ci``: 95 % paired-bootstrap percentile intervals (Summary fields)."""
+    if not per_sequence or len(per_sequence.get("tokens", [])) < 2:
+        return {"delta_points_ci": None, "kl_ci": None}
+    r = bootstrap_replicates(per_sequence, reps, seed)
+    d, k = percentile_interval(r["delta_points"]), percentile_interval(r["kl"])
+    return {"delta_points_ci": [round(d[0], 3), round(d[1], 3)], "kl_ci": [round(k[0], 6), round(k[1], 6)]}
 
 
 def _per_layer_means(counts, layers: int) -> Tuple[List[float], List[float]]:
@@ -413,6 +510,7 @@ def measure(
     seed: int = 0,
     layers: Optional[Sequence[int]] = None,
     ep: Optional[int] = None,
+    similarity: Optional[Sequence[torch.Tensor]] = None,
 ) -> Tuple[BatchResult, Tuple[List[int], List[int]]]:
     """One batch under ``rule`` (``off`` must have been run with the same ``ep``).
 
@@ -421,7 +519,7 @@ def measure(
     the random-keep control matched to this rule consumes as ``random_counts``.
     """
     num_layers = len(moe_blocks(model))
-    with SelectionPatch(model, rule, seed=seed, layers=layers, ep=ep) as patch:
+    with SelectionPatch(model, rule, seed=seed, layers=layers, ep=ep, similarity=similarity) as patch:
         if random_counts is not None:
             patch.random_counts = list(random_counts[0])
         logits = _teacher_forced(model, patch, batch.tokens, prefix)
@@ -434,7 +532,20 @@ def measure(
     target = batch.tokens[:, prefix + 1 :]
     logp_off = F.log_softmax(off.logits, dim=-1)
     logp = F.log_softmax(logits, dim=-1)
-    kl = float((logp_off.exp() * (logp_off - logp)).sum(-1).sum())
+    kl_pos = (logp_off.exp() * (logp_off - logp)).sum(-1)  # [B, positions]
+    kl = float(kl_pos.sum())
+    hit_off = off.logits.argmax(-1) == target
+    hit = logits.argmax(-1) == target
+    same_top1 = logits.argmax(-1) == off.logits.argmax(-1)
+    dll = (logp.gather(-1, target[..., None]) - logp_off.gather(-1, target[..., None]))[..., 0]
+    per_sequence = {
+        "tokens": [target.shape[1]] * target.shape[0],
+        "correct_off": hit_off.sum(1).tolist(),
+        "correct": hit.sum(1).tolist(),
+        "kl": [round(x, 7) for x in kl_pos.double().sum(1).tolist()],
+        "top1": same_top1.sum(1).tolist(),
+        "dloglik": [round(x, 5) for x in dll.double().sum(1).tolist()],
+    }
     # Reductions are against what the batch touches with selection off.
     before, _ = _per_layer_means(off.counts, num_layers)
     _, after = _per_layer_means(counts, num_layers)
@@ -459,6 +570,7 @@ def measure(
         busiest_before=busiest_before,
         busiest_after=busiest_after,
         rank_drops=tuple(patch.rank_drops),
+        per_sequence=per_sequence,
     )
     return result, ([a for _, _, a in counts], [a for _, _, a in greedy_counts])
 
@@ -493,6 +605,13 @@ class Summary:
     busiest_experts_after: Optional[float] = None
     # rank-drop control only: visits it dropped / visits lynx_ep drops on the same inputs
     rank_drops_matched: Optional[float] = None
+    # Paired bootstrap over sequences (BOOTSTRAP_REPS replicates, seed 0): 95 % percentile intervals
+    # of delta_points (points) and kl (nats per token); per_sequence: the sums they come from
+    # (SEQ_FIELDS), so intervals can be recomputed and pooled.
+    sequences: int = 0
+    delta_points_ci: Optional[List[float]] = None
+    kl_ci: Optional[List[float]] = None
+    per_sequence: Optional[Dict[str, list]] = None
 
 
 def summarise(rule: dict, kind: str, results: List[BatchResult]) -> Summary:
@@ -517,6 +636,9 @@ def summarise(rule: dict, kind: str, results: List[BatchResult]) -> Summary:
     want, got = (sum(r.rank_drops[i] for r in results) for i in (0, 1))
     if want:
         ep["rank_drops_matched"] = round(got / want, 4)
+    seqs = concat_sequences([r.per_sequence for r in results]) if all(r.per_sequence for r in results) else None
+    if seqs is not None:
+        ep.update(sequences=len(seqs["tokens"]), per_sequence=seqs, **sequence_intervals(seqs))
     return Summary(
         rule=rule,
         kind=kind,
@@ -540,7 +662,7 @@ def summarise(rule: dict, kind: str, results: List[BatchResult]) -> Summary:
 
 
 # Summary fields that pooling recomputes from the pooled fields instead of averaging.
-_DERIVED = {"delta_points", "reduction", "a2a_reduction"}
+_DERIVED = {"delta_points", "reduction", "a2a_reduction", "sequences", "delta_points_ci", "kl_ci", "per_sequence"}
 
 
 def pool_summaries(runs: Sequence[Sequence[Summary]]) -> List[Summary]:
@@ -583,6 +705,11 @@ def pool_summaries(runs: Sequence[Sequence[Summary]]) -> List[Summary]:
                          if fields["experts_before"] else 0.0, **fields)
         if pooled.a2a_bytes_before:
             pooled.a2a_reduction = round(1 - pooled.a2a_bytes_after / pooled.a2a_bytes_before, 4)
+        if all(s.per_sequence for s in group):  # sequences of separate runs are independent: concatenate
+            seqs = concat_sequences([s.per_sequence for s in group])
+            pooled.per_sequence, pooled.sequences = seqs, len(seqs["tokens"])
+            for key, value in sequence_intervals(seqs).items():
+                setattr(pooled, key, value)
         out.append(pooled)
     return out
 
@@ -788,10 +915,14 @@ def plot_ep(summaries: List[Summary], path: Path, title: str) -> None:
     _save_figure(fig, axes, title, path)
 
 
+def _ci(ci: Optional[Sequence[float]], fmt: str) -> str:
+    return "" if ci is None else f"[{ci[0]:{fmt}},{ci[1]:{fmt}}]"
+
+
 def table(summaries: List[Summary], kinds=("one-domain", "mixed")) -> str:
     """A plain-text table of the summaries (one line per rule, kind and batch size)."""
-    head = (f"{'rule':<22} {'kind':<10} {'B':>3} {'experts':>13} {'cut':>6} {'acc':>6} {'d pts':>7} {'KL':>8}"
-            f" {'top1':>6} {'greedy':>6} {'rows':>5}")
+    head = (f"{'rule':<22} {'kind':<10} {'B':>3} {'experts':>13} {'cut':>6} {'acc':>6} {'d pts':>7} {'95% CI':>15}"
+            f" {'KL':>8} {'95% CI':>17} {'top1':>6} {'greedy':>6} {'rows':>5}")
     ep = any(s.a2a_reduction is not None for s in summaries)
     if ep:
         head += f" {'a2a KB/step':>15} {'cut':>6} {'busiest':>11}"
@@ -800,8 +931,10 @@ def table(summaries: List[Summary], kinds=("one-domain", "mixed")) -> str:
         if s.kind in kinds:
             line = (
                 f"{s.rule['label']:<22} {s.kind:<10} {s.batch_size:>3} {s.experts_before:>6.2f}->{s.experts_after:<6.2f}"
-                f"{100 * s.reduction:>5.1f}% {100 * s.accuracy:>6.2f} {s.delta_points:>+7.2f} {s.kl:>8.5f}"
-                f" {s.top1_agreement:>6.3f} {s.greedy_agreement:>6.3f} {s.rows_changed:>5.2f}"
+                f"{100 * s.reduction:>5.1f}% {100 * s.accuracy:>6.2f} {s.delta_points:>+7.2f}"
+                f" {_ci(s.delta_points_ci, '+.2f'):>15}"
+                f" {s.kl:>8.5f} {_ci(s.kl_ci, '.5f'):>17} {s.top1_agreement:>6.3f} {s.greedy_agreement:>6.3f}"
+                f" {s.rows_changed:>5.2f}"
             )
             if ep and s.a2a_reduction is not None:
                 kb_before, kb_after = s.a2a_bytes_before / 1024, s.a2a_bytes_after / 1024

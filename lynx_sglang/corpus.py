@@ -18,6 +18,15 @@ SHA-256) plus the held-out documents (compressed) into the repository, so tests
 and the accuracy harness need only what ships.
 
     python -m lynx_sglang.corpus build/corpus --manifest data/corpus
+
+A **calibration split** (``data/corpus/calibration.jsonl.gz``, ``read_calibration``) is what
+offline calibration tools read (SERE's expert similarity, ``sere_calibrate``): a small fixed
+sample of *training* documents (never held-out ones, so nothing the accuracy harness scores
+informs a calibrated setting), chosen by a stable hash of the path, each cut to
+``CALIBRATION_DOC_CHARS``, about ``CALIBRATION_DOMAIN_CHARS`` per domain. It is written from
+``collect()`` only when every chosen document matches the manifest (same split, same SHA-256):
+
+    python -m lynx_sglang.corpus build/corpus --calibration-only --manifest data/corpus
 """
 
 from __future__ import annotations
@@ -36,6 +45,10 @@ DOMAINS = ("python", "c", "shell", "english")
 EOS = "<|endoftext|>"
 # The repository's copy of the held-out documents: all that tests, the harness and the tools read.
 HELDOUT = Path(__file__).resolve().parent.parent / "data" / "corpus" / "heldout.jsonl.gz"
+# Calibration documents: training-split files only (see the module docstring).
+CALIBRATION = HELDOUT.with_name("calibration.jsonl.gz")
+CALIBRATION_DOMAIN_CHARS = 100_000
+CALIBRATION_DOC_CHARS = 12_000
 MAX_DOC_CHARS = 48_000  # a long file is cut, so no single file dominates its domain
 MAX_DOMAIN_CHARS = 6_000_000  # per domain, before the split
 HELDOUT_EVERY = 16  # about 1 file in 16 is held out
@@ -181,6 +194,43 @@ def read_jsonl(path: Path) -> List[Document]:
         return [Document(**json.loads(line)) for line in f if line.strip()]
 
 
+def read_calibration(path: Path = CALIBRATION) -> List[Document]:
+    """The calibration split (training documents, never held out); refuses a held-out one."""
+    docs = read_jsonl(path)
+    bad = [d.path for d in docs if d.heldout]
+    if bad:
+        raise ValueError(f"{path} holds held-out documents ({bad[:3]}...): it must be training text only")
+    return docs
+
+
+def calibration_split(docs: List[Document], manifest_files: List[Dict] | None = None,
+                      domain_chars: int = CALIBRATION_DOMAIN_CHARS,
+                      doc_chars: int = CALIBRATION_DOC_CHARS) -> List[Document]:
+    """A fixed sample of training documents per domain (stable hash order, texts cut to ``doc_chars``).
+
+    With ``manifest_files`` (``manifest.json``'s ``files``), every chosen document must be listed
+    there as ``train`` with the same SHA-256, so the split is the one the models were trained on.
+    """
+    known = {f["path"]: f for f in manifest_files or []}
+    out: List[Document] = []
+    for domain in DOMAINS:
+        train = [d for d in docs if d.domain == domain and not d.heldout]
+        train.sort(key=lambda d: hashlib.sha256(("calibration:" + d.path).encode()).hexdigest())
+        total = 0
+        for d in train:
+            if total >= domain_chars:
+                break
+            if manifest_files is not None:
+                f = known.get(d.path)
+                if f is None or f["split"] != "train" or f["sha256"] != hashlib.sha256(d.text.encode()).hexdigest():
+                    raise ValueError(f"{d.path} is not the manifest's training document: this machine's corpus "
+                                     "differs from the one the models were trained on")
+            text = d.text[:doc_chars]
+            out.append(Document(d.domain, d.path, text))
+            total += len(text)
+    return out
+
+
 def train_tokenizer(docs: List[Document], vocab_size: int):
     """Byte-level BPE (GPT-2 style) trained on ``docs``; returns a PreTrainedTokenizerFast."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -225,8 +275,19 @@ def main() -> None:
     ap.add_argument("workdir", type=Path, help="where train.jsonl.gz and heldout.jsonl.gz go")
     ap.add_argument("--manifest", type=Path, help="also write manifest.json and heldout.jsonl.gz here (the repo's copy)")
     ap.add_argument("--max-domain-chars", type=int, default=MAX_DOMAIN_CHARS)
+    ap.add_argument("--calibration-only", action="store_true",
+                    help="only write the calibration split (calibration.jsonl.gz) into --manifest's folder, "
+                    "checked against its manifest.json")
     args = ap.parse_args()
     docs = collect(max_domain_chars=args.max_domain_chars)
+    if args.calibration_only:
+        if not args.manifest:
+            ap.error("--calibration-only needs --manifest (the folder holding manifest.json)")
+        files = json.loads((args.manifest / "manifest.json").read_text())["files"]
+        calib = calibration_split(docs, files)
+        write_jsonl(calib, args.manifest / CALIBRATION.name)
+        print(f"{len(calib)} calibration documents, {sum(len(d.text) for d in calib)} characters")
+        return
     train = [d for d in docs if not d.heldout]
     held = [d for d in docs if d.heldout]
     write_jsonl(train, args.workdir / "train.jsonl.gz")

@@ -384,3 +384,34 @@ def test_glm4_selection_keeps_the_routed_scale_and_the_controls_run(bundled, mod
     assert off.kl == 0 and off.delta_points == 0 and off.experts_after == off.experts_before
     assert by[("random~lynx", "mixed")].per_layer_after == by[("lynx", "mixed")].per_layer_after
     assert by[("lynx", "mixed")].experts_after <= off.experts_before
+
+
+def test_paired_bootstrap_intervals_and_peer_rules(model_and_streams):
+    """Per-sequence sums add up to the summary; intervals hold the estimate; pooling concatenates; a peer
+    rule (XShare, through ExpertSelector) runs in the harness."""
+
+    model, streams = model_and_streams
+    E = model.config.num_experts
+    rules = [A.Rule("off", make_policy("off")), A.Rule("lynx", make_policy("lynx")),
+             A.Rule("xshare", make_policy("xshare", expert_budget=E // 4, top_per_token=1))]
+    run = lambda seed: A.sweep(model, streams, rules, batch_sizes=(8,), batches_per_kind=1, prefix=8,  # noqa: E731
+                               decode_len=8, greedy_tokens=0, seed=seed, log=lambda s: None)
+    first, second = run(0), run(1)
+    by = {(s.rule["label"], s.kind): s for s in first}
+    off = by[("off", "one-domain")]
+    assert off.kl_ci == [0, 0] and off.delta_points_ci == [0, 0]
+    for label in ("lynx", "xshare"):
+        s = by[(label, "one-domain")]
+        seq = s.per_sequence
+        assert s.sequences == 4 * 8 == len(seq["tokens"]) and sum(seq["tokens"]) == s.tokens
+        assert sum(seq["correct"]) / s.tokens == pytest.approx(s.accuracy, abs=1e-5)
+        assert sum(seq["correct_off"]) / s.tokens == pytest.approx(s.accuracy_off, abs=1e-5)
+        assert sum(seq["kl"]) / s.tokens == pytest.approx(s.kl, abs=1e-6)
+        assert s.kl_ci[0] <= s.kl <= s.kl_ci[1] and s.delta_points_ci[0] <= s.delta_points <= s.delta_points_ci[1]
+        assert s.kl > 0
+    assert by[("xshare", "one-domain")].experts_after < off.experts_before
+    assert "95% CI" in A.table(first)
+    pooled = {(s.rule["label"], s.kind): s for s in A.pool_summaries([first, second])}
+    p, a = pooled[("lynx", "one-domain")], by[("lynx", "one-domain")]
+    assert p.sequences == 2 * a.sequences and p.per_sequence["kl"][: a.sequences] == a.per_sequence["kl"]
+    assert p.kl_ci[0] <= p.kl <= p.kl_ci[1]
