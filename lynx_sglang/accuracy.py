@@ -64,7 +64,9 @@ import torch.nn.functional as F
 from lynx_sglang import model_routing
 from lynx_sglang.model_routing import BlockRouter
 from lynx_sglang.runtime.selection import reference
-from lynx_sglang.runtime.selection.config import Policy, RankAwareLynxPolicy, RouterSpec, make_policy, policy_params
+from lynx_sglang.runtime.selection.config import (
+    Policy, RankAwareLynxPolicy, RouterSpec, make_policy, needs_similarity, policy_params,
+)
 from lynx_sglang.corpus import DOMAINS, HELDOUT, read_jsonl
 from lynx_sglang.runtime.expert_parallel import ExpertPlacement, home_rank, step_traffic
 from lynx_sglang.runtime.expert_parallel.accounting import visited_ranks
@@ -274,11 +276,11 @@ class SelectionPatch:
             common = (self.router, self.rule, max(rows, 1), logits.device, ids.dtype, torch.float32)
             bias = self.routers[layer].correction_bias
             sim = None
-            if getattr(self.rule, "name", None) == "sere":
+            if needs_similarity(self.rule):  # sere, lynx with refill_similarity: the layer's matrix at plan time
                 if self.similarity is None:
-                    raise ValueError("sere needs the similarity matrices (sere_calibrate)")
+                    raise ValueError(f"{self.rule.name} needs the similarity matrices (sere_calibrate)")
                 sim = self.similarity[layer]
-            if is_peer(self.rule):  # the peers run in ExpertSelector (torch backend); sere's similarity at plan time
+            if is_peer(self.rule) or sim is not None:  # torch backend, like the server's CPU path
                 sel = ExpertSelector(*common, correction_bias=bias, backend="torch", similarity=sim)
                 self.selectors[layer] = sel
                 return sel

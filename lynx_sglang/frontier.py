@@ -56,9 +56,11 @@ from lynx_sglang.runtime.selection.config import make_policy, policy_params
 
 KINDS = ("one-domain", "mixed")
 TARGETS = (0.8, 0.7, 0.6)  # matched expert counts, fractions of off's
-OURS = ("lynx", "oea", "budget")
+OURS = ("lynx", "lynx+sim", "oea", "budget")
+REFILL_LAMBDA = 8.0  # lynx's similarity-aware refill (docs/policies.md): at or near the best on every bundled model
 PEERS = ("lynx_paper", "xshare", "sere")
 FAMILIES = (*OURS, *PEERS, A.RANDOM)
+LYNX_FAMILIES = ("lynx", "lynx+sim")  # our lynx lines (the dominance check tests the others against them)
 MAIN_LINE = "lynx"  # our main line: lynx over max_moved_weight at default alpha/beta
 SERE_QUANTILES = (0.5, 0.9)  # rho values besides 0: quantiles of the off-diagonal similarities
 
@@ -111,6 +113,10 @@ def frontier_rules(num_experts: int, top_k: int, off_experts: float, rhos: Seque
             for d in (0.2, 0.4, 0.7, 1.0):
                 rules.append(FRule(f"lynx alpha=1 moved<={d:g}", "lynx alpha=1", "lynx",
                                    make_policy("lynx", alpha=1.0, max_moved_weight=d)))
+    if "lynx+sim" in families:  # our lynx, moved picks refilled by expert similarity (needs the similarity file)
+        for d in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
+            rules.append(FRule(f"lynx+sim moved<={d:g}", "lynx+sim", "lynx+sim",
+                               make_policy("lynx", max_moved_weight=d, refill_similarity=REFILL_LAMBDA)))
     if "oea" in families:
         rules += [FRule(f"oea k0={k0}", "oea", "oea", make_policy("oea", k0=k0)) for k0 in range(k - 1, 0, -1)]
     if "budget" in families:
@@ -314,9 +320,9 @@ def dominance(frontier: dict, reps: Dict[str, Dict[str, torch.Tensor]]) -> List[
     the line's points, its most aggressive point is taken: fewer experts and lower KL than
     that point); "beyond the noise" = the paired 95 % interval of KL(point) - KL(line) < 0."""
     out = []
-    ours = {n: pareto(pts) for n, pts in lines(frontier).items() if pts[0]["family"] == "lynx"}
+    ours = {n: pareto(pts) for n, pts in lines(frontier).items() if pts[0]["family"] in LYNX_FAMILIES}
     for p in frontier["points"]:
-        if p["family"] in ("off", A.RANDOM) or p["family"] == "lynx":
+        if p["family"] in ("off", A.RANDOM) or p["family"] in LYNX_FAMILIES:
             continue
         x = p["fraction"]
         r_p = reps[p["rule"]["label"]]["kl"]
@@ -425,7 +431,7 @@ def markdown(frontiers: List[dict], analyses: List[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
-STYLES = {"lynx": ("C0", "o", "-"), "lynx keep_level=0": ("C0", "v", "--"), "lynx alpha=1": ("C0", "^", ":"),
+STYLES = {"lynx": ("C0", "o", "-"), "lynx+sim": ("C9", "*", "-"), "lynx keep_level=0": ("C0", "v", "--"), "lynx alpha=1": ("C0", "^", ":"),
           "oea": ("C1", "s", "-"), "budget": ("C2", "D", "-"), "lynx_paper beta=2": ("C4", "P", "-"),
           "lynx_paper beta=None": ("C4", "p", "--"),
           "xshare top_per_token=1": ("C5", "X", "-"), "xshare top_per_token=0": ("C5", "x", "--")}
@@ -589,10 +595,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         streams = A.domain_streams(tokenizer)
         E, k = A.model_shape(model)
         sim_path = args.similarity or model_path / "sere_similarity.safetensors"
-        similarity = load_similarity_for(model, sim_path) if "sere" in families else None
-        fams = [f for f in families if f != "sere" or similarity is not None]
-        if "sere" in families and similarity is None:
-            print(f"no SERE similarity at {sim_path}: sere skipped (python -m lynx_sglang.sere_calibrate {model_path})")
+        wants_sim = [f for f in ("sere", "lynx+sim") if f in families]
+        similarity = load_similarity_for(model, sim_path) if wants_sim else None
+        fams = [f for f in families if f not in wants_sim or similarity is not None]
+        if wants_sim and similarity is None:
+            print(f"no SERE similarity at {sim_path}: {', '.join(wants_sim)} skipped "
+                  f"(python -m lynx_sglang.sere_calibrate {model_path})")
         rhos = sere_thresholds(similarity)
 
         def rules_for(off_experts, E=E, k=k, fams=fams, rhos=rhos):
