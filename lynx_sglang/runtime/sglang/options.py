@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from lynx_sglang.runtime.selection.config import (
-    LYNX_PAPER_PRESETS, MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy, preset_params,
+    LYNX_PAPER_PRESETS, MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy,
+    needs_similarity, preset_params,
 )
 from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME as SIMILARITY_FILE
 
@@ -27,6 +28,10 @@ STATS_DIR_ENV = "LYNX_SGLANG_STATS_DIR"
 MOE_BACKENDS = ("default", "lynx")
 # Our choice added to SGLang's --moe-a2a-backend; SGLang itself then runs as with "none".
 A2A_BACKEND = "lynx"
+# A per-layer calibration file (python -m lynx_sglang.calibrate), accepted by --lynx-config.
+CALIBRATION_FORMAT = "lynx-calibration/1"
+# Flags a calibration file fixes: with one given, the file and the flag would both claim the policy.
+_CALIBRATION_FIXES = ("lynx_policy", "lynx_preset", "lynx_layers", "lynx_sere_similarity")
 
 
 def _bool(text: str) -> bool:
@@ -60,6 +65,7 @@ _POLICY_FLAGS = {
     "lynx_xshare_guarantee_topk": ("guarantee_topk", _bool),
     "lynx_sere_top_s": ("select_top_k", int),
     "lynx_sere_threshold": ("threshold", float),
+    "lynx_refill_similarity": ("refill_similarity", float),
 }
 _PARAMS_OF = {name: {f.name for f in fields(cls)} for name, cls in POLICIES.items()}
 
@@ -76,20 +82,49 @@ class LynxOptions:
     a2a_backend: str = "none"  # "lynx": our all-to-all dispatcher (--moe-a2a-backend lynx)
     preset: Optional[str] = None  # an official Lynx preset of lynx_paper (params override it)
     similarity: Optional[str] = None  # sere: the similarity file (None: <model path>/sere_similarity.safetensors)
+    # A calibration file's per-layer plan: {layer_id: {param: value} (over ``params``) or None (no selection
+    # on that layer)}; None: every layer runs ``params``. Keys are SGLang's decoder ``layer_id``.
+    layer_params: Optional[dict] = None
+    # Where that plan came from and what model it was made for (checked against the served model at load):
+    # file, identity (model_identity), num_experts, top_k, scoring, budget_kl.
+    calibration: Optional[dict] = None
+
+    def __post_init__(self):
+        if self.layer_params is not None:  # JSON (the environment) turns int keys into strings
+            if not isinstance(self.layer_params, dict):
+                raise ConfigError(f"layer_params must map layer ids to parameters, got {self.layer_params!r}")
+            plan = {}
+            for key, value in self.layer_params.items():
+                try:
+                    layer = int(key)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"layer_params: {key!r} is not a layer id") from None
+                if value is not None and not isinstance(value, dict):
+                    raise ConfigError(f"layer_params[{layer}] must be a dict of parameters or null, got {value!r}")
+                plan[layer] = None if value is None else dict(value)
+            self.layer_params = plan
 
     @property
     def enabled(self) -> bool:
         """True when ``--moe-backend lynx`` is in effect."""
         return self.moe_backend == "lynx"
 
-    def make_policy(self):
+    @property
+    def uses_similarity(self) -> bool:
+        """Whether the policy reads the expert-similarity file (sere; lynx with refill_similarity > 0)."""
+        return needs_similarity(self.make_policy())
+
+    def make_policy(self, layer_id: Optional[int] = None):
         """The configured policy object (raises ConfigError on bad names or parameters); a preset's
-        parameters first, ``params`` over them."""
+        parameters first, ``params`` over them, then ``layer_id``'s entry of ``layer_params`` (if any)."""
         base = preset_params(self.preset) if self.preset is not None else {}
-        return make_policy(self.policy, **{**base, **self.params})
+        own = (self.layer_params or {}).get(layer_id) if layer_id is not None else None
+        return make_policy(self.policy, **{**base, **self.params, **(own or {})})
 
     def layer_enabled(self, layer_id: Optional[int]) -> bool:
-        """Whether selection runs on this MoE layer."""
+        """Whether selection runs on this MoE layer (a calibration plan's null entry: no)."""
+        if self.layer_params is not None and layer_id in self.layer_params and self.layer_params[layer_id] is None:
+            return False
         return self.layers is None or layer_id in self.layers
 
     def validate(self) -> None:
@@ -105,11 +140,18 @@ class LynxOptions:
         if self.preset is not None and self.policy != "lynx_paper":
             raise ConfigError(f"--lynx-preset {self.preset} is a setting of --lynx-policy lynx_paper (the official "
                               f"Lynx rule), not of {self.policy}")
-        if self.similarity is not None and self.policy != "sere":
-            raise ConfigError(f"--lynx-sere-similarity does not apply to --lynx-policy {self.policy}")
+        if self.similarity is not None and not self.uses_similarity:
+            raise ConfigError(f"--lynx-sere-similarity does not apply to --lynx-policy {self.policy} (only to sere, "
+                              f"and to lynx with --lynx-refill-similarity)")
         policy = self.make_policy()
         # Model-dependent bounds (k0 <= k, min_keep <= E, ...) are checked again per layer at load.
         policy.validate(RouterSpec(MAX_EXPERTS, MAX_ROUTED_TOP_K), self.max_batch)
+        for layer, own in (self.layer_params or {}).items():
+            if own is not None:
+                try:
+                    self.make_policy(layer).validate(RouterSpec(MAX_EXPERTS, MAX_ROUTED_TOP_K), self.max_batch)
+                except ConfigError as e:
+                    raise ConfigError(f"layer {layer} of the per-layer plan: {e}") from e
 
     def to_env(self) -> None:
         """Publish these options to this process and every process it starts."""
@@ -136,10 +178,32 @@ class LynxOptions:
                 data = json.load(f)
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read --lynx-config {path}: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"--lynx-config {path}: expected a JSON object")
+        if "format" in data:
+            return cls.from_calibration(data, path)
         unknown = sorted(set(data) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"--lynx-config {path}: unknown key(s) {', '.join(unknown)}")
         return cls(**data)
+
+    @classmethod
+    def from_calibration(cls, data: dict, path: str) -> "LynxOptions":
+        """Options from a calibration file (``python -m lynx_sglang.calibrate``): its policy, the parameters
+        common to every layer (``base_params``) and each layer's own (``layer_params``); selection on
+        (``--moe-backend lynx``). The model it was made for is checked when the model loads (``build_stages``)."""
+        if data.get("format") != CALIBRATION_FORMAT:
+            raise ConfigError(f"--lynx-config {path}: unknown format {data.get('format')!r} "
+                              f"(this version reads {CALIBRATION_FORMAT!r})")
+        missing = [k for k in ("policy", "layer_params", "identity", "num_experts", "top_k", "scoring") if k not in data]
+        if missing:
+            raise ConfigError(f"--lynx-config {path}: calibration file without {', '.join(missing)}")
+        if not isinstance(data["layer_params"], dict) or not data["layer_params"]:
+            raise ConfigError(f"--lynx-config {path}: the calibration file's layer_params is empty")
+        provenance = {"file": os.path.abspath(path), "identity": data["identity"], "num_experts": data["num_experts"],
+                      "top_k": data["top_k"], "scoring": data["scoring"], "budget_kl": data.get("budget_kl")}
+        return cls(moe_backend="lynx", policy=data["policy"], params=dict(data.get("base_params") or {}),
+                   layer_params=data["layer_params"], calibration=provenance)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -163,7 +227,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lynx-max-batch", type=int, default=None,
                    help="largest decode batch (tokens) to select on; larger ones pass through (default 1024)")
     g.add_argument("--lynx-config", type=str, default=None,
-                   help="JSON file with lynx options (keys of LynxOptions); flags override it")
+                   help="JSON file with lynx options (keys of LynxOptions; flags override it), or a calibration "
+                        "file (python -m lynx_sglang.calibrate: policy and per-layer parameters, refused for another "
+                        "model; policy, parameter and layer flags are refused with it)")
 
 
 def add_a2a_choice(parser: argparse.ArgumentParser) -> None:
@@ -212,6 +278,14 @@ def default_similarity_path(model_path) -> Optional[str]:
 def options_from_args(args: argparse.Namespace) -> LynxOptions:
     """Combine ``--lynx-config`` and the flags (flags win) and validate."""
     opts = LynxOptions.from_file(args.lynx_config) if getattr(args, "lynx_config", None) else LynxOptions()
+    if opts.calibration is not None:
+        # A calibration file fixes the policy and every layer's parameters (measured together): a flag that
+        # would change them is refused rather than silently merged. --lynx-max-batch and the a2a backend apply.
+        clash = [f"--{f.replace('_', '-')}" for f in (*_CALIBRATION_FIXES, *_POLICY_FLAGS) if getattr(args, f, None) is not None]
+        if clash:
+            raise ConfigError(f"--lynx-config {args.lynx_config} is a calibration file: it sets the policy and every "
+                              f"layer's parameters, so {', '.join(clash)} cannot be given with it (calibrate again "
+                              f"with the setting you want, or drop the flag)")
     if args.moe_backend != "default" or not getattr(args, "lynx_config", None):
         opts.moe_backend = args.moe_backend
     preset = getattr(args, "lynx_preset", None)
@@ -244,10 +318,11 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
         opts.max_batch = args.lynx_max_batch
     similarity = getattr(args, "lynx_sere_similarity", None)
     if similarity is not None:
-        if opts.policy != "sere":
-            raise ConfigError(f"--lynx-sere-similarity does not apply to --lynx-policy {opts.policy}")
+        if not opts.uses_similarity:
+            raise ConfigError(f"--lynx-sere-similarity does not apply to --lynx-policy {opts.policy} (only to sere, "
+                              f"and to lynx with --lynx-refill-similarity)")
         opts.similarity = os.path.abspath(similarity)
-    if opts.policy == "sere" and opts.similarity is None:
+    if opts.uses_similarity and opts.similarity is None:
         opts.similarity = default_similarity_path(getattr(args, "model_path", None))
     given = [f"--{f.replace('_', '-')}" for f in ("lynx_policy", "lynx_preset", *_POLICY_FLAGS, "lynx_sere_similarity",
                                                   "lynx_layers", "lynx_max_batch")

@@ -23,7 +23,7 @@ from lynx_sglang.runtime.selection.config import PEER_POLICIES, ConfigError, Rou
 from lynx_sglang.runtime.expert_parallel.global_selection import GlobalExpertSelector
 from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank, rank_tables
 from lynx_sglang.runtime.expert_parallel.rank_aware import RankAwareSelector, physical_ids
-from lynx_sglang.runtime.selection.model_identity import model_identity
+from lynx_sglang.runtime.selection.model_identity import check_identity, model_identity
 from lynx_sglang.runtime.selection.selector import ExpertSelector
 from lynx_sglang.runtime.selection.similarity import load_similarity
 from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats
@@ -110,7 +110,7 @@ class TopKSelectionStage:
     def _plan(self, ids_dtype, weights_dtype) -> ExpertSelector:
         """A selector for these dtypes that accumulates into ``self.stats`` (never reallocated or zeroed
         here: a re-plan keeps counting where the previous selector, and any captured graph, did)."""
-        policy = self.options.make_policy()
+        policy = self.options.make_policy(self.layer_id)  # a calibration plan: this layer's own parameters
         common = (self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype)
         if self.ep.global_votes:
             if self.options.policy in PEER_POLICIES:
@@ -288,10 +288,11 @@ def _peer_global_refusal(policy: str) -> str:
 
 
 def layer_similarities(hf_config, options: LynxOptions, layer_ids: Sequence[int]) -> dict:
-    """Policy sere: every listed layer's [E, E] similarity from ``options.similarity``, checked against the
+    """Policy sere (or lynx with refill_similarity): every listed layer's [E, E] similarity from ``options.similarity``, checked against the
     served model (``similarity.load_similarity``: format, model identity, expert count, values, layers)."""
     if options.similarity is None:
-        raise ConfigError("--lynx-policy sere needs an expert-similarity file: pass --lynx-sere-similarity PATH "
+        raise ConfigError(f"--lynx-policy {options.policy} (as configured) needs an expert-similarity file: pass "
+                          "--lynx-sere-similarity PATH "
                           "(written by python -m lynx_sglang.sere_calibrate; the default, "
                           "<model path>/sere_similarity.safetensors, applies only to a local model folder)")
     loaded = load_similarity(options.similarity, model_identity(hf_config), layer_ids)
@@ -332,6 +333,7 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
     E = num_routed_experts(hf_config)
     device = _model_device(model)
     stages, planned, hashed = [], [], 0
+    moe_layer_ids = []  # every (non-draft) TopK layer of the model, enabled or not: a calibration plan covers all
     for module in model.modules():
         if isinstance(module, HashTopK):
             hashed += 1
@@ -350,6 +352,7 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
             # A speculative draft model's MoE (MTP): its batches are speculative, which we leave alone, and its
             # layer ids lie past the target model's (EPLB maps do not cover them).
             continue
+        moe_layer_ids.append(layer_id)
         if not options.layer_enabled(layer_id):
             continue
         if "forward" in module.__dict__:
@@ -373,9 +376,11 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
         router = RouterSpec(E, cfg.top_k - shared, shared, router_scoring(cfg), cfg.correction_bias is not None)
         bias = cfg.correction_bias.detach().float() if cfg.correction_bias is not None else None
         planned.append((module, layer_id, router, bias))
+    if options.calibration is not None:  # refused here, before any stage is attached
+        check_calibration(hf_config, options, moe_layer_ids, [(layer_id, router) for _, layer_id, router, _ in planned])
     # Policy sere: one file for every layer, read once, refused here (start-up) if it does not fit the model.
     sims = (layer_similarities(hf_config, options, [layer_id for _, layer_id, _, _ in planned])
-            if options.policy == "sere" and planned else {})
+            if options.uses_similarity and planned else {})
     # Every layer's statistics in one [L, NUM_STATS] table: the metrics read it with one copy per interval.
     table = torch.zeros(len(planned), NUM_STATS, dtype=torch.int64, device=device)
     for row, (module, layer_id, router, bias) in enumerate(planned):
@@ -387,9 +392,38 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
         logger.warning("lynx-sglang: %d hash-routed MoE layer(s) (HashTopK) are left unchanged", hashed)
     if not stages:
         logger.warning("lynx-sglang: --moe-backend lynx found no MoE layer to select on")
-    logger.info("lynx-sglang: %s policy on %d MoE layer(s), E=%d, %s%s", options.policy, len(stages), E,
-                options.make_policy(), f" (preset {options.preset})" if options.preset else "")
+    if options.layer_params is not None:
+        src = (options.calibration or {}).get("file", "the per-layer plan")
+        for layer_id in sorted(options.layer_params):
+            logger.info("lynx-sglang: layer %s: %s (from %s)", layer_id,
+                        "selection off" if options.layer_params[layer_id] is None else options.make_policy(layer_id),
+                        src)
+    else:
+        logger.info("lynx-sglang: %s policy on %d MoE layer(s), E=%d, %s%s", options.policy, len(stages), E,
+                    options.make_policy(), f" (preset {options.preset})" if options.preset else "")
     return stages
+
+
+def check_calibration(hf_config, options: LynxOptions, moe_layer_ids: Sequence[int], planned) -> None:
+    """Refuse (ConfigError) a calibration file made for another model: its model identity, its MoE layers
+    (the file must give every MoE layer of the model a setting, and no other layer), and E, routed top-k
+    and the router's scoring function of every layer selection runs on (``planned``: (layer_id, RouterSpec))."""
+    cal = options.calibration
+    what = f"calibration file {cal.get('file', '?')}"
+    check_identity(cal.get("identity") or {}, model_identity(hf_config), what)
+    file_layers, model_layers = sorted(options.layer_params or {}), sorted(set(moe_layer_ids))
+    if file_layers != model_layers:
+        extra, missing = sorted(set(file_layers) - set(model_layers)), sorted(set(model_layers) - set(file_layers))
+        raise ConfigError(f"{what} does not fit the model's MoE layers {model_layers}: "
+                          + "; ".join(([f"it has settings for layer(s) {extra} the model has no MoE on"] if extra else [])
+                                      + ([f"it has no setting for layer(s) {missing}"] if missing else [])))
+    for layer_id, router in planned:
+        for name, found, served in (("num_experts", cal.get("num_experts"), router.num_experts),
+                                    ("top_k", cal.get("top_k"), router.top_k),
+                                    ("scoring", cal.get("scoring"), router.scoring_func)):
+            if found != served:
+                raise ConfigError(f"{what} was made for another model: {name} is {found!r} there, {served!r} on "
+                                  f"layer {layer_id} of the model being served")
 
 
 @dataclass(frozen=True)
@@ -480,7 +514,7 @@ def prepare(model, hf_config, options: LynxOptions, server_args) -> list[TopKSel
     object with the fields ``refusal`` reads (tests); the refusals are decided from it.
     """
     check_supported(server_args)
-    if options.policy == "sere" and options.similarity is None:  # Engine API users: the default beside the model
+    if options.uses_similarity and options.similarity is None:  # Engine API users: the default beside the model
         options = replace(options, similarity=default_similarity_path(getattr(server_args, "model_path", None)))
     built = build_stages(model, hf_config, options, physical_ids=_eplb_remaps_ids(), ep=_ep_layout(options))
     _registry.add(built)
