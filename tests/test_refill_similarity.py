@@ -147,3 +147,24 @@ def test_server_options_carry_the_refill_and_its_file():
     assert opts.uses_similarity and opts.make_policy().refill_similarity == 2.0
     with pytest.raises(ConfigError, match="does not apply"):
         LynxOptions(moe_backend="lynx", policy="lynx", similarity="/x/s.safetensors").validate()
+
+
+def test_default_refill_turns_on_only_with_a_file_beside_the_model_and_off_cuda(tmp_path):
+    from lynx_sglang.runtime.selection.config import DEFAULT_REFILL_SIMILARITY
+    from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME
+    from lynx_sglang.runtime.sglang.options import LynxOptions
+    from lynx_sglang.runtime.sglang.stage import with_default_refill
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    base = LynxOptions(moe_backend="lynx", policy="lynx")
+    assert with_default_refill(base, str(tmp_path), cpu) == base  # no file: refill by score
+    (tmp_path / DEFAULT_NAME).write_bytes(b"x")  # existence decides here; the content is checked at load
+    on = with_default_refill(base, str(tmp_path), cpu)
+    assert on.params["refill_similarity"] == DEFAULT_REFILL_SIMILARITY
+    assert on.similarity == str(tmp_path / DEFAULT_NAME) and on.uses_similarity
+    assert with_default_refill(base, str(tmp_path), cuda) == base  # triton refills by score: opt in there
+    explicit = LynxOptions(moe_backend="lynx", policy="lynx", params={"refill_similarity": 0.0})
+    assert with_default_refill(explicit, str(tmp_path), cpu) == explicit  # the user's choice stands
+    oea = LynxOptions(moe_backend="lynx", policy="oea")
+    assert with_default_refill(oea, str(tmp_path), cpu) == oea
+    assert with_default_refill(base, "Qwen/Qwen3-30B-A3B", cpu) == base  # a hub id: no folder to look in

@@ -387,6 +387,19 @@ POLICIES = {cls.name: cls for cls in (OffPolicy, LynxPolicy, RankAwareLynxPolicy
 POLICY_IDS = {"off": 0, "lynx": 1, "oea": 2, "budget": 3}
 
 
+# lynx's refill_similarity when a similarity file sits beside the model and the torch backend runs anyway
+# (docs/policies.md: at or near the best lambda on every bundled model; units of the router's ranking score).
+DEFAULT_REFILL_SIMILARITY = 8.0
+
+
+def router_family(router: RouterSpec) -> str:
+    """The router in words, for start-up logs: scoring, bias, shape."""
+    scoring = "sigmoid scores" if router.scoring_func == "sigmoid" else "softmax"
+    bias = " ranked with a correction bias" if router.has_correction_bias else ""
+    shared = f" + {router.num_shared_slots} shared slot(s)" if router.num_shared_slots else ""
+    return f"{scoring}{bias}, E={router.num_experts}, top-{router.top_k}{shared}"
+
+
 def needs_similarity(policy) -> bool:
     """Whether ``policy`` reads the layers' expert-similarity file (sere; lynx with refill_similarity > 0)."""
     return isinstance(policy, SerePolicy) or (isinstance(policy, LynxPolicy) and policy.refill_similarity > 0)

@@ -14,12 +14,15 @@ device table, which the metrics read with one device-to-host copy.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 
-from lynx_sglang.runtime.selection.config import PEER_POLICIES, ConfigError, RouterSpec
+from lynx_sglang.runtime.selection.config import (
+    DEFAULT_REFILL_SIMILARITY, PEER_POLICIES, ConfigError, RouterSpec, router_family,
+)
 from lynx_sglang.runtime.expert_parallel.global_selection import GlobalExpertSelector
 from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank, rank_tables
 from lynx_sglang.runtime.expert_parallel.rank_aware import RankAwareSelector, physical_ids
@@ -296,7 +299,7 @@ def layer_similarities(hf_config, options: LynxOptions, layer_ids: Sequence[int]
                           "(written by python -m lynx_sglang.sere_calibrate; the default, "
                           "<model path>/sere_similarity.safetensors, applies only to a local model folder)")
     loaded = load_similarity(options.similarity, model_identity(hf_config), layer_ids)
-    logger.info("lynx-sglang: sere similarity from %s (method %s, %d layers)", options.similarity, loaded.method,
+    logger.info("lynx-sglang: expert similarity from %s (method %s, %d layers)", options.similarity, loaded.method,
                 len(loaded.matrices))
     return {layer: loaded.matrices[layer] for layer in layer_ids}
 
@@ -399,9 +402,38 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
                         "selection off" if options.layer_params[layer_id] is None else options.make_policy(layer_id),
                         src)
     else:
-        logger.info("lynx-sglang: %s policy on %d MoE layer(s), E=%d, %s%s", options.policy, len(stages), E,
-                    options.make_policy(), f" (preset {options.preset})" if options.preset else "")
+        families = sorted({router_family(router) for _, _, router, _ in planned})
+        logger.info("lynx-sglang: %s policy on %d MoE layer(s); router: %s; in effect: %s%s", options.policy,
+                    len(stages), "; ".join(families) or f"E={E}", options.make_policy(),
+                    f" (preset {options.preset})" if options.preset else "")
+        if options.policy == "lynx":
+            logger.info("lynx-sglang: lynx uses one accuracy-cost default for every router family (moved-weight "
+                        "cap %.2f: docs/policies.md, 'Defaults across router families'); for a stated accuracy "
+                        "budget per model: python -m lynx_sglang.calibrate", options.make_policy().max_moved_weight)
     return stages
+
+
+def with_default_refill(options: LynxOptions, model_path, device: torch.device) -> LynxOptions:
+    """lynx with no explicit refill setting: refill by expert similarity (``DEFAULT_REFILL_SIMILARITY``) when
+    the similarity file sits beside the model and the torch backend runs anyway (not CUDA, where the
+    Triton kernels refill by score and the refill would cost the torch path's launches: opt in there
+    with --lynx-refill-similarity). Logged either way; a file made for another model is refused later."""
+    if (options.policy != "lynx" or options.layer_params is not None or "refill_similarity" in options.params
+            or options.similarity is not None):
+        return options
+    path = default_similarity_path(model_path)
+    if path is None or not os.path.isfile(path):
+        logger.info("lynx-sglang: no expert-similarity file beside the model: moved picks refill by router score "
+                    "(python -m lynx_sglang.sere_calibrate <model> writes one; docs/policies.md)")
+        return options
+    if device.type == "cuda":
+        logger.info("lynx-sglang: %s found; the similarity-aware refill runs on the torch backend only, so on "
+                    "CUDA it stays off unless --lynx-refill-similarity is given", path)
+        return options
+    logger.info("lynx-sglang: refilling moved picks by expert similarity (refill_similarity %g) from %s",
+                DEFAULT_REFILL_SIMILARITY, path)
+    return replace(options, params={**options.params, "refill_similarity": DEFAULT_REFILL_SIMILARITY},
+                   similarity=path)
 
 
 def check_calibration(hf_config, options: LynxOptions, moe_layer_ids: Sequence[int], planned) -> None:
@@ -514,6 +546,7 @@ def prepare(model, hf_config, options: LynxOptions, server_args) -> list[TopKSel
     object with the fields ``refusal`` reads (tests); the refusals are decided from it.
     """
     check_supported(server_args)
+    options = with_default_refill(options, getattr(server_args, "model_path", None), _model_device(model))
     if options.uses_similarity and options.similarity is None:  # Engine API users: the default beside the model
         options = replace(options, similarity=default_similarity_path(getattr(server_args, "model_path", None)))
     built = build_stages(model, hf_config, options, physical_ids=_eplb_remaps_ids(), ep=_ep_layout(options))
