@@ -46,6 +46,20 @@ or one GPU, the two servers started in turn by this tool::
         --lynx-args "--lynx-policy lynx" --num-prompts 500 --max-concurrency 1,8,32,64,128 \\
         --request-rates inf --tpot-slo-ms 20,25,30
 
+Side by side with a noise floor (``--aa``): three servers started at once on their own ports --
+stock, the same stock again (A/A) and Lynx, with the same flags -- and every point run ``--repeats``
+times against all three, the order rotated by one server per repeat (and per point) so a drifting
+machine cancels. Each point reports the Lynx/stock and the A/A (stock_aa/stock) throughput ratio per
+repeat with median and min-max, TPOT/ITL p50/p99 per server and Lynx's distinct experts per step.
+``--input-len``/``--output-len`` fix the lengths (steady decode) and ``--prompts-per-concurrency``
+sizes each point by its cap. The recorded CPU run on the bandwidth twin (``docs/speed.md``, "End to
+end"; one torch thread per server, the machine shared)::
+
+    SGLANG_CPU_OMP_THREADS_BIND=1 python -m benchmarks.load_test --start --aa --repeats 3 \\
+        --model-path build/twin-trained-qwen3-moe --server-args "--decode-log-interval 1" \\
+        --input-len 64 --output-len 64 --prompts-per-concurrency 2 --max-concurrency 1,4,8,16,32 \\
+        --tpot-slo-ms 200,400,800 --out benchmarks/results/load_test_twin_cpu --work-dir build/load_test_twin
+
 Results: ``<out>.json`` and ``<out>.png`` (default ``benchmarks/results/load_test_<device>``);
 the dataset and bench_serving's own JSONL log go to ``--work-dir`` (default ``build/load_test``).
 Servers started here get ``--enable-metrics``, and each point records the change of Lynx's
@@ -59,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import shlex
@@ -71,10 +86,11 @@ import numpy as np
 
 from benchmarks.results_io import RESULTS_DIR, environment, pyplot
 from lynx_sglang.corpus import HELDOUT, read_jsonl
-from lynx_sglang.server_process import DEFAULT_MODEL, REPO, running_server
+from lynx_sglang.server_process import DEFAULT_MODEL, REPO, _healthy, running_server, start_server
 
 DEFAULT_WORK_DIR = REPO / "build" / "load_test"
 SERVERS = ("stock", "lynx")
+AA_SERVERS = ("stock", "stock_aa", "lynx")  # --aa: stock, stock again (the noise floor), Lynx
 
 
 # --------------------------------------------------------------------------- dataset
@@ -338,14 +354,14 @@ class BenchSettings:
 _BULKY = ("server_info", "generated_texts", "itls", "ttfts", "input_lens", "output_lens", "errors")
 
 
-def run_point(url: str, point: Point, s: BenchSettings, tag: str = "") -> dict:
+def run_point(url: str, point: Point, s: BenchSettings, tag: str = "", num_prompts: int | None = None) -> dict:
     """One bench_serving run against ``url``; its metrics, TPOT goodput and per-request records.
 
     The prefix cache is flushed after the warm-up request (``--flush-cache``), so a point
     does not profit from the prompts of the point before it.
     """
     argv = ["--backend", s.backend, "--base-url", url, "--dataset-name", "sharegpt", "--dataset-path", s.dataset_path,
-            "--tokenizer", s.tokenizer, "--num-prompts", str(s.num_prompts), "--request-rate", str(point.request_rate),
+            "--tokenizer", s.tokenizer, "--num-prompts", str(num_prompts or s.num_prompts), "--request-rate", str(point.request_rate),
             "--seed", str(s.seed), "--warmup-requests", str(s.warmup_requests), "--flush-cache", "--disable-tqdm",
             "--goodput", f"tpot:{s.tpot_slo_ms[0]:g}", "--output-file", s.output_file, "--tag", tag or point.label]
     if point.max_concurrency:
@@ -390,13 +406,14 @@ def _lynx_delta(before: dict | None, after: dict | None) -> dict | None:
                 "experts_per_step_after": d["experts_after"] / steps if steps else None}
 
 
-def run_sweep(url: str, points: list[Point], s: BenchSettings, name: str) -> list[dict]:
+def run_sweep(url: str, points: list[Point], s: BenchSettings, name: str,
+              num_prompts: dict[Point, int] | None = None) -> list[dict]:
     """Every point against one server, in order; Lynx's counters (if published) per point."""
     results = []
     for point in points:
         print(f"\n=== {name}: {point.label} against {url}", flush=True)
         before = _lynx_totals(url)
-        r = run_point(url, point, s, tag=f"{name} {point.label}")
+        r = run_point(url, point, s, tag=f"{name} {point.label}", num_prompts=(num_prompts or {}).get(point))
         r["lynx_counters"] = _lynx_delta(before, _lynx_totals(url))
         results.append(r)
     return results
@@ -406,6 +423,210 @@ def server_launch_args(model_path: str, server_args: list[str], lynx_args: list[
     """Launch arguments of the two servers: the same model and flags; Lynx adds ``--moe-backend lynx``."""
     common = ["--model-path", model_path, "--enable-metrics", *server_args]
     return {"stock": common, "lynx": [*common, "--moe-backend", "lynx", *lynx_args]}
+
+
+# --------------------------------------------------------------------------- side by side, with an A/A floor (--aa)
+
+
+def aa_launch_args(model_path: str, server_args: list[str], lynx_args: list[str]) -> dict[str, list[str]]:
+    """Launch arguments of the three --aa servers: stock, the same stock again, and Lynx."""
+    two = server_launch_args(model_path, server_args, lynx_args)
+    return {"stock": two["stock"], "stock_aa": list(two["stock"]), "lynx": two["lynx"]}
+
+
+def _distinct_free_ports(n: int) -> list[int]:
+    from lynx_sglang.server_process import free_port
+
+    ports: list[int] = []
+    while len(ports) < n:  # free_port() releases its port, so two calls could in principle return the same one
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+@contextlib.contextmanager
+def servers_side_by_side(launch: dict[str, list[str]], timeout: float = 600.0, log_dir: str | Path | None = None):
+    """Start every server of ``launch`` at once, each on its own port; yield ``{name: Server}`` once all
+    are healthy, and stop them all on exit (also when one fails to start: its log tail is raised).
+
+    On the CPU server ``--sleep-on-idle`` (in ``launch/cpu_server.sh``) keeps the idle ones off the cores
+    while another is measured.
+    """
+    started = {}
+    t0 = time.monotonic()
+    try:
+        for (name, args), port in zip(launch.items(), _distinct_free_ports(len(launch))):
+            started[name] = start_server(*args, port=port, wait_healthy=False, log_dir=log_dir)
+        pending = list(started)
+        while pending:
+            for name in list(pending):
+                srv = started[name]
+                if srv.proc.poll() is not None:
+                    raise RuntimeError(f"the {name} server exited with code {srv.proc.returncode} before it was "
+                                       f"healthy\n--- tail of {srv.log_path} ---\n{srv.log_tail()}")
+                if _healthy(srv.url):
+                    srv.started_in_s = time.monotonic() - t0
+                    pending.remove(name)
+            if pending and time.monotonic() - t0 > timeout:
+                tails = "\n".join(f"--- {n}: {started[n].log_path} ---\n{started[n].log_tail(20)}" for n in pending)
+                raise RuntimeError(f"servers {pending} not healthy after {timeout:.0f} s\n{tails}")
+            if pending:
+                time.sleep(1.0)
+        yield started
+    finally:
+        for srv in started.values():
+            srv.stop()
+
+
+def rotated(names: list[str], shift: int) -> list[str]:
+    """``names`` rotated left by ``shift``: the order the servers run in at one repeat."""
+    shift %= len(names)
+    return names[shift:] + names[:shift]
+
+
+def prompts_for(point: Point, per_concurrency: float | None, default: int) -> int:
+    """Requests of one point: ``per_concurrency`` x its cap (at least 2), else ``default``."""
+    if per_concurrency is None or not point.max_concurrency:
+        return default
+    return max(2, round(per_concurrency * point.max_concurrency))
+
+
+def run_interleaved(urls: dict[str, str], points: list[Point], s: BenchSettings, repeats: int,
+                    num_prompts: dict[Point, int]) -> list[dict]:
+    """Every point, ``repeats`` times, against every server in turn (the same prompts, bench_serving's seed).
+
+    The order rotates by one server per repeat and per point, so at R = len(urls) repeats every server
+    runs first, middle and last once per point and a slow drift of the machine cancels in the medians.
+    Returns one record per (point, repeat, server), with ``server``, ``repeat``, ``order``, ``num_prompts``
+    and the change of Lynx's counters.
+    """
+    runs = []
+    names = list(urls)
+    for pi, point in enumerate(points):
+        for rep in range(repeats):
+            order = rotated(names, pi + rep)
+            for name in order:
+                print(f"\n=== {point.label} repeat {rep + 1}/{repeats}: {name} ({' -> '.join(order)})", flush=True)
+                before = _lynx_totals(urls[name])
+                r = run_point(urls[name], point, s, tag=f"{name} {point.label} r{rep}", num_prompts=num_prompts[point])
+                r["lynx_counters"] = _lynx_delta(before, _lynx_totals(urls[name]))
+                r.update(server=name, repeat=rep, order=order, num_prompts=num_prompts[point])
+                runs.append(r)
+    return runs
+
+
+AA_METRICS = ("output_throughput", "request_throughput", "median_tpot_ms", "p99_tpot_ms", "median_itl_ms",
+              "p99_itl_ms", "median_ttft_ms", "p99_ttft_ms")
+
+
+def _spread(values: list[float | None]) -> dict:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return {"per_repeat": values, "median": None, "min": None, "max": None}
+    return {"per_repeat": values, "median": float(np.median(vals)), "min": float(min(vals)), "max": float(max(vals))}
+
+
+def aa_summary(runs: list[dict]) -> list[dict]:
+    """Per point: each server's metrics (median over repeats), the Lynx/stock and the A/A (stock_aa/stock)
+    output-throughput ratios per repeat with their median and min-max, and Lynx's distinct experts per
+    layer and decode step before/after selection (counters summed over the repeats)."""
+    out = []
+    labels = list(dict.fromkeys(json.dumps(r["point"], sort_keys=True) for r in runs))
+    for label in labels:
+        mine = [r for r in runs if json.dumps(r["point"], sort_keys=True) == label]
+        repeats = sorted({r["repeat"] for r in mine})
+        by = {(r["server"], r["repeat"]): r for r in mine}
+        servers = list(dict.fromkeys(r["server"] for r in mine))
+        per_server = {}
+        for name in servers:
+            per_server[name] = {k: _spread([by[name, rep]["metrics"].get(k) for rep in repeats]) for k in AA_METRICS}
+            per_server[name]["completed"] = [by[name, rep]["metrics"]["completed"] for rep in repeats]
+
+        def ratios(num: str, den: str, key: str = "output_throughput") -> dict:
+            if num not in servers or den not in servers:
+                return _spread([])
+            return _spread([ratio(by[num, rep]["metrics"][key], by[den, rep]["metrics"][key]) for rep in repeats])
+
+        counters = [by[n, rep]["lynx_counters"] for n in servers for rep in repeats if by[n, rep]["lynx_counters"]]
+        steps = sum(c["steps"] for c in counters)
+        experts = None
+        if steps:
+            experts = {"steps": steps, "per_step_before": sum(c["experts_before"] for c in counters) / steps,
+                       "per_step_after": sum(c["experts_after"] for c in counters) / steps}
+        out.append({"point": mine[0]["point"], "num_prompts": mine[0]["num_prompts"], "repeats": len(repeats),
+                    "servers": per_server,
+                    "lynx_over_stock": ratios("lynx", "stock"), "aa_over_stock": ratios("stock_aa", "stock"),
+                    "tpot_p50_stock_over_lynx": ratios("stock", "lynx", "median_tpot_ms"),
+                    "lynx_experts": experts})
+    return out
+
+
+def _experts(ex: dict) -> str:
+    return f"{ex['per_step_before']:.1f}->{ex['per_step_after']:.1f}"
+
+
+def format_aa_table(summary: list[dict]) -> str:
+    """The --aa result as text: one row per point (medians over repeats; ratios with their min-max)."""
+    names = [n for n in AA_SERVERS if n in summary[0]["servers"]]
+
+    def rng(d: dict) -> str:
+        return "-" if d["median"] is None else f"{d['median']:.3f} ({d['min']:.3f}-{d['max']:.3f})"
+
+    head = (f"{'conc':>4} {'n':>3} " + " ".join(f"{n + ' tok/s':>14}" for n in names)
+            + f" {'lynx/stock (min-max)':>22} {'A/A (min-max)':>22} "
+            + " ".join(f"{'TPOT50 ' + n:>15}" for n in names) + " " + " ".join(f"{'ITL99 ' + n:>15}" for n in names)
+            + f" {'experts/step':>14}")
+    lines = [head]
+    for row in summary:
+        sv = row["servers"]
+        ex = row["lynx_experts"]
+        lines.append(f"{row['point']['max_concurrency'] or '-':>4} {row['num_prompts']:>3} "
+                     + " ".join(f"{sv[n]['output_throughput']['median']:14.1f}" for n in names)
+                     + f" {rng(row['lynx_over_stock']):>22} {rng(row['aa_over_stock']):>22} "
+                     + " ".join(f"{sv[n]['median_tpot_ms']['median']:15.1f}" for n in names) + " "
+                     + " ".join(f"{sv[n]['p99_itl_ms']['median']:15.1f}" for n in names)
+                     + f" {(_experts(ex) if ex else '-'):>14}")
+    return "\n".join(lines)
+
+
+def plot_aa(summary: list[dict], png: Path, title: str) -> Path | None:
+    """Lynx/stock output throughput vs concurrency (median, min-max bars) over the A/A band; throughputs."""
+    plt = pyplot(png)
+    if plt is None:
+        return None
+    conc = [row["point"]["max_concurrency"] or 0 for row in summary]
+    x = np.arange(len(conc))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.8))
+
+    def series(key: str, what: str) -> np.ndarray:
+        return np.array([np.nan if row[key][what] is None else row[key][what] for row in summary], dtype=float)
+
+    ax.fill_between(x, series("aa_over_stock", "min"), series("aa_over_stock", "max"), color="tab:gray", alpha=0.3,
+                    label="A/A stock2/stock (min-max)")
+    ax.plot(x, series("aa_over_stock", "median"), color="tab:gray", marker="o", ls="--", label="A/A median")
+    med = series("lynx_over_stock", "median")
+    ax.errorbar(x, med, yerr=[med - series("lynx_over_stock", "min"), series("lynx_over_stock", "max") - med],
+                color="tab:red", marker="s", capsize=4, label="Lynx/stock (median, min-max)")
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_ylabel("output throughput ratio")
+    style = {"stock": dict(color="tab:gray", marker="o"), "stock_aa": dict(color="tab:blue", marker="^", ls="--"),
+             "lynx": dict(color="tab:red", marker="s")}
+    for name in [n for n in AA_SERVERS if n in summary[0]["servers"]]:
+        ax2.plot(x, [row["servers"][name]["output_throughput"]["median"] for row in summary], label=name,
+                 **style[name])
+    ax2.set_ylabel("output throughput (tok/s, median over repeats)")
+    for a in (ax, ax2):
+        a.set_xticks(x, [str(c or "-") for c in conc])
+        a.set_xlabel("max concurrency")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
 
 
 # --------------------------------------------------------------------------- report
@@ -522,6 +743,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="start the stock and the Lynx server here, one after the other")
     where.add_argument("--stock-url", help="a running stock server (then --lynx-url too)")
     ap.add_argument("--lynx-url", help="a running server with --moe-backend lynx")
+    ap.add_argument("--aa", action="store_true",
+                    help="with --start: start stock, stock again (A/A) and Lynx side by side, each on its own port, "
+                         "and run every point --repeats times against all three in rotating order")
+    ap.add_argument("--repeats", type=int, default=3, help="--aa: repeats of every point (default 3)")
+    ap.add_argument("--prompts-per-concurrency", type=float,
+                    help="requests per point = this x the point's concurrency cap (at least 2) instead of --num-prompts")
+    ap.add_argument("--input-len", type=int, help="every prompt this many tokens (instead of the ShareGPT-like mix)")
+    ap.add_argument("--output-len", type=int,
+                    help="every answer this many tokens (instead of the ShareGPT-like mix): steady decode")
+    ap.add_argument("--start-timeout", type=float, default=600.0, help="seconds for the servers to become healthy")
     ap.add_argument("--model-path", default=str(DEFAULT_MODEL),
                     help="model to serve with --start; with URLs only its tokenizer is used (default: bundled model)")
     ap.add_argument("--tokenizer", help="tokenizer for the dataset lengths and bench_serving (default: --model-path)")
@@ -548,6 +779,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--stock-url needs --lynx-url")
     if args.start and args.lynx_url:
         ap.error("--lynx-url is for running servers; --start starts its own")
+    if args.aa and not args.start:
+        ap.error("--aa starts its own three servers: use it with --start")
+    if args.repeats < 1:
+        ap.error("--repeats must be >= 1")
     return args
 
 
@@ -559,25 +794,102 @@ def _device() -> "torch.device":  # noqa: F821 - torch imported lazily
     return torch.device("cuda" if has_accelerator() else "cpu")
 
 
+def _cpu_model() -> str | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
+def _main_aa(args: argparse.Namespace, settings: BenchSettings, points: list[Point], num_prompts: dict,
+             dataset: dict, tokenizer_path) -> dict:
+    """--aa: three servers side by side, every point ``--repeats`` times in rotating order; report and save."""
+    import os
+
+    import transformers
+
+    launch = aa_launch_args(args.model_path, shlex.split(args.server_args), shlex.split(args.lynx_args))
+    t_start = time.monotonic()
+    with servers_side_by_side(launch, timeout=args.start_timeout, log_dir=args.work_dir / "server_logs") as srvs:
+        servers = {n: {"url": s.url, "launch_args": launch[n], "started_in_s": s.started_in_s,
+                       "log": str(s.log_path)} for n, s in srvs.items()}
+        print("servers up: " + ", ".join(f"{n} {s.url} ({s.started_in_s:.0f} s)" for n, s in srvs.items()), flush=True)
+        runs = run_interleaved({n: s.url for n, s in srvs.items()}, points, settings, args.repeats, num_prompts)
+    wall_s = time.monotonic() - t_start
+    for name in servers:  # the same for every run: keep it once
+        servers[name]["server_info"] = next((r.get("server_info") for r in runs if r["server"] == name), None)
+    for r in runs:
+        r.pop("server_info", None)
+    summary = aa_summary(runs)
+    print("\n" + format_aa_table(summary))
+
+    device = _device()
+    if args.out is None:
+        args.out = RESULTS_DIR / f"load_test_aa_{device.type}"
+    env = environment(device) | {"cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+                                 "transformers": transformers.__version__}
+    with contextlib.suppress(OSError):
+        env["loadavg_at_end"] = list(os.getloadavg())
+    payload = {
+        "environment": env,
+        "command": "python -m benchmarks.load_test " + shlex.join(sys.argv[1:] if args.argv is None else args.argv),
+        "settings": {
+            "mode": "aa", "model_path": args.model_path, "tokenizer": str(tokenizer_path),
+            "points": [p.to_json() for p in points], "num_prompts": {p.label: n for p, n in num_prompts.items()},
+            "repeats": args.repeats, "order": "rotated by one server per repeat and per point",
+            "input_len": args.input_len, "output_len": args.output_len, "length_scale": args.length_scale,
+            "tpot_slo_ms": args.tpot_slo_ms, "seed": args.seed, "backend": args.backend,
+            "warmup_requests": args.warmup_requests, "bench_args": list(settings.bench_args),
+            "server_args": args.server_args, "lynx_args": args.lynx_args, "bench_serving_log": settings.output_file,
+            "dataset": dataset, "wall_s": wall_s,
+            # inherited by the servers: SGLANG_CPU_OMP_THREADS_BIND pins each server's torch threads
+            "server_env": {k: os.environ[k] for k in ("SGLANG_CPU_OMP_THREADS_BIND", "OMP_NUM_THREADS") if k in os.environ},
+        },
+        "servers": servers,
+        "summary": summary,
+        "runs": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path = out.with_name(out.name + ".json")
+    json_path.write_text(json.dumps(_json_safe(payload), indent=1) + "\n")
+    png = plot_aa(summary, out.with_name(out.name + ".png"),
+                  f"Lynx vs stock, side by side with an A/A stock server: {Path(args.model_path).name}, "
+                  f"{args.repeats} repeats, output {args.output_len or 'mix'} tokens, {env.get('cpu_model') or env['device']}"
+                  f" ({env.get('cpu_count')} cores)")
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else "") + f" ({wall_s / 60:.1f} min)")
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run the load test; print a table per point, write ``<out>.json`` and ``<out>.png``; return the payload."""
     args = parse_args(argv)
+    args.argv = argv
     from transformers import AutoTokenizer
 
     tokenizer_path = args.tokenizer or args.model_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=True)
     mix = LengthMix(**{**asdict(SHAREGPT_MIX), "max_len": args.max_len})
+    if args.input_len:  # sigma 0: every length is the mean exactly
+        mix = dataclasses.replace(mix, input_mean=float(args.input_len), input_sigma=0.0)
+    if args.output_len:
+        mix = dataclasses.replace(mix, output_mean=float(args.output_len), output_sigma=0.0)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    dataset = write_sharegpt_like_dataset(args.work_dir / f"sharegpt_like_{args.seed}_{args.length_scale:g}.json",
-                                          args.num_prompts, tokenizer, seed=args.seed,
-                                          length_scale=args.length_scale, mix=mix)
-    print(f"dataset: {dataset['path']} ({args.num_prompts} requests, median input {dataset['median_input']:g}, "
+    points = sweep_points(args.request_rates, args.max_concurrency)
+    num_prompts = {p: prompts_for(p, args.prompts_per_concurrency, args.num_prompts) for p in points}
+    fixed = f"_in{args.input_len or 'mix'}_out{args.output_len or 'mix'}" if args.input_len or args.output_len else ""
+    dataset = write_sharegpt_like_dataset(
+        args.work_dir / f"sharegpt_like_{args.seed}_{args.length_scale:g}{fixed}_{max(num_prompts.values())}.json",
+        max(num_prompts.values()), tokenizer, seed=args.seed, length_scale=args.length_scale, mix=mix)
+    print(f"dataset: {dataset['path']} ({dataset['num_prompts']} requests, median input {dataset['median_input']:g}, "
           f"median output {dataset['median_output']:g} tokens, exact lengths {dataset['exact_fraction']:.0%})")
     settings = BenchSettings(dataset_path=dataset["path"], tokenizer=str(tokenizer_path), num_prompts=args.num_prompts,
                              tpot_slo_ms=tuple(args.tpot_slo_ms), seed=args.seed, backend=args.backend,
                              warmup_requests=args.warmup_requests, bench_args=tuple(shlex.split(args.bench_args)),
                              output_file=str(args.work_dir / f"bench_serving_{stamp}.jsonl"))
-    points = sweep_points(args.request_rates, args.max_concurrency)
+    if args.aa:
+        return _main_aa(args, settings, points, num_prompts, dataset, tokenizer_path)
 
     results: dict[str, list[dict]] = {}
     servers: dict[str, dict] = {}
@@ -588,11 +900,11 @@ def main(argv: list[str] | None = None) -> dict:
             with running_server(*launch[name]) as srv:
                 print(f"{name} server up in {srv.started_in_s:.0f} s at {srv.url}", flush=True)
                 servers[name] = {"url": srv.url, "launch_args": launch[name], "started_in_s": srv.started_in_s}
-                results[name] = run_sweep(srv.url, points, settings, name)
+                results[name] = run_sweep(srv.url, points, settings, name, num_prompts)
     else:
         for name, url in zip(SERVERS, (args.stock_url, args.lynx_url)):
             servers[name] = {"url": url, "launch_args": None}
-            results[name] = run_sweep(url, points, settings, name)
+            results[name] = run_sweep(url, points, settings, name, num_prompts)
 
     for name in SERVERS:  # the same for every point: keep it once
         servers[name]["server_info"] = results[name][0].get("server_info")

@@ -162,3 +162,75 @@ def test_end_to_end_stock_and_lynx_on_cpu_servers(tmp_path):
             assert rows[metric][name] == pytest.approx(raw[name][metric], rel=1e-9), (metric, name)
         want = raw["lynx"][metric] / raw["stock"][metric] if raw["stock"][metric] else None  # None: undefined
         assert rows[metric]["lynx_over_stock"] == (want if want is None else pytest.approx(want, rel=1e-9))
+
+
+# --------------------------------------------------------------------------- side by side with an A/A floor
+
+
+def test_rotation_and_prompt_counts():
+    names = list(load_test.AA_SERVERS)
+    orders = [load_test.rotated(names, i) for i in range(3)]
+    # every server runs first, middle and last once in three repeats
+    for pos in range(3):
+        assert sorted(o[pos] for o in orders) == sorted(names)
+    p = load_test.Point(math.inf, 16)
+    assert load_test.prompts_for(p, 2.0, 8) == 32 and load_test.prompts_for(p, None, 8) == 8
+    assert load_test.prompts_for(load_test.Point(math.inf, 1), 1.0, 8) == 2  # at least 2
+    assert load_test.prompts_for(load_test.Point(math.inf, None), 2.0, 8) == 8  # no cap: --num-prompts
+
+
+def test_aa_summary_ratios_on_made_up_runs():
+    def run(server, rep, tput, tpot, counters=None):
+        m = {k: 1.0 for k in load_test.AA_METRICS} | {"output_throughput": tput, "median_tpot_ms": tpot,
+                                                      "completed": 4}
+        return {"point": {"request_rate": "inf", "max_concurrency": 4}, "server": server, "repeat": rep,
+                "num_prompts": 4, "metrics": m, "lynx_counters": counters}
+
+    c = {"steps": 10, "experts_before": 200, "experts_after": 100}
+    runs = [run("stock", 0, 10.0, 100.0), run("stock_aa", 0, 11.0, 90.0), run("lynx", 0, 15.0, 70.0, c),
+            run("stock", 1, 20.0, 50.0), run("stock_aa", 1, 19.0, 52.0), run("lynx", 1, 24.0, 40.0, c)]
+    (row,) = load_test.aa_summary(runs)
+    assert row["lynx_over_stock"]["per_repeat"] == pytest.approx([1.5, 1.2])
+    assert row["lynx_over_stock"]["median"] == pytest.approx(1.35)
+    assert (row["lynx_over_stock"]["min"], row["lynx_over_stock"]["max"]) == pytest.approx((1.2, 1.5))
+    assert row["aa_over_stock"]["per_repeat"] == pytest.approx([1.1, 0.95])
+    assert row["servers"]["lynx"]["output_throughput"]["median"] == pytest.approx(19.5)
+    assert row["lynx_experts"] == {"steps": 20, "per_step_before": 20.0, "per_step_after": 10.0}
+    assert "1.350 (1.200-1.500)" in load_test.format_aa_table([row])
+
+
+def test_aa_needs_start():
+    with pytest.raises(SystemExit):
+        load_test.parse_args(["--stock-url", "http://x", "--lynx-url", "http://y", "--aa"])
+
+
+def test_end_to_end_three_servers_side_by_side(tmp_path):
+    """--aa on the tiny model: stock, stock again and Lynx up at once; 1 concurrency, 1 repeat, few tokens."""
+    out = tmp_path / "aa"
+    payload = load_test.main([
+        "--start", "--aa", "--repeats", "1", "--model-path", str(TINY),
+        "--server-args", "--dtype float32 --decode-log-interval 1",
+        "--input-len", "8", "--output-len", "6", "--prompts-per-concurrency", "2", "--max-concurrency", "2",
+        "--tpot-slo-ms", "400", "--out", str(out), "--work-dir", str(tmp_path / "work"),
+    ])
+    saved = json.loads((tmp_path / "aa.json").read_text())
+    assert (tmp_path / "aa.png").stat().st_size > 0
+    assert saved["environment"]["transformers"] and saved["environment"]["commit"] is not None
+    assert saved["command"].startswith("python -m benchmarks.load_test --start --aa")
+    urls = {s["url"] for s in saved["servers"].values()}
+    assert len(urls) == 3  # side by side, each on its own port
+    assert "--moe-backend" in saved["servers"]["lynx"]["launch_args"]
+    assert saved["servers"]["stock"]["launch_args"] == saved["servers"]["stock_aa"]["launch_args"]
+    assert "--moe-backend" not in saved["servers"]["stock"]["launch_args"]
+    assert [r["server"] for r in saved["runs"]] == list(load_test.AA_SERVERS)  # point 0, repeat 0: not rotated
+    for r in saved["runs"]:
+        assert r["metrics"]["completed"] == 4 and r["num_prompts"] == 4
+        assert sorted(q["output_len"] for q in r["requests"]) == [6] * 4  # fixed output length, ignore_eos
+        assert (r["lynx_counters"] is not None) == (r["server"] == "lynx")
+    (row,) = saved["summary"]
+    by = {r["server"]: r["metrics"]["output_throughput"] for r in saved["runs"]}
+    assert row["lynx_over_stock"]["median"] == pytest.approx(by["lynx"] / by["stock"])
+    assert row["aa_over_stock"]["median"] == pytest.approx(by["stock_aa"] / by["stock"])
+    assert row["lynx_experts"]["steps"] > 0
+    assert row["lynx_experts"]["per_step_after"] <= row["lynx_experts"]["per_step_before"]
+    assert payload["summary"][0]["repeats"] == 1
