@@ -255,3 +255,40 @@ def test_a_rank_passing_an_oversized_batch_through_still_joins_the_vote():
     assert passed is True  # rank 1: the very object SGLang made
     assert torch.equal(got[0], want_ids) and torch.equal(got[1], want_w)  # rank 1 added no votes
     assert steps0 == steps1 == 1
+
+
+def _refill_worker(rank, world):
+    """lynx with the similarity-aware refill under global selection: each rank's rows on the global kept set."""
+    router = ROUTERS[0]
+    batch = _global_batch(router, 3.0, 7)
+    sim = torch.rand(router.num_experts, router.num_experts, generator=torch.Generator().manual_seed(3))
+    sim = ((sim + sim.T) / 2).fill_diagonal_(1.0)
+    pol = make_policy("lynx", max_moved_weight=1.0, refill_similarity=8.0)
+    sel = GlobalExpertSelector(router, pol, GLOBAL_TOKENS + PAD_ROWS, "cpu", group=dist.group.WORLD, similarity=sim)
+    lo, hi, num_valid = _shard(SPLITS[2][2], rank)
+    ids, w = sel.run(batch.logits[lo:hi], batch.topk_ids[lo:hi], batch.topk_weights[lo:hi], num_valid)
+    return ids.clone(), w.clone(), sim
+
+
+@pytest.mark.timeout(300)
+def test_refill_similarity_under_global_selection_is_the_reference_on_each_shard():
+    ranks = run_group(_refill_worker, 2)
+    router = ROUTERS[0]
+    batch = _global_batch(router, 3.0, 7)
+    pol = make_policy("lynx", max_moved_weight=1.0, refill_similarity=8.0)
+    T = GLOBAL_TOKENS
+    rows = (batch.logits[:T], batch.topk_ids[:T], batch.topk_weights[:T])
+    whole = reference.vote(pol, router, *rows, T, reference.selection_score(router, rows[0], None))
+
+    def inject(v):
+        return dataclasses.replace(whole, row_ok=v.row_ok, rank=v.rank, num_voting=whole.voting_rows())
+
+    moved = 0
+    for r, (ids, w, sim) in enumerate(ranks):
+        lo, hi, num_valid = _shard(SPLITS[2][2], r)
+        e_ids, e_w, _ = reference.select(pol, router, batch.logits[lo:hi], batch.topk_ids[lo:hi],
+                                         batch.topk_weights[lo:hi], num_valid, None, vote_reduce=inject,
+                                         refill_bias=(sim * 8.0).float())
+        assert torch.equal(ids, e_ids) and torch.equal(w, e_w), r
+        moved += int((ids != batch.topk_ids[lo:hi]).any(dim=1).sum())
+    assert moved > 0

@@ -103,12 +103,13 @@ class GlobalExpertSelector(ExpertSelector):
         *,
         group: Optional[dist.ProcessGroup],
         stats: Optional[torch.Tensor] = None,
+        similarity: Optional[torch.Tensor] = None,
     ):
         if type(policy) not in _SUPPORTED:
             raise ConfigError(f"policy {policy.name!r} is not supported by global expert selection "
                               f"(supported: {', '.join(p.name for p in _SUPPORTED)})")
         super().__init__(router, policy, max_tokens, device, ids_dtype, weights_dtype, correction_bias,
-                         backend="torch", stats=stats)
+                         backend="torch", stats=stats, similarity=similarity)
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("GlobalExpertSelector needs an initialised torch.distributed process group")
         self.group = group
@@ -123,10 +124,11 @@ class GlobalExpertSelector(ExpertSelector):
     _collective = True
 
     def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, pick_rank=None, home=None):
-        """The global kept set: ``reference.select`` with the votes all-reduced over the group."""
+        """The global kept set: ``reference.select`` with the votes all-reduced over the group (lynx's
+        similarity-aware refill, if planned, is per row and needs no exchange)."""
         T = router_logits.shape[0]
         return reference.select(self.policy, self.router, router_logits, topk_ids, topk_weights,
                                 num_valid, self.correction_bias, vote_reduce=self._reduce, consts=self._consts,
-                                out=(self._out_ids[:T], self._out_weights[:T]))
+                                out=(self._out_ids[:T], self._out_weights[:T]), refill_bias=self._refill_bias)
 
     _select_torch.writes_outputs = True  # straight into the planned output buffers

@@ -119,7 +119,7 @@ class TopKSelectionStage:
             if self.options.policy in PEER_POLICIES:
                 raise ConfigError(_peer_global_refusal(self.options.policy))
             return GlobalExpertSelector(*common, correction_bias=self.correction_bias, group=self.ep.group,
-                                        stats=self.stats)
+                                        stats=self.stats, similarity=self.similarity)
         if self.rank_aware:
             if self.placement is None:
                 raise ConfigError("--lynx-policy lynx_ep needs expert parallelism (--ep-size >= 2); "
