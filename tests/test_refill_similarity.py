@@ -168,3 +168,30 @@ def test_default_refill_turns_on_only_with_a_file_beside_the_model_and_off_cuda(
     oea = LynxOptions(moe_backend="lynx", policy="oea")
     assert with_default_refill(oea, str(tmp_path), cpu) == oea
     assert with_default_refill(base, "Qwen/Qwen3-30B-A3B", cpu) == base  # a hub id: no folder to look in
+
+
+def test_default_refill_falls_back_to_plain_lynx_when_the_file_beside_the_model_does_not_fit(tmp_path, monkeypatch):
+    """An implicit file made for another model: a warning and plain lynx, not a refused start-up."""
+    from types import SimpleNamespace
+
+    from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME, ExpertSimilarity, save_similarity
+    from lynx_sglang.runtime.sglang import stage as stage_mod
+    from lynx_sglang.runtime.sglang.options import LynxOptions
+
+    other = {"model_type": "qwen3_moe", "num_experts": 16, "num_experts_per_tok": 2, "config_hash": "x"}
+    save_similarity(tmp_path / DEFAULT_NAME, ExpertSimilarity({0: torch.eye(16)}, other, "cosine"))
+    served = SimpleNamespace(model_type="qwen3_moe", num_experts=16, num_experts_per_tok=4, num_hidden_layers=1)
+    seen = {}
+    monkeypatch.setattr(stage_mod, "check_supported", lambda args: None)
+    monkeypatch.setattr(stage_mod, "build_stages", lambda model, cfg, options, **kw: seen.setdefault("opts", options) and [])
+    monkeypatch.setattr(stage_mod, "_eplb_remaps_ids", lambda: False)
+    monkeypatch.setattr(stage_mod, "_ep_layout", lambda options: stage_mod.EpLayout())
+    model = torch.nn.Linear(2, 2)
+    stage_mod.prepare(model, served, LynxOptions(moe_backend="lynx", policy="lynx"),
+                      SimpleNamespace(model_path=str(tmp_path)))
+    assert "refill_similarity" not in seen["opts"].params and seen["opts"].similarity is None
+    # The same file, asked for explicitly, is refused where build_stages loads it.
+    explicit = LynxOptions(moe_backend="lynx", policy="lynx", params={"refill_similarity": 8.0},
+                           similarity=str(tmp_path / DEFAULT_NAME))
+    with pytest.raises(ConfigError, match="made for another model"):
+        stage_mod.layer_similarities(served, explicit, [0])

@@ -19,9 +19,11 @@ from lynx_sglang.runtime.selection.config import ConfigError
 
 # Fields that decide a MoE model's routing and shapes, in the spellings of the families we serve.
 _EXPERTS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
+# Not moe_intermediate_size: SGLang pads it in its hf_config for tensor parallelism on CPU (96 -> 128 at
+# --tp 2), so the served model would not match its own file; expert count, top-k and width decide routing.
 _FIELDS = (
     "model_type", "num_hidden_layers", "hidden_size", "vocab_size", "num_experts_per_tok",
-    "moe_intermediate_size", "n_group", "topk_group", "n_shared_experts", "routed_scaling_factor",
+    "n_group", "topk_group", "n_shared_experts", "routed_scaling_factor",
     "norm_topk_prob", "first_k_dense_replace", "decoder_sparse_step", "mlp_only_layers",
 )
 
@@ -56,12 +58,12 @@ def model_identity(config) -> dict:
 
 
 def check_identity(found: Mapping, expected: Mapping, what: str) -> None:
-    """Refuse (ConfigError) when ``found`` (from a file) is not the identity of ``expected``'s model."""
-    if found.get("config_hash") == expected.get("config_hash"):
-        return
-    for key in sorted(set(found) | set(expected)):
-        if key != "config_hash" and found.get(key) != expected.get(key):
+    """Refuse (ConfigError) when ``found`` (from a file) is not the identity of ``expected``'s model.
+
+    Every field of ``expected`` must match; fields only the file has (written by a version that
+    recorded more, e.g. ``moe_intermediate_size``) are ignored, so ``config_hash`` is a label here.
+    """
+    for key in sorted(set(expected) - {"config_hash"}):
+        if found.get(key) != expected.get(key):
             raise ConfigError(f"{what} was made for another model: {key} is {found.get(key)!r} there, "
                               f"{expected.get(key)!r} in the model being served")
-    raise ConfigError(f"{what} was made for another model (config hash {found.get('config_hash')!r}, "
-                      f"the model being served has {expected.get('config_hash')!r})")

@@ -403,7 +403,8 @@ def _finish(router, logits, topk_ids, topk_weights, new_ids, changed, out):
 
 def _where_into(dst: torch.Tensor, cond: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """dst[...] = where(cond, a, b): written straight into ``dst`` where the dtypes allow (one op, not two)."""
-    if dst.dtype == a.dtype == b.dtype:
+    # out= only into a contiguous view: torch.compile refuses a strided out= (ids[:, :k] with shared slots).
+    if dst.dtype == a.dtype == b.dtype and dst.is_contiguous():
         torch.where(cond, a, b, out=dst)
     else:
         dst.copy_(torch.where(cond, a, b))

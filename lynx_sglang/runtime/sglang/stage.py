@@ -546,7 +546,16 @@ def prepare(model, hf_config, options: LynxOptions, server_args) -> list[TopKSel
     object with the fields ``refusal`` reads (tests); the refusals are decided from it.
     """
     check_supported(server_args)
-    options = with_default_refill(options, getattr(server_args, "model_path", None), _model_device(model))
+    auto = with_default_refill(options, getattr(server_args, "model_path", None), _model_device(model))
+    if auto is not options:
+        # The refill was not asked for: a file that does not fit this model is a warning and plain lynx
+        # (a file given with --lynx-sere-similarity, or a refill asked for, is refused at start-up instead).
+        try:
+            load_similarity(auto.similarity, model_identity(hf_config), ())
+            options = auto
+        except ConfigError as e:
+            logger.warning("lynx-sglang: not using the similarity file beside the model (%s); moved picks refill "
+                           "by router score", e)
     if options.uses_similarity and options.similarity is None:  # Engine API users: the default beside the model
         options = replace(options, similarity=default_similarity_path(getattr(server_args, "model_path", None)))
     built = build_stages(model, hf_config, options, physical_ids=_eplb_remaps_ids(), ep=_ep_layout(options))
