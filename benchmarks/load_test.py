@@ -86,7 +86,7 @@ import numpy as np
 
 from benchmarks.results_io import RESULTS_DIR, environment, pyplot
 from lynx_sglang.corpus import HELDOUT, read_jsonl
-from lynx_sglang.server_process import DEFAULT_MODEL, REPO, _healthy, running_server, start_server
+from lynx_sglang.server_process import DEFAULT_MODEL, REPO, _healthy, free_port, port_was_taken, running_server, start_server
 
 DEFAULT_WORK_DIR = REPO / "build" / "load_test"
 SERVERS = ("stock", "lynx")
@@ -435,8 +435,6 @@ def aa_launch_args(model_path: str, server_args: list[str], lynx_args: list[str]
 
 
 def _distinct_free_ports(n: int) -> list[int]:
-    from lynx_sglang.server_process import free_port
-
     ports: list[int] = []
     while len(ports) < n:  # free_port() releases its port, so two calls could in principle return the same one
         p = free_port()
@@ -454,6 +452,7 @@ def servers_side_by_side(launch: dict[str, list[str]], timeout: float = 600.0, l
     while another is measured.
     """
     started = {}
+    restarts = 0
     t0 = time.monotonic()
     try:
         for (name, args), port in zip(launch.items(), _distinct_free_ports(len(launch))):
@@ -462,6 +461,14 @@ def servers_side_by_side(launch: dict[str, list[str]], timeout: float = 600.0, l
         while pending:
             for name in list(pending):
                 srv = started[name]
+                if srv.proc.poll() is not None and restarts < 3 and port_was_taken(srv.log_tail()):
+                    # Its port was given to another socket before it bound it: start it again elsewhere.
+                    srv.stop()
+                    restarts += 1
+                    taken = {s.port for s in started.values()}
+                    port = next(p for p in iter(free_port, None) if p not in taken)
+                    started[name] = start_server(*launch[name], port=port, wait_healthy=False, log_dir=log_dir)
+                    continue
                 if srv.proc.poll() is not None:
                     raise RuntimeError(f"the {name} server exited with code {srv.proc.returncode} before it was "
                                        f"healthy\n--- tail of {srv.log_path} ---\n{srv.log_tail()}")

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -37,11 +38,40 @@ def launch_script() -> Path:
     return REPO / "launch" / ("server.sh" if has_accelerator() else "cpu_server.sh")
 
 
-def free_port() -> int:
-    """A TCP port that is free now (bound to port 0, then released)."""
+# Ports handed to a server that binds them only ~30 s later. They come from below the kernel's
+# ephemeral range: a port from bind(0) lies inside it, where any outgoing connection in between (a health
+# poll, gloo) may be given it, and CI saw exactly that ("address already in use"). 22000-29999 is left to
+# SGLang, which picks its own NCCL port there.
+_PORT_RANGE = (12000, 21999)
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(attempts: int = 64) -> int:
+    """A TCP port that is free now, from below the ephemeral range where possible (else from bind(0))."""
+    low, high = _PORT_RANGE[0], min(_PORT_RANGE[1], _ephemeral_low() - 1)
+    if high - low + 1 >= attempts:
+        for port in random.sample(range(low, high + 1), attempts):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_was_taken(log_text: str) -> bool:
+    """Whether a server log shows its HTTP port was taken between our pick and its bind."""
+    return "address already in use" in log_text.lower()
 
 
 def flag_value(args, flag: str) -> str | None:
@@ -156,8 +186,20 @@ def start_server(
     ``script``: another launch script (default ``launch_script()``); ``wait_healthy=False``
     returns once it runs, for a process that never serves (a multi-node server's other nodes).
     Raises RuntimeError (with the tail of the server log) if it exits or is not healthy
-    within ``timeout`` seconds; the process group is killed in that case too.
+    within ``timeout`` seconds; the process group is killed in that case too. A port this
+    function picked itself that is taken before the server binds it is picked again (3 tries).
     """
+    we_pick = port is None and flag_value(extra_args, "--port") is None
+    for attempt in range(3):
+        try:
+            return _start_once(extra_args, timeout, port, env, log_dir, script, wait_healthy)
+        except RuntimeError as e:
+            if not (we_pick and port_was_taken(str(e))) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(extra_args, timeout, port, env, log_dir, script, wait_healthy) -> Server:
     given = flag_value(extra_args, "--port")
     if given is not None:  # the caller's --port wins (argparse takes the last), so poll that one
         if port is not None and int(given) != port:

@@ -82,6 +82,41 @@ def test_a_port_in_the_server_arguments_is_the_one_polled(tmp_path):
     assert srv.log_path.read_text().split() == ["--port", str(srv.port), "--foo"]
 
 
+def test_a_port_taken_before_the_server_binds_it_is_picked_again(tmp_path):
+    """CI once lost a server to "address already in use" (its port, from bind(0), was handed to another
+    socket while it loaded): ports now come from below the ephemeral range, and a taken one is re-picked."""
+    import sys
+
+    from lynx_sglang.server_process import _ephemeral_low, free_port, start_server
+
+    assert all(p < _ephemeral_low() for p in (free_port() for _ in range(20)))
+    # First start: "address already in use". Second: a real /health_generate on the port it is given.
+    stub = tmp_path / "stub.sh"
+    stub.write_text(f"""#!/usr/bin/env bash
+if [ ! -e {tmp_path}/tried ]; then touch {tmp_path}/tried
+  echo "ERROR: [Errno 98] error while attempting to bind on address ('127.0.0.1', $2): address already in use"; exit 1
+fi
+exec {sys.executable} -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()' "$2"
+""")
+    stub.chmod(0o755)
+    srv = start_server(script=stub, log_dir=tmp_path, timeout=60)
+    try:
+        logs = sorted(tmp_path.glob("server-*.log"))
+        assert len(logs) == 2 and "address already in use" in "".join(p.read_text() for p in logs)
+        assert srv.proc.poll() is None and srv.log_path == max(logs, key=lambda p: p.stat().st_mtime)
+    finally:
+        srv.stop()
+    # A port the caller chose is never silently changed: the failure is raised with the log.
+    (tmp_path / "tried").unlink()
+    with pytest.raises(RuntimeError, match="address already in use"):
+        start_server(script=stub, port=free_port(), log_dir=tmp_path / "b", timeout=60)
+
+
 def test_gpu_run_script_goes_on_after_a_failed_step_and_keeps_its_results(tmp_path):
     """benchmarks/run_gpu.sh (never run on a GPU yet): each step is timed out and noted if it fails, the others
     still run, and the results so far plus the log reach $OUT as one file (the device returns at most 8)."""
