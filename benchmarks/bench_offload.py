@@ -32,8 +32,10 @@ carries an ``estimate`` (not a measurement) of a large model's decode-step time 
 (``estimate_step_ms``: bytes over PCIe Gen5 x16 and H200 HBM3e bandwidth; docs/offload.md, section 4).
 
 Both residency rules read the layer's resident set before the step (``LRUPolicy.resident``) and
-are prototypes in pure torch (``reference.vote`` / ``keep_set`` / ``reroute``), run through the
-same ``SelectionPatch`` so their accuracy comes from the very ids that were paged.
+run the server's rule: lynx with ``residency`` keep / prefer (``--lynx-residency``), i.e.
+``reference.select(..., resident=mask)`` -> ``reference.residency_keep``, the torch path a paged
+layer's selector runs. They go through the same ``SelectionPatch`` so their accuracy comes from the
+very ids that were paged.
 
     python -m benchmarks.bench_offload                       # the three bundled models, B = 16 and 32
     python -m benchmarks.bench_offload --models trained-qwen3-moe --batch-sizes 16 --batches 1
@@ -48,7 +50,7 @@ import contextlib
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -126,7 +128,11 @@ def replay(num_slots: int, steps: Iterable) -> List[StepCost]:
 
 @dataclass(frozen=True)
 class ResidencyRule:
-    """A residency-aware prototype on top of a lynx policy, for one K (see the module docstring)."""
+    """A residency-aware point of the sweep, for one K: lynx (``policy``) in residency mode ``mode``.
+
+    The rule itself is the server's (``runtime_policy``: ``LynxPolicy(residency=mode)``, decided by
+    ``reference.residency_keep``); this class only names the point and its K.
+    """
 
     mode: str  # "keep": lynx + resident picks; "prefer": resident picks + experts rows cannot move
     num_slots: int
@@ -138,31 +144,22 @@ class ResidencyRule:
         cap = self.policy.max_moved_weight
         return name if cap == LynxPolicy().max_moved_weight else f"{name} moved<={cap:g}"
 
-
-def residency_keep(rule: ResidencyRule, router: RouterSpec, votes: reference.Votes,
-                   resident: torch.Tensor) -> torch.Tensor:
-    """[E] bool kept set of a residency rule, from lynx's votes and the layer's resident mask [E]."""
-    lynx_keep = reference.keep_set(rule.policy, router, votes)
-    resident_picked = (votes.picks > 0) & resident
-    if rule.mode == "keep":
-        return lynx_keep | resident_picked
-    if rule.mode != "prefer":
-        raise ValueError(f"unknown residency mode {rule.mode!r}")
-    keep = resident_picked | votes.mandatory
-    # Every row must still be able to fill its slots: below min_keep experts, add lynx's (no host sync).
-    short = keep.sum() < rule.policy.resolved_min_keep(router)
-    return torch.where(short, keep | lynx_keep, keep)
+    @property
+    def runtime_policy(self) -> LynxPolicy:
+        """What the server runs for this point: ``--lynx-residency <mode>`` over this lynx policy."""
+        return replace(self.policy, residency=self.mode)
 
 
 def residency_select(rule: ResidencyRule, router: RouterSpec, logits: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor, resident: torch.Tensor,
                      correction_bias: Optional[torch.Tensor] = None):
-    """One (layer, step): new (ids, weights, changed) under ``rule`` given the resident mask [E] bool."""
-    logits = logits.float()
-    sel = reference.selection_score(router, logits, correction_bias)
-    votes = reference.vote(rule.policy, router, logits, ids, weights.float(), ids.shape[0], sel)
-    keep = residency_keep(rule, router, votes, resident)
-    return reference.reroute(router, logits, ids, weights.float(), sel, votes.row_ok, keep)
+    """One (layer, step): new (ids, weights, changed) under ``rule`` given the resident mask [E] bool.
+
+    The runtime rule on its torch path, ``reference.select(..., resident=...)``: what a paged layer's
+    selector runs with ``resident = expert_slot >= 0``."""
+    new_ids, new_w, _ = reference.select(rule.runtime_policy, router, logits.float(), ids, weights.float(),
+                                         correction_bias=correction_bias, resident=resident)
+    return new_ids, new_w, (new_ids != ids).any(dim=1)
 
 
 def resident_mask(policy, num_experts: int) -> torch.Tensor:

@@ -43,6 +43,8 @@ import torch
 from benchmarks.bench_moe_layer import CPU_CLOCKS, time_interleaved
 from benchmarks.results_io import RESULTS_DIR, cpu_threads, environment, pyplot, write_json
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
+from lynx_sglang.runtime.selection.model_identity import model_identity
+from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME as SIMILARITY_NAME, load_similarity
 from lynx_sglang.synthetic import route
 from lynx_sglang.twin import default_factor, expert_bytes, moe_config
 
@@ -102,6 +104,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
     ap.add_argument("--factor", type=int, default=None, help="twin width factor (default: lynx_sglang.twin's)")
     ap.add_argument("--batches", default="1,2,4,8,16,32,64")
     ap.add_argument("--policy", default="lynx")
+    ap.add_argument("--refill-similarity", type=float, default=0.0, metavar="LAMBDA",
+                    help="lynx's similarity-aware refill (the CPU server's default when the model has "
+                         "sere_similarity.safetensors: 8); 0: refill by router score")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="compile each selector's step first (ExpertSelector.compile_step, the server's "
+                         "--lynx-torch-compile)")
     ap.add_argument("--rounds", type=int, default=8, help="rounds per B (each on another recorded batch)")
     ap.add_argument("--reps", type=int, default=10, help="interleaved calls of each per round")
     ap.add_argument("--clock", default="cpu", choices=tuple(CPU_CLOCKS))
@@ -132,10 +140,21 @@ def main(argv: Optional[List[str]] = None) -> dict:
     batches = [int(b) for b in args.batches.split(",") if b]
 
     with cpu_threads(device, args.threads):
-        policy = make_policy(args.policy)
+        params = {"refill_similarity": args.refill_similarity} if args.refill_similarity else {}
+        policy = make_policy(args.policy, **params)
+        similarity = (load_similarity(args.model / SIMILARITY_NAME, model_identity(types.SimpleNamespace(**config)),
+                                      range(layers))
+                      if args.refill_similarity else None)
+
+        def selector(T: int, layer: int) -> ExpertSelector:
+            sim = None if similarity is None else similarity.matrices[layer]
+            sel = ExpertSelector(router, policy, T, device, backend="torch", similarity=sim)
+            if args.torch_compile:
+                sel.compile_step()
+            return sel
         if args.profile:
             _, rb = recorded_batches(trace, args.profile, router, renorm)[0]
-            sel = ExpertSelector(router, policy, args.profile, device, backend="torch")
+            sel = selector(args.profile, 0)
             print(profile_table(lambda: sel.run(rb.logits, rb.topk_ids, rb.topk_weights)))
             return {}
         env = environment(device)
@@ -149,12 +168,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
         rows = []
         for B in batches:
             recs = recorded_batches(trace, B, router, renorm)
-            sel = ExpertSelector(router, policy, B, device, backend="torch")
+            sels = {}  # per model layer (the refill's similarity is the layer's own)
             x = torch.randn(B, d, generator=gen).bfloat16()
             now = CPU_CLOCKS[args.clock]
             sel_t, moe_t, warm_t, ratios, distinct = [], [], [], [], []
             for rnd in range(args.rounds):
                 layer, rb = recs[(rnd * 37) % len(recs)]
+                sel = sels.get(layer) or sels.setdefault(layer, selector(B, layer))
                 ts, tm = [], []
                 for i in range(-1, args.reps):  # i = -1: warm-up pair, not recorded
                     w13, w2 = weights[(layer + i) % layers]  # the next model layer's experts
@@ -218,7 +238,10 @@ def plot(payload: dict, png: Path) -> None:
     rows = payload["results"]
     Bs = [r["B"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    a1.plot(Bs, [r["selection_us"] for r in rows], marker="o", label="selection (torch, lynx) after a MoE layer")
+    st = payload["settings"]
+    what = (f"{payload['policy']}{' + refill %g' % st['refill_similarity'] if st.get('refill_similarity') else ''}"
+            f"{', torch.compile' if st.get('torch_compile') else ', eager'}")
+    a1.plot(Bs, [r["selection_us"] for r in rows], marker="o", label=f"selection ({what}) after a MoE layer")
     a1.plot(Bs, [r["selection_warm_us"] for r in rows], marker=".", ls=":", label="selection back to back (warm)")
     a1.plot(Bs, [r["moe_us"] for r in rows], marker="s", label=f"twin MoE layer (r={payload['twin_factor']}, bf16)")
     a1.set_xscale("log", base=2)

@@ -1,4 +1,5 @@
-"""GPU checks of the selection kernels: agreement with the torch reference and CUDA-graph replay.
+"""GPU checks of the selection kernels: agreement with the torch reference (every kernel policy, lynx with its
+similarity refill, ``lynx+sim``, included) and CUDA-graph replay.
 
 Also ``lynx_ep`` (torch backend only): the same ids, slot ranks and statistics on the GPU as
 on the CPU, and a captured selector's replays equal to eager runs.
@@ -23,7 +24,22 @@ from lynx_sglang import ExpertSelector, RouterSpec, make_policy
 from lynx_sglang.runtime.expert_parallel import ExpertPlacement, RankAwareSelector, home_rank
 from lynx_sglang.synthetic import random_logits, route
 
-POLICIES = [("lynx", {}), ("oea", {}), ("budget", {"max_experts": 32}), ("off", {})]
+POLICIES = [("lynx", {}), ("lynx+sim", {}), ("oea", {}), ("budget", {"max_experts": 32}), ("off", {})]
+#: Labels for policies with an option that changes the kernels (lynx's similarity refill: REFILL).
+_LABELS = {"lynx+sim": ("lynx", {"refill_similarity": 8.0})}
+
+
+def _make(label: str, params: dict | None = None):
+    """(policy, its [E, E]-similarity maker or None) of a label of POLICIES or cuda_graph_replay."""
+    name, extra = _LABELS.get(label, (label, {}))
+    policy = make_policy(name, **{**extra, **(params or {})})
+    return policy, (_similarity if getattr(policy, "refill_similarity", 0) > 0 else None)
+
+
+def _similarity(E: int, device) -> torch.Tensor:
+    """A valid [E, E] expert similarity (symmetric, diagonal 1, values in [-1, 1])."""
+    sim = torch.rand(E, E, generator=torch.Generator().manual_seed(E)) * 2 - 1
+    return ((sim + sim.T) / 2).fill_diagonal_(1.0).to(device)
 
 
 def _recorded(check: str, fields: dict, fn) -> dict:
@@ -48,11 +64,11 @@ def _agreement_one(device, name: str, params: dict, E: int, k: int, shared: int,
     router = RouterSpec(E, k, shared)
     if "max_experts" in params:  # the budget cannot exceed the experts there are
         params = {**params, "max_experts": min(params["max_experts"], E)}
-    policy = make_policy(name, **params)
+    policy, sim = _make(name, params)
     g = torch.Generator().manual_seed(E + 7 * T + k)
     batch = route(router, random_logits(T, E, skew=1.0, generator=g).to(torch.bfloat16))
-    ref = ExpertSelector(router, policy, T, "cpu", backend="torch")
-    ker = ExpertSelector(router, policy, T, device, backend="triton")
+    ref = ExpertSelector(router, policy, T, "cpu", backend="torch", similarity=sim and sim(E, "cpu"))
+    ker = ExpertSelector(router, policy, T, device, backend="triton", similarity=sim and sim(E, device))
     nv = max(1, T - 3)
     r_ids, r_w = ref.run(batch.logits, batch.topk_ids, batch.topk_weights, nv)
     k_ids, k_w = ker.run(batch.logits.to(device), batch.topk_ids.to(device), batch.topk_weights.to(device),
@@ -67,9 +83,9 @@ EP_RANKS = 4  # lynx_ep checks: contiguous placement over this many ranks
 
 def _selector(policy_name: str, router: RouterSpec, T: int, device, **kw) -> tuple:
     """A selector (lynx_ep: torch backend, contiguous placement) and the extra ``run`` arguments it needs."""
-    policy = make_policy(policy_name)
+    policy, sim = _make(policy_name)
     if policy_name != "lynx_ep":
-        return ExpertSelector(router, policy, T, device, **kw), {}
+        return ExpertSelector(router, policy, T, device, similarity=sim and sim(router.num_experts, device), **kw), {}
     mask = ExpertPlacement.contiguous(router.num_experts, EP_RANKS).logical_on_rank()
     sel = RankAwareSelector(router, policy, T, device, backend="torch", rank_mask=mask)
     return sel, {"home": home_rank(T, EP_RANKS, device)}
@@ -97,7 +113,7 @@ def _rank_aware_one(device, E: int, k: int, T: int) -> dict:
     return {"check": "agreement", "policy": "lynx_ep", "E": E, "k": k, "T": T, "ok": bool(ok)}
 
 
-def cuda_graph_replay(device, policies=("lynx", "lynx_ep")) -> list[dict]:
+def cuda_graph_replay(device, policies=("lynx", "lynx+sim", "lynx_ep")) -> list[dict]:
     """Capture ``run`` in a CUDA graph on static inputs; replays on new batches must equal eager runs."""
     rows = []
     for name in policies:

@@ -13,7 +13,8 @@ Variants: the product's router shapes, and one router per padded class the kerne
 (``E_PAD`` = next power of two of E, ``K_PAD`` / ``KT_PAD`` of k and k + shared slots, ``NB`` = beta + 1 affinity
 bins, ``BLOCK_T`` by E), each class at its largest member, up to ``--max-experts`` (``MAX_EXPERTS`` covers every
 class the configuration accepts), with the configuration's ``MAX_ROUTED_TOP_K`` and ``MAX_BETA``, both scorings,
-every policy (lynx capped and uncapped), ``num_valid`` as a tensor and as an int. Exits 1 if a variant spills.
+every policy (lynx capped and uncapped, and with ``refill_similarity``: the reroute kernel's ``REFILL``),
+``num_valid`` as a tensor and as an int. Exits 1 if a variant spills.
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ from lynx_sglang.runtime.selection.config import (
     MAX_EXPERTS,
     MAX_KERNEL_EXPERTS,
     MAX_ROUTED_TOP_K,
+    LynxPolicy,
     RouterSpec,
     make_policy,
 )
 from lynx_sglang.kernels import expert_selection as ks
+from lynx_sglang.runtime.selection.stats import NUM_STATS
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                  torch.int64: "i64", torch.int8: "i8"}
@@ -64,8 +67,10 @@ class _Recorder:
 def recorded_launches(router: RouterSpec, policy, bias: bool, weights_dtype=torch.float32, block_t=None,
                       num_valid_tensor: bool = True):
     """(kernel function, positional args, constexpr kwargs) for each launch of one call (``num_valid`` a
-    device tensor, as CUDA-graph decode passes it, or an int)."""
+    device tensor, as CUDA-graph decode passes it, or an int; lynx with ``refill_similarity`` > 0 passes an
+    [E, E] refill bias, as the selector does)."""
     T, E = 64, router.num_experts
+    refill = isinstance(policy, LynxPolicy) and policy.refill_similarity > 0
     recorders = {name: _Recorder(getattr(ks, name)) for name in KERNELS}
     saved = {name: getattr(ks, name) for name in KERNELS}
     try:
@@ -76,8 +81,9 @@ def recorded_launches(router: RouterSpec, policy, bias: bool, weights_dtype=torc
         ks.select_triton(policy, router, torch.zeros(T, E, dtype=torch.bfloat16), ids,
                          torch.zeros(T, router.total_slots, dtype=weights_dtype),
                          torch.tensor(T, dtype=torch.int32) if num_valid_tensor else T,
-                         torch.zeros(E) if bias else None, ws, torch.zeros(5, dtype=torch.int64),
-                         torch.empty_like(ids), torch.zeros(T, router.total_slots, dtype=weights_dtype), block_t)
+                         torch.zeros(E) if bias else None, ws, torch.zeros(NUM_STATS, dtype=torch.int64),
+                         torch.empty_like(ids), torch.zeros(T, router.total_slots, dtype=weights_dtype), block_t,
+                         torch.zeros(E, E) if refill else None)
     finally:
         for name, fn in saved.items():
             setattr(ks, name, fn)
@@ -148,14 +154,16 @@ def class_routers(max_experts: int = MAX_EXPERTS):
 
 def variants(max_experts: int = CHECKED_MAX_EXPERTS):
     """(router, policy, num_valid as a tensor) for every variant compiled: the product's router shapes with
-    every policy, then one router per padded class up to ``max_experts`` with lynx at the deepest binning
-    (MAX_BETA) and the default one uncapped, oea, budget and off."""
+    every policy (lynx also with its similarity refill), then one router per padded class up to ``max_experts``
+    with lynx at the deepest binning (MAX_BETA), with the refill, and the default one uncapped, oea, budget and
+    off."""
     for E, k, shared in PRODUCT_SHAPES:
         if E > max_experts:
             continue
         for scoring, bias in (("softmax", False), ("sigmoid", True)):
             router = RouterSpec(E, k, shared, scoring, bias)
-            for name, params in (("lynx", {}), ("lynx", {"max_moved_weight": 1.0}), ("oea", {}),
+            for name, params in (("lynx", {}), ("lynx", {"max_moved_weight": 1.0}),
+                                 ("lynx", {"refill_similarity": 2.0}), ("oea", {}),
                                  ("budget", {"max_experts": k}), ("off", {})):
                 yield router, make_policy(name, **params), True
     for E, k, shared in class_routers(max_experts):
@@ -163,6 +171,8 @@ def variants(max_experts: int = CHECKED_MAX_EXPERTS):
             router = RouterSpec(E, k, shared, scoring, bias)
             deep = make_policy("lynx", beta=MAX_BETA, max_moved_weight=0.4)
             yield router, deep, True
+            # The refill changes the reroute kernel only (REFILL): its vote and keep launches are deep's.
+            yield router, make_policy("lynx", beta=MAX_BETA, max_moved_weight=0.4, refill_similarity=2.0), True
             if scoring == "softmax":
                 continue  # the rest differ from sigmoid only in the shared scoring code
             yield router, make_policy("lynx", max_moved_weight=1.0), False  # uncapped; num_valid an int
@@ -193,7 +203,7 @@ def main() -> int:
                    "shared": router.num_shared_slots, "policy": policy.name, "scoring": router.scoring_func,
                    "bias": router.has_correction_bias,
                    **{c: kw[c] for c in ("E_PAD", "K_PAD", "KT_PAD", "NB", "BLOCK_T", "NV_FROM_PTR", "CHUNK",
-                                         "CAP_MOVES", "num_warps") if c in kw},
+                                         "CAP_MOVES", "REFILL", "num_warps") if c in kw},
                    **ptxas_usage(kernel, args.arch), "compile_s": round(time.perf_counter() - t0, 2)}
             report.append(row)
             print(json.dumps(row), flush=True)

@@ -8,7 +8,9 @@ stages, same names):
 2. ``_keep_kernel``    (1 program): votes -> kept-expert mask; adds the batch's
                        statistics; zeroes the scratch buffers for the next call.
 3. ``_reroute_kernel`` (T / BLOCK_T programs): rows that lost a pick take their best
-                       kept experts; weights from the logits, rescaled to the row sum.
+                       kept experts (by router score, or with lynx's ``refill_similarity``
+                       by score + the dropped expert's row of the [E, E] refill bias);
+                       weights from the logits, rescaled to the row sum.
 
 Static shapes, no host synchronisation (the valid-row count may be a device
 tensor), no allocation per call: safe under CUDA-graph capture. All
@@ -35,8 +37,9 @@ _Q_SCALE = tl.constexpr(WEIGHT_SCALE)
 _Q_INT = tl.constexpr(WEIGHT_Q)
 _FP32_MAX = tl.constexpr(3.4028234663852886e38)
 # Offsets of the statistics vector (one layout: lynx_sglang.runtime.selection.stats.StatField).
-_STEPS, _BEFORE, _AFTER, _CHANGED, _VOTING = (tl.constexpr(int(f)) for f in (
-    StatField.STEPS, StatField.EXPERTS_BEFORE, StatField.EXPERTS_AFTER, StatField.ROWS_CHANGED, StatField.ROWS_VOTING))
+_STEPS, _BEFORE, _AFTER, _CHANGED, _VOTING, _MOVED = (tl.constexpr(int(f)) for f in (
+    StatField.STEPS, StatField.EXPERTS_BEFORE, StatField.EXPERTS_AFTER, StatField.ROWS_CHANGED, StatField.ROWS_VOTING,
+    StatField.MOVED_WEIGHT))
 
 
 @triton.jit
@@ -231,9 +234,9 @@ def _keep_kernel(
 def _reroute_kernel(
     logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
     out_ids_ptr, stride_oi, out_w_ptr, stride_ow,
-    row_ok_ptr, keep_ptr, stats_ptr, T,
+    row_ok_ptr, keep_ptr, stats_ptr, refill_ptr, T,
     E: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, E_PAD: tl.constexpr, KT_PAD: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, REFILL: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -254,6 +257,10 @@ def _reroute_kernel(
     survive = tl.load(keep_ptr + ids_c, mask=rmask, other=1) != 0
     changed = row_ok & (tl.min(survive.to(tl.int32), axis=1) == 0)
     tl.atomic_add(stats_ptr + _CHANGED, tl.sum(changed.to(tl.int64), axis=0))
+    # Routed weight on the picks changed rows lose, exact in 1/WEIGHT_Q (reference.moved_weight).
+    gone = changed[:, None] & rmask & ~survive
+    q = tl.where(gone, tl.floor(w.to(tl.float32) * _Q_SCALE + 0.5), 0.0).to(tl.int64)
+    tl.atomic_add(stats_ptr + _MOVED, tl.sum(tl.sum(q, axis=1), axis=0))
 
     # Candidates: kept experts the row does not already hold.
     z, zmax, zsum, _ = _load_rows(logits_ptr, stride_l, rows, in_t & changed, E, E_PAD)
@@ -265,13 +272,23 @@ def _reroute_kernel(
         in_row = tl.maximum(in_row, (eidx[None, :] == id_s[:, None]).to(tl.int32))
     cand = keep_e[None, :] & (in_row == 0)
 
-    # Freed slots, in slot order, take the best remaining candidate (ties to the lower id) or -1.
+    # Freed slots, in slot order, take the best remaining candidate (ties to the lower id) or -1. Best by
+    # ``sel``; with REFILL by ``sel + refill[d]``, d the expert the slot held (reference._refill_by_similarity).
     new_ids = ids_c
     for s in tl.static_range(K):
         surv_s = tl.sum(tl.where(kidx[None, :] == s, survive.to(tl.int32), 0), axis=1) != 0
-        best = tl.max(tl.where(cand, sel, float("-inf")), axis=1)
+        if REFILL:  # one [E] row of the [E, E] bias per freed slot (contiguous: row d starts at d * E)
+            # Slot s's dropped id, read from the loop-carried new_ids (slot s still holds it there). Read from
+            # ids_c, the K rows' addresses are loop-invariant and get computed ahead of the loop, all live at
+            # once: 255 registers and spills at k = 16, E = 256 on sm_90 (aot_check), 89 this way.
+            d_s = tl.sum(tl.where(kidx[None, :] == s, new_ids, 0), axis=1)
+            m_s = cand & (changed & ~surv_s)[:, None]  # the untaken candidates: the others never compete
+            key = sel + tl.load(refill_ptr + d_s[:, None] * E + eidx[None, :], mask=m_s, other=0.0)
+        else:
+            key = sel
+        best = tl.max(tl.where(cand, key, float("-inf")), axis=1)
         has = tl.max(cand.to(tl.int32), axis=1) > 0
-        pick = tl.min(tl.where(cand & (sel == best[:, None]), eidx[None, :], E_PAD), axis=1)
+        pick = tl.min(tl.where(cand & (key == best[:, None]), eidx[None, :], E_PAD), axis=1)
         take = (~surv_s) & has
         new_s = tl.where(surv_s, 0, tl.where(has, pick, -1))
         new_ids = tl.where((kidx[None, :] == s) & (~surv_s[:, None]), new_s[:, None], new_ids)
@@ -362,9 +379,12 @@ def select_triton(
     out_ids: torch.Tensor,
     out_weights: torch.Tensor,
     block_t: Optional[int] = None,
+    refill_bias: Optional[torch.Tensor] = None,
 ) -> None:
     """Launch the three kernels; writes ``out_ids``/``out_weights`` and adds to ``stats``.
 
+    ``refill_bias``: lynx's contiguous fp32 [E, E] refill bias (``refill_similarity`` times the layer's
+    expert similarity, made at plan time; reference.reroute) or None (freed slots refill by score).
     Shapes and dtypes are assumed checked by the caller (``ExpertSelector``).
     """
     T, E = logits.shape
@@ -383,6 +403,7 @@ def select_triton(
     pid = POLICY_IDS[policy.name]
     nb = num_bins(policy)
     lynx = policy if isinstance(policy, LynxPolicy) else None
+    refill = refill_bias is not None
 
     _vote_kernel[grid](
         logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
@@ -406,9 +427,9 @@ def select_triton(
     _reroute_kernel[grid](
         logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
         out_ids, out_ids.stride(0), out_weights, out_weights.stride(0),
-        ws.row_ok, ws.keep, stats, T,
+        ws.row_ok, ws.keep, stats, refill_bias if refill else bias, T,  # any pointer when unused
         E=E, K=K, KT=KT, E_PAD=E_PAD, KT_PAD=triton.next_power_of_2(KT),
-        SOFTMAX=softmax, HAS_BIAS=has_bias, BLOCK_T=BT,
+        SOFTMAX=softmax, HAS_BIAS=has_bias, REFILL=refill, BLOCK_T=BT,
         num_warps=4 if E_PAD <= 64 else 8,
     )
 

@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from lynx_sglang import __version__
 from lynx_sglang import accuracy as A
 from lynx_sglang import model_routing
-from lynx_sglang.runtime.selection.config import ConfigError, make_policy
+from lynx_sglang.runtime.selection.config import WEIGHT_Q, ConfigError, make_policy
 from lynx_sglang.runtime.selection.model_identity import model_identity
 from lynx_sglang.runtime.sglang.options import CALIBRATION_FORMAT
 
@@ -240,6 +240,9 @@ class Point:
     per_sequence: Dict[str, list]
     before: List[float]  # per MoE block: distinct experts per decode step, selection off
     after: List[float]  # under the setting
+    # Per MoE block, summed over the batches: (routed weight re-routed tokens had on experts they lost, in
+    # 1/WEIGHT_Q; re-routed tokens), from the selectors' statistics (what lynx:moved_weight_total counts).
+    moved: List[Tuple[int, int]] = field(default_factory=list)
 
     @property
     def tokens(self) -> int:
@@ -301,7 +304,7 @@ class BatchSet:
         key = tuple(sorted((b, repr(p)) for b, p in plan.items() if p is not None))
         if key in self._cache:
             return self._cache[key]
-        seqs, after = [], [0.0] * self.blocks
+        seqs, after, moved = [], [0.0] * self.blocks, [(0, 0)] * self.blocks
         for batch, off in zip(self.batches, self.offs):
             with PlanPatch(self.model, plan) as patch:
                 patch.decode_start = self.prefix
@@ -309,7 +312,10 @@ class BatchSet:
                 counts = list(patch.counts)
             seqs.append(_sequence_sums(off.logits, logits, batch.tokens[:, self.prefix + 1:]))
             after = [a + x for a, x in zip(after, _per_block(counts, self.blocks))]
-        point = Point(A.concat_sequences(seqs), list(self.before), [a / len(self.batches) for a in after])
+            for block, sel in patch.selectors.items():
+                st = sel.stats()
+                moved[block] = (moved[block][0] + st.moved_weight, moved[block][1] + st.rows_changed)
+        point = Point(A.concat_sequences(seqs), list(self.before), [a / len(self.batches) for a in after], moved)
         self._cache[key] = point
         return point
 
@@ -417,8 +423,12 @@ def _summary(point: Point, layer_ids: Sequence[int], reps_index=None) -> dict:
         "tokens": point.tokens, "sequences": len(point.per_sequence["tokens"]),
         "experts_before": round(before, 3), "experts_after": round(after, 3),  # per decode step, summed over layers
         "removed_per_step": round(before - after, 3), "reduction": round(1 - after / before, 4) if before else 0.0,
-        "per_layer": {str(lid): {"experts_before": round(b, 3), "experts_after": round(a, 3)}
-                      for lid, b, a in zip(layer_ids, point.before, point.after)},
+        "per_layer": {str(lid): {"experts_before": round(b, 3), "experts_after": round(a, 3),
+                                 # what the server's rate(lynx:moved_weight_total) / rate(lynx:tokens_rerouted_total)
+                                 # should read for this layer, within noise, on text like this
+                                 "moved_per_rerouted_token": round(mw / WEIGHT_Q / rc, 4) if rc else 0.0}
+                      for lid, b, a, (mw, rc) in zip(layer_ids, point.before, point.after,
+                                                     point.moved or [(0, 0)] * len(layer_ids))},
     }
 
 

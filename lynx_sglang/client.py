@@ -7,7 +7,7 @@ import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from lynx_sglang.runtime.sglang.metrics import METRICS
+from lynx_sglang.runtime.sglang.metrics import METRIC_SCALE, METRICS
 from lynx_sglang.runtime.selection.stats import SelectionStats
 
 PROMPTS = [
@@ -61,7 +61,7 @@ def scrape_lynx_metrics(base_url: str, timeout: float = 30.0) -> dict[int, Selec
 
 def parse_lynx_metrics(text: str) -> dict[int, SelectionStats]:
     """Per-layer totals from Prometheus text exposition (summed over labels other than ``layer``)."""
-    by_name = {name: field.key for field, (name, _) in METRICS.items()}
+    by_name = {name: field for field, (name, _) in METRICS.items()}
     layers: dict[int, dict] = {}
     for line in text.splitlines():
         m = _SAMPLE.match(line.strip())
@@ -71,7 +71,8 @@ def parse_lynx_metrics(text: str) -> dict[int, SelectionStats]:
         if "layer" not in labels:
             continue
         totals = layers.setdefault(int(labels["layer"]), {field.key: 0 for field in METRICS})
-        totals[by_name[m.group(1)]] += int(float(m.group(3)))
+        field = by_name[m.group(1)]
+        totals[field.key] += round(float(m.group(3)) * METRIC_SCALE.get(field, 1))
     return {layer: SelectionStats(**totals) for layer, totals in sorted(layers.items())}
 
 

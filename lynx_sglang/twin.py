@@ -46,8 +46,11 @@ REPO = Path(__file__).resolve().parent.parent
 ROUTING_STATS_DIR = REPO / "benchmarks" / "results"
 MIN_EXPERT_BYTES = 4 * 2**20  # default factor: one expert at least this large in the served dtype
 SERVED_ELEM = 2  # bf16
+# The expert-similarity file fits the twin as it is: the twin's experts compute the source's functions, and
+# the file's model identity leaves out moe_intermediate_size. So the twin serves the same default rule (lynx
+# with the similarity-aware refill) as its source.
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json",
-                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+                "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "sere_similarity.safetensors")
 
 #: Keys of routed-expert projections (per-expert layout, as the bundled models store them).
 ROUTED = re.compile(r"\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")

@@ -137,3 +137,9 @@ def assert_contract(router: RouterSpec, policy, logits, ids, w, num_valid, bias,
         assert stats.experts_before == len(before)
         assert stats.experts_after == len(after)
         assert stats.rows_changed == int((~unchanged).sum())
+        # Moved weight, from plain Python: the weight (in 1/65536, rounded half up per pick) each row had on
+        # experts it no longer holds, summed over rows.
+        moved = 0
+        for before_row, after_row, w_row in zip(o_ids.tolist(), r_ids.tolist(), o_w.tolist()):
+            moved += sum(math.floor(x * 65536 + 0.5) for e, x in zip(before_row, w_row) if e not in after_row)
+        assert stats.moved_weight == moved

@@ -215,6 +215,14 @@ def test_the_tool_writes_a_servable_file_for_the_bundled_model(tiny_report, tmp_
         held = cal["heldout"]["8"]
         assert held["kl_ci"] is not None and held["delta_points_ci"] is not None
         assert set(held["per_layer"]) == {"0", "1", "2", "3"}
+        # What the server's moved-weight metric should read per layer: a share of a renormalised row's weight,
+        # bounded by the layer's calibrated cap wherever the layer re-routes.
+        for lid, row in held["per_layer"].items():
+            params = cal["layer_params"][lid]
+            if params is None or row["experts_after"] == row["experts_before"]:
+                continue
+            cap = params.get("max_moved_weight", cal["base_params"].get("max_moved_weight", 0.4))
+            assert 0 < row["moved_per_rerouted_token"] <= cap + 1e-4, (lid, row, params)
         assert "8" in cal["global_comparison"] and "gain_ci" in cal["global_comparison"]["8"]
         assert cal["search"]["measured_kl"] <= cal["budget_kl"]
     # A bigger budget never removes fewer experts (same moves, measured on the same calibration batches).
@@ -338,5 +346,7 @@ def test_a_cpu_server_applies_the_file_per_layer(tmp_path):
     for layer in (1, 3):
         c = layers[layer]
         assert c.steps > 0 and c.mean_experts_after < c.mean_experts_before and c.rows_changed > 0
+        assert 0 < c.moved_per_rerouted_token <= 1.0  # renormalised rows: at most their whole weight
     c = layers[2]
     assert c.steps > 0 and c.rows_changed == 0 and c.mean_experts_after == c.mean_experts_before
+    assert c.moved_weight == 0

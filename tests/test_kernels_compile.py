@@ -71,6 +71,11 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(compiled):
     assert max(r["NB"] for r in lynx_vote) == MAX_BETA + 1
     assert {r["CAP_MOVES"] for r in lynx_vote} == {True, False}
     assert {r["NV_FROM_PTR"] for r in by["_vote_kernel"]} == {True, False}
+    # lynx's similarity refill (REFILL: one [E] bias-row load per freed slot) in every padded expert class.
+    refill = [r for r in by["_reroute_kernel"] if r["REFILL"]]
+    assert {r["E_PAD"] for r in refill} == _pow2_upto(CHECKED_MAX_EXPERTS)
+    assert {r["scoring"] for r in refill} == {"softmax", "sigmoid"}
+    assert any(not r["REFILL"] for r in by["_reroute_kernel"])
 
 
 @pytest.mark.xfail(strict=True, reason="known spills (KNOWN_SPILLS): fix the kernel, then drop the entry and this "

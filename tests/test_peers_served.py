@@ -112,13 +112,14 @@ def test_selector_equals_select_peer_bit_for_bit(name, device):
             policy = make_policy(name, **params)
             sim = _similarity(rng, router.num_experts, device) if name == "sere" else None
             sel = ExpertSelector(router, policy, 64, device, ids.dtype, w.dtype, corr, similarity=sim)
-            want_total = [0] * 5
+            want_total = [0] * 6
             for step in range(2):  # the statistics accumulate over steps
                 out_ids, out_w = sel.run(logits, ids, w, nv)
                 want_ids, want_w, info = peers.select_peer(policy, router, logits, ids, w, nv, corr, similarity=sim)
                 assert torch.equal(out_ids, want_ids)
                 assert torch.equal(out_w.view(torch.int32), want_w.view(torch.int32))
-                facts = [1, info.experts_before, info.experts_after, info.rows_changed, info.rows_voting]
+                facts = [1, info.experts_before, info.experts_after, info.rows_changed, info.rows_voting,
+                         info.moved_weight]
                 want_total = [a + int(b) for a, b in zip(want_total, facts)]
                 changed += int(info.rows_changed)
             assert sel.stats() == SelectionStats.from_values(want_total)

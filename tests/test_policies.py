@@ -43,6 +43,10 @@ def test_lynx_worked_example(backend):
     torch.testing.assert_close(w[0], torch.tensor([e3 / (e3 + 1), 1 / (e3 + 1)]))
     torch.testing.assert_close(w[2], torch.tensor([e3 / (e3 + math.exp(-5.0)), math.exp(-5.0) / (e3 + math.exp(-5.0))]))
     assert (stats.experts_before, stats.experts_after, stats.rows_changed) == (4, 2, 2)
+    # The moved-weight statistic: t0's weight on e2 plus t2's on e3, in 1/65536 rounded half up.
+    lost = [float(batch.topk_weights[0, 1]), float(batch.topk_weights[2, 1])]
+    assert stats.moved_weight == sum(math.floor(x * 65536 + 0.5) for x in lost)
+    assert stats.moved_per_rerouted_token == pytest.approx(sum(lost) / 2, abs=1e-4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -70,8 +74,14 @@ def test_lynx_moves_at_most_max_moved_weight_of_a_token(backend, cap):
         gone = [s for s, e in enumerate(old) if e not in capped[0][row].tolist()]
         lost.append(float(batch.topk_weights[row, gone].sum()) / float(batch.topk_weights[row].sum()))
     assert max(lost) <= cap + 4 / 65536  # weights are compared in units of 1/65536
+    # What the lynx:moved_weight_total metric shows (renormalised rows: weight = share): within the cap.
     if cap == 0.0:
         assert torch.equal(capped[0], batch.topk_ids)  # nothing may move
+        assert capped[2].moved_weight == 0
+    assert capped[2].moved_weight == sum(math.floor(x * 65536 + 0.5) for row in range(48)
+                                         for e, x in zip(batch.topk_ids[row].tolist(), batch.topk_weights[row].tolist())
+                                         if e not in capped[0][row].tolist())
+    assert capped[2].moved_per_rerouted_token <= cap + 4 / 65536
     assert capped[2].experts_after > free[2].experts_after  # the cap keeps experts the window alone would drop
     assert capped[2].rows_changed < free[2].rows_changed
 

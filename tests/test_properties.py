@@ -32,6 +32,7 @@ def cases(draw):
             min_keep=draw(st.one_of(st.none(), st.integers(1, E))),
             confidence_margin=draw(st.one_of(st.none(), st.sampled_from([0.0, 0.5, 3.0]))),
             max_moved_weight=draw(st.sampled_from([1.0, 1.0, 0.0, 0.25, 0.5, 0.9])),
+            refill_similarity=draw(st.sampled_from([0.0, 0.0, 4.0, 0.5])),
         )
     elif name == "oea":
         params = dict(k0=draw(st.one_of(st.none(), st.integers(1, k))))
@@ -51,6 +52,10 @@ def cases(draw):
     elif kind == "skewed":
         z = z + 3 * torch.randn(1, E, generator=g)
     b = torch.randn(E, generator=g) * 0.05 if bias else None
+    sim = None
+    if policy.name == "lynx" and policy.refill_similarity > 0:  # the layer's similarity; halves make exact ties
+        sim = torch.round(torch.rand(E, E, generator=g) * 4 - 2) / 2
+        sim = ((sim + sim.T) / 2).clamp(-1, 1).fill_diagonal_(1.0)
     ids_dtype = draw(st.sampled_from([torch.int32, torch.int64]))
     w_dtype = draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16]))
     logits_dtype = draw(st.sampled_from([torch.float32, torch.bfloat16]))
@@ -80,12 +85,12 @@ def cases(draw):
                 w[r, 0] = -0.5
     nv_kind = draw(st.sampled_from(["none", "int", "tensor"]))
     nv = None if nv_kind == "none" else draw(st.integers(0, T))
-    return router, policy, z, ids, w, b, nv, nv_kind
+    return router, policy, z, ids, w, b, nv, nv_kind, sim
 
 
-def _run(backend, router, policy, z, ids, w, b, nv, nv_kind, device):
+def _run(backend, router, policy, z, ids, w, b, nv, nv_kind, sim, device):
     sel = ExpertSelector(router, policy, max(1, z.shape[0]), device, ids.dtype, w.dtype, correction_bias=b,
-                         backend=backend, block_t=16)
+                         backend=backend, block_t=16, similarity=None if sim is None else sim.to(device))
     num_valid = torch.tensor(nv, device=device) if nv_kind == "tensor" else nv
     out_ids, out_w = sel.run(z.to(device), ids.to(device), w.to(device), num_valid)
     return out_ids.cpu().clone(), out_w.cpu().clone(), sel.stats()
@@ -94,17 +99,17 @@ def _run(backend, router, policy, z, ids, w, b, nv, nv_kind, device):
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=cases())
 def test_reference_keeps_the_contract(case):
-    router, policy, z, ids, w, b, nv, nv_kind = case
-    out_ids, out_w, stats = _run("torch", router, policy, z, ids, w, b, nv, nv_kind, "cpu")
+    router, policy, z, ids, w, b, nv, nv_kind, sim = case
+    out_ids, out_w, stats = _run("torch", router, policy, z, ids, w, b, nv, nv_kind, sim, "cpu")
     assert_contract(router, policy, z, ids, w, nv, b, out_ids, out_w, stats)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=cases())
 def test_kernels_match_reference(case, device):
-    router, policy, z, ids, w, b, nv, nv_kind = case
-    ref_ids, ref_w, ref_stats = _run("torch", router, policy, z, ids, w, b, nv, nv_kind, "cpu")
-    out_ids, out_w, stats = _run("triton", router, policy, z, ids, w, b, nv, nv_kind, device)
+    router, policy, z, ids, w, b, nv, nv_kind, sim = case
+    ref_ids, ref_w, ref_stats = _run("torch", router, policy, z, ids, w, b, nv, nv_kind, sim, "cpu")
+    out_ids, out_w, stats = _run("triton", router, policy, z, ids, w, b, nv, nv_kind, sim, device)
     assert torch.equal(out_ids, ref_ids)
     tol = 1e-5 if w.dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out_w.float(), ref_w.float(), rtol=tol, atol=tol, equal_nan=True)

@@ -15,6 +15,7 @@ from lynx_sglang.op_audit import OpAudit
 from lynx_sglang.runtime.selection import reference
 from lynx_sglang.runtime.selection.config import ConfigError, RouterSpec, make_policy
 from lynx_sglang.runtime.selection.selector import ExpertSelector
+from lynx_sglang.synthetic import random_logits, route
 
 
 def _batch(T, E, k, seed, scoring="softmax"):
@@ -107,8 +108,8 @@ def test_selector_plans_the_refill_and_refuses_what_it_cannot_serve():
     pol = make_policy("lynx", refill_similarity=2.0)
     with pytest.raises(ConfigError, match="similarity"):
         ExpertSelector(router, pol, 8)  # needs the file
-    with pytest.raises(ConfigError, match="torch backend"):
-        ExpertSelector(router, pol, 8, backend="triton", similarity=sim)
+    with pytest.raises(ConfigError, match="similarity"):
+        ExpertSelector(router, pol, 8, backend="triton")  # on the triton backend too
     with pytest.raises(ConfigError, match="similarity is an input"):
         ExpertSelector(router, make_policy("lynx"), 8, similarity=sim)
     with pytest.raises(ConfigError, match="refill_similarity"):
@@ -116,7 +117,7 @@ def test_selector_plans_the_refill_and_refuses_what_it_cannot_serve():
     with pytest.raises(ConfigError, match="lynx_ep"):
         make_policy("lynx_ep", refill_similarity=1.0).validate(router, 8)
     sel = ExpertSelector(router, pol, 8, similarity=sim)
-    assert sel.backend == "torch"
+    assert sel.backend == "torch"  # auto on CPU (on CUDA: triton, which refills the same way)
     got_ids, got_w = sel.run(logits, ids, w)
     want_ids, want_w, _ = reference.select(pol, router, logits, ids, w, refill_bias=sim * 2.0)
     assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
@@ -139,6 +140,47 @@ def test_refill_step_needs_no_host():
     assert audit.launches <= base.launches + 13 * k, (audit.launches, base.launches)
 
 
+def _both_backends(router, policy, batch, bias, sim, num_valid, device):
+    """(ids, weights, stats) of the torch reference on CPU and of the Triton kernels on ``device``."""
+    T = batch.logits.shape[0]
+    outs = []
+    for backend, dev in (("torch", torch.device("cpu")), ("triton", device)):
+        sel = ExpertSelector(router, policy, T, dev, correction_bias=None if bias is None else bias.to(dev),
+                             backend=backend, similarity=sim.to(dev))
+        nv = num_valid.to(dev) if isinstance(num_valid, torch.Tensor) else num_valid
+        ids, w = sel.run(batch.logits.to(dev), batch.topk_ids.to(dev), batch.topk_weights.to(dev), nv)
+        outs.append((ids.cpu().clone(), w.cpu().clone(), sel.stats()))
+    return outs
+
+
+@pytest.mark.parametrize("E", [8, 64, 128, 256])
+@pytest.mark.parametrize("k,shared", [(2, 0), (8, 1)])
+@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])  # sigmoid with a correction bias
+def test_kernel_refill_matches_reference(E, k, shared, T, scoring, device):
+    """The Triton kernels refill as reference.reroute(refill_bias=...) does, id for id (64 rows: 3 padding)."""
+    router = RouterSpec(E, k, shared, scoring, scoring == "sigmoid")
+    g = torch.Generator().manual_seed(E * 100 + k * 10 + T)
+    bias = torch.randn(E, generator=g) * 0.05 if router.has_correction_bias else None
+    batch = route(router, random_logits(T, E, skew=1.0, generator=g), bias)
+    sim = torch.rand(E, E, generator=g) * 2 - 1
+    sim = ((sim + sim.T) / 2).fill_diagonal_(1.0)
+    # keep_level 0 and no moved-weight cap: picks move even in a batch of one.
+    policy = make_policy("lynx", keep_level=0, max_moved_weight=1.0, refill_similarity=2.0)
+    num_valid = torch.tensor(T - 3) if T > 3 else None
+    (ri, rw, rs), (ki, kw, ks) = _both_backends(router, policy, batch, bias, sim, num_valid, device)
+    assert torch.equal(ki, ri)
+    torch.testing.assert_close(kw, rw, rtol=1e-5, atol=1e-6)
+    assert ks == rs
+    if T > 3:
+        assert torch.equal(ki[T - 3:], batch.topk_ids[T - 3:])  # padding rows pass through
+    if T > 3 and E >= 64:  # the similarity decided some target (plain lynx refills by score)
+        plain = make_policy("lynx", keep_level=0, max_moved_weight=1.0)
+        pi, _, _ = reference.select(plain, router, batch.logits, batch.topk_ids, batch.topk_weights, num_valid,
+                                    bias)
+        assert rs.rows_changed > 0 and not torch.equal(pi, ri)
+
+
 def test_server_options_carry_the_refill_and_its_file():
     from lynx_sglang.runtime.sglang.options import LynxOptions
 
@@ -149,25 +191,24 @@ def test_server_options_carry_the_refill_and_its_file():
         LynxOptions(moe_backend="lynx", policy="lynx", similarity="/x/s.safetensors").validate()
 
 
-def test_default_refill_turns_on_only_with_a_file_beside_the_model_and_off_cuda(tmp_path):
+def test_default_refill_turns_on_only_with_a_file_beside_the_model(tmp_path):
+    """On every device: both backends refill by similarity (the Triton kernels since they implement it)."""
     from lynx_sglang.runtime.selection.config import DEFAULT_REFILL_SIMILARITY
     from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME
     from lynx_sglang.runtime.sglang.options import LynxOptions
     from lynx_sglang.runtime.sglang.stage import with_default_refill
 
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
     base = LynxOptions(moe_backend="lynx", policy="lynx")
-    assert with_default_refill(base, str(tmp_path), cpu) == base  # no file: refill by score
+    assert with_default_refill(base, str(tmp_path)) == base  # no file: refill by score
     (tmp_path / DEFAULT_NAME).write_bytes(b"x")  # existence decides here; the content is checked at load
-    on = with_default_refill(base, str(tmp_path), cpu)
+    on = with_default_refill(base, str(tmp_path))
     assert on.params["refill_similarity"] == DEFAULT_REFILL_SIMILARITY
     assert on.similarity == str(tmp_path / DEFAULT_NAME) and on.uses_similarity
-    assert with_default_refill(base, str(tmp_path), cuda) == base  # triton refills by score: opt in there
     explicit = LynxOptions(moe_backend="lynx", policy="lynx", params={"refill_similarity": 0.0})
-    assert with_default_refill(explicit, str(tmp_path), cpu) == explicit  # the user's choice stands
+    assert with_default_refill(explicit, str(tmp_path)) == explicit  # the user's choice stands
     oea = LynxOptions(moe_backend="lynx", policy="oea")
-    assert with_default_refill(oea, str(tmp_path), cpu) == oea
-    assert with_default_refill(base, "Qwen/Qwen3-30B-A3B", cpu) == base  # a hub id: no folder to look in
+    assert with_default_refill(oea, str(tmp_path)) == oea
+    assert with_default_refill(base, "Qwen/Qwen3-30B-A3B") == base  # a hub id: no folder to look in
 
 
 def test_default_refill_falls_back_to_plain_lynx_when_the_file_beside_the_model_does_not_fit(tmp_path, monkeypatch):

@@ -22,7 +22,9 @@ def sglang_layers():
     from sglang.srt.plugins.hook_registry import HookRegistry
     from sglang.test.layer_ut_utils import init_single_process_dist
 
-    init_single_process_dist(29653)
+    from lynx_sglang.server_process import free_port
+
+    init_single_process_dist(free_port())  # not a fixed port: two test runs may share a machine
     hooks.register_hooks()
     HookRegistry.apply_hooks()
     from sglang.srt.layers.moe import topk
@@ -522,12 +524,16 @@ def test_client_parses_the_metrics_exposition():
 
     registry = CollectorRegistry()
     m = metrics.LynxMetrics({"tp_rank": "0"}, registry=registry)
-    m.publish(stage.StatsSnapshot(0, {0: SelectionStats(10, 120, 60, 30, 160), 3: SelectionStats(10, 100, 90, 5, 160)},
-                                  {0: 0, 3: 0}))
-    parsed = client.parse_lynx_metrics(generate_latest(registry).decode())
+    # moved weight is kept in 1/65536: 30 re-routed tokens that moved a quarter of a unit of weight each.
+    m.publish(stage.StatsSnapshot(0, {0: SelectionStats(10, 120, 60, 30, 160, 30 * 16384),
+                                      3: SelectionStats(10, 100, 90, 5, 160, 3)}, {0: 0, 3: 0}))
+    text = generate_latest(registry).decode()
+    assert 'lynx:moved_weight_total{layer="0",tp_rank="0"} 7.5' in text  # published in weight units
+    parsed = client.parse_lynx_metrics(text)
     assert list(parsed) == [0, 3]
     assert parsed[0].mean_experts_before == 12 and parsed[0].mean_experts_after == 6
     assert parsed[3].rows_changed == 5 and parsed[3].rows_voting == 160
+    assert parsed[0].moved_per_rerouted_token == 0.25 and parsed[3].moved_weight == 3  # round trip exact
 
 
 def test_every_rank_can_dump_its_decisions(sglang_layers, phase, monkeypatch, tmp_path):

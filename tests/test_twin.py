@@ -70,6 +70,16 @@ def test_twin_preserves_logits_and_routing(tmp_path, family, factor):
     assert (logits_a - logits_b).abs().max() <= LOGIT_RTOL * scale
     for layer, (pa, pb) in enumerate(zip(picks_a, picks_b)):
         assert torch.equal(pa, pb), f"layer {layer}: top-k ids differ"
+    # The source's expert-similarity file comes along and fits the twin's config (what the server checks),
+    # so the twin serves the same default rule as its source.
+    from lynx_sglang.runtime.selection.model_identity import model_identity
+    from lynx_sglang.runtime.selection.similarity import load_similarity
+
+    sim_twin = load_similarity(tmp_path / "twin" / "sere_similarity.safetensors", model_identity(b.config),
+                               range(cfg_src["num_hidden_layers"]))
+    sim_src = load_similarity(src / "sere_similarity.safetensors", model_identity(a.config),
+                              range(cfg_src["num_hidden_layers"]))
+    assert all(torch.equal(sim_twin.matrices[i], m) for i, m in sim_src.matrices.items())
 
 
 def test_widen_is_exact_in_bf16():

@@ -453,6 +453,7 @@ def _finish(plan: RankAwarePlan, dropped: torch.Tensor, constants: Optional[_Con
         experts_after=used[:E].sum(),
         rows_changed=changed.sum(),
         rows_voting=plan.votes.voting_rows(),
+        moved_weight=reference.moved_weight(k, topk_ids, topk_weights, new_ids, changed),
     )
     return out_ids, out_w, slot_rank, info
 

@@ -7,7 +7,8 @@ stops start-up with a clear message instead of failing inside a kernel.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import functools
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional, Union
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -25,6 +26,8 @@ MAX_BETA = 7
 WEIGHT_Q = 65536
 # Integer scores of the lynx policy must fit in int64: see LynxPolicy.validate.
 _INT64_BITS = 62
+# lynx's residency-aware modes on SGLang's paged-experts layers (LynxPolicy.residency; docs/offload.md).
+RESIDENCY_MODES = ("off", "keep", "prefer")
 
 
 class ConfigError(ValueError):
@@ -116,8 +119,21 @@ class LynxPolicy:
         similarity[moved expert, candidate]`` (SERE's idea: a similar expert is a
         better stand-in), with the layer's expert-similarity file
         (``python -m lynx_sglang.sere_calibrate``); score units are the router's
-        ranking score (logits; sigmoid score + bias for biased routers). Torch backend
-        only. See docs/peers.md for what it buys.
+        ranking score (logits; sigmoid score + bias for biased routers). Both backends
+        (the Triton kernels add one [E] bias-row load per freed slot). See docs/peers.md for what it buys.
+    residency: on a layer whose experts SGLang pages from host memory
+        (``--enable-paged-experts``), how the kept set treats the experts resident in
+        the layer's GPU slots before the step (``reference.residency_keep``; a layer that
+        is not paged runs plain lynx, bit for bit). ``off`` (default): ignore residency.
+        ``keep``: lynx's kept set plus every resident expert some row picked (a resident
+        pick never moves; pages in what lynx pages). ``prefer`` (resident-first): the kept
+        set is the resident picks plus the picks rows cannot move (lynx's mandatory
+        experts: confident rows' best pick, picks the moved-weight cap holds), lynx's kept
+        set added back below ``min_keep``. With every expert resident neither mode moves a
+        pick. Torch backend only on paged layers. docs/offload.md has the measurements.
+    residency_max_moved_weight: the moved-weight cap on paged layers when ``residency``
+        is on (None: ``max_moved_weight``): the knob that trades affinity for fewer
+        page-ins (measured best at K = E/4, B = 16: 0.5 with ``prefer``).
     """
 
     name = "lynx"
@@ -129,9 +145,18 @@ class LynxPolicy:
     confidence_margin: Optional[float] = None
     max_moved_weight: float = 0.4
     refill_similarity: float = 0.0
+    residency: str = "off"
+    residency_max_moved_weight: Optional[float] = None
 
     def validate(self, router: RouterSpec, max_tokens: int) -> None:
         _check_number("lynx alpha", self.alpha, 1e-3, 1e3, integer=False)
+        if self.residency not in RESIDENCY_MODES:
+            raise ConfigError(f"lynx residency must be one of {', '.join(RESIDENCY_MODES)}, got {self.residency!r}")
+        if self.residency_max_moved_weight is not None:
+            if self.residency == "off":
+                raise ConfigError("lynx residency_max_moved_weight applies only with residency keep or prefer")
+            _check_number("lynx residency_max_moved_weight", self.residency_max_moved_weight, 0.0, 1.0,
+                          integer=False)
         _check_number("lynx max_moved_weight", self.max_moved_weight, 0.0, 1.0, integer=False)
         _check_number("lynx refill_similarity", self.refill_similarity, 0.0, 1e3, integer=False)
         _check_number("lynx beta", self.beta, 0, MAX_BETA, integer=True)
@@ -163,6 +188,19 @@ class LynxPolicy:
     def resolved_min_keep(self, router: RouterSpec) -> int:
         """Minimum number of kept experts per batch."""
         return router.top_k if self.min_keep is None else self.min_keep
+
+    @property
+    def paged(self) -> "LynxPolicy":
+        """The policy a paged-experts layer runs in residency mode: ``residency_max_moved_weight`` as
+        the moved-weight cap (the same object when there is none; made once per policy value)."""
+        return _paged_policy(self)
+
+
+@functools.lru_cache(maxsize=None)
+def _paged_policy(policy: LynxPolicy) -> LynxPolicy:
+    if policy.residency_max_moved_weight is None:
+        return policy
+    return replace(policy, max_moved_weight=policy.residency_max_moved_weight, residency_max_moved_weight=None)
 
 
 @dataclass(frozen=True)
@@ -206,6 +244,9 @@ class RankAwareLynxPolicy(LynxPolicy):
         if self.refill_similarity:
             raise ConfigError("lynx_ep does not take refill_similarity (its refill prefers the ranks a token "
                               "already visits)")
+        if self.residency != "off" or self.residency_max_moved_weight is not None:
+            raise ConfigError("lynx_ep does not take residency (SGLang's paged experts runs on a single GPU, "
+                              "lynx_ep needs expert parallelism); use lynx with residency")
         if self.rank_slack is not None:
             _check_number("lynx_ep rank_slack", self.rank_slack, 0.0, 16.0, integer=False)
 
@@ -387,7 +428,7 @@ POLICIES = {cls.name: cls for cls in (OffPolicy, LynxPolicy, RankAwareLynxPolicy
 POLICY_IDS = {"off": 0, "lynx": 1, "oea": 2, "budget": 3}
 
 
-# lynx's refill_similarity when a similarity file sits beside the model and the torch backend runs anyway
+# lynx's refill_similarity when a similarity file sits beside the model (either backend: stage.with_default_refill)
 # (docs/policies.md: at or near the best lambda on every bundled model; units of the router's ranking score).
 DEFAULT_REFILL_SIMILARITY = 8.0
 

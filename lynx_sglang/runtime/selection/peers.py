@@ -39,7 +39,7 @@ from lynx_sglang.runtime.selection.config import (  # noqa: F401  the policies a
     PEER_POLICIES, PEER_POLICY_TYPES, ConfigError, LynxPaperPolicy, OffPolicy, PeerPolicy, RouterSpec, SerePolicy,
     XSharePolicy, lynx_paper_depth,
 )
-from lynx_sglang.runtime.selection.reference import SelectionInfo, reroute, selection_score, vote
+from lynx_sglang.runtime.selection.reference import SelectionInfo, moved_weight, reroute, selection_score, vote
 
 # Logits are summed over the batch in integer units of 1/LOGIT_Q (XShare), so the sum is exact
 # and independent of summation order.
@@ -174,10 +174,10 @@ def _empty(topk_ids, topk_weights, E: int, out=None):
     zero = torch.zeros((), dtype=torch.int64, device=topk_ids.device)
     keep = torch.zeros(E, dtype=torch.bool, device=topk_ids.device)
     ids, w = _copy(topk_ids, topk_weights, out)
-    return ids, w, SelectionInfo(keep, zero, zero.clone(), zero.clone(), zero.clone())
+    return ids, w, SelectionInfo(keep, zero, zero.clone(), zero.clone(), zero.clone(), zero.clone())
 
 
-def _info(router, out_ids, row_ok, picks, changed) -> SelectionInfo:
+def _info(router, topk_ids, topk_weights, out_ids, row_ok, picks, changed) -> SelectionInfo:
     """Experts the voting rows hold after selection, and the batch's counts."""
     k, E = router.top_k, router.num_experts
     ids = out_ids[:, :k].long()
@@ -189,6 +189,7 @@ def _info(router, out_ids, row_ok, picks, changed) -> SelectionInfo:
         experts_after=used.sum(),
         rows_changed=changed.sum(),
         rows_voting=row_ok.sum(),
+        moved_weight=moved_weight(k, topk_ids, topk_weights, ids, changed),
     )
 
 
@@ -314,7 +315,7 @@ def lynx_paper_select(
     out_ids, out_w, changed = reroute(
         router, logits, topk_ids, topk_weights, sel, row_ok, keep[None, :].expand(T, E), out
     )
-    return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
+    return out_ids, out_w, _info(router, topk_ids, topk_weights, out_ids, row_ok, picks, changed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +389,7 @@ def xshare_select(
     if m >= E or k0 >= k or (m == 0 and k0 == 0):  # all experts, all picks, or no rule at all: a no-op
         changed = torch.zeros(T, dtype=torch.bool, device=logits.device)
         out_ids, out_w = _copy(topk_ids, topk_weights, out)
-        return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
+        return out_ids, out_w, _info(router, topk_ids, topk_weights, out_ids, row_ok, picks, changed)
 
     batch = row_ok.sum()
     active = batch >= policy.min_batch
@@ -406,7 +407,7 @@ def xshare_select(
     own = torch.zeros(T, E, dtype=torch.int64, device=logits.device).scatter_add_(1, ids_c, (rank < k0).long()) > 0
     allowed = batch_set[None, :] | own
     out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, voting, allowed, out)
-    return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
+    return out_ids, out_w, _info(router, topk_ids, topk_weights, out_ids, row_ok, picks, changed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +505,7 @@ def sere_select(
     out_ids, out_w = _outputs(topk_ids, topk_weights, k, out)
     out_ids[:, :k] = torch.where(changed[:, None], new_ids.to(topk_ids.dtype), topk_ids[:, :k])
     out_w[:, :k] = torch.where(changed[:, None], new_w, w)
-    return out_ids, out_w, _info(router, out_ids, row_ok, picks, changed)
+    return out_ids, out_w, _info(router, topk_ids, topk_weights, out_ids, row_ok, picks, changed)
 
 
 # --------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ class SelectionInfo:
     experts_after: torch.Tensor  # scalar int64: distinct experts after selection
     rows_changed: torch.Tensor  # scalar int64: this shard's rows
     rows_voting: torch.Tensor  # scalar int64: this shard's rows
+    moved_weight: torch.Tensor  # scalar int64: ``moved_weight`` of this shard's rows, in 1/WEIGHT_Q
 
 
 def selection_score(router: RouterSpec, logits: torch.Tensor, correction_bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -254,6 +255,20 @@ def held_by_cap(policy: LynxPolicy, w: torch.Tensor, rank: torch.Tensor, voting:
     return weaker * WEIGHT_Q > q.sum(dim=1, keepdim=True) * policy.moved_weight_q
 
 
+def moved_weight(k: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, new_ids: torch.Tensor,
+                 changed: torch.Tensor) -> torch.Tensor:
+    """Scalar int64: the routed gate weight the changed rows had on experts they no longer hold, summed,
+    in units of 1/WEIGHT_Q (each pick's weight rounded half up, as ``quantized``).
+
+    Per re-routed token, ``moved_weight / rows_changed / WEIGHT_Q`` is what the ``lynx:moved_weight_total``
+    metric reports and ``calibrate`` records per layer, so a drift from what calibration saw is visible.
+    """
+    gone = (topk_ids[:, :k, None] != new_ids[:, None, :k]).all(dim=2) & changed[:, None]
+    # Changed rows vote, so their weights are finite and >= 0: truncation is the floor.
+    q = (topk_weights[:, :k].float() * WEIGHT_SCALE + 0.5).long()
+    return q.masked_fill_(~gone, 0).sum()
+
+
 def gate_weights(router: RouterSpec, logits: torch.Tensor, new_ids: torch.Tensor,
                  topk_weights: torch.Tensor) -> torch.Tensor:
     """fp32 [T, k] gate weights of a rewritten row's picks (-1: none), rescaled to its original routed sum."""
@@ -321,6 +336,28 @@ def keep_set(policy: Policy, router: RouterSpec, votes: Votes, consts: Optional[
     theta = torch.minimum(theta, score.topk(m).values[m - 1])
     theta = theta.clamp(min=1)  # never keep an expert nobody picked
     return (score >= theta) | votes.mandatory
+
+
+def residency_keep(policy: LynxPolicy, router: RouterSpec, votes: Votes, resident: torch.Tensor,
+                   consts: Optional[LynxConstants] = None) -> torch.Tensor:
+    """Stage 2 on a paged-experts layer: the kept set [E] bool of lynx's ``residency`` mode.
+
+    ``resident``: [E] bool, the experts in the layer's GPU slots before this step (the server derives it
+    on the device from SGLang's ``DeviceResidency.expert_slot >= 0``). A resident pick costs no PCIe,
+    so it is never moved. ``keep``: lynx's kept set | resident picks. ``prefer``: resident picks |
+    lynx's mandatory experts (confident rows' best pick, picks the moved-weight cap holds), with lynx's
+    kept set added back when fewer than ``min_keep`` experts remain (no host sync). With every expert
+    resident both keep every pick: nothing moves. ``policy``: the paged layer's (``policy.paged``).
+    """
+    lynx_keep = keep_set(policy, router, votes, consts)
+    resident_picked = (votes.picks > 0) & resident
+    if policy.residency == "keep":
+        return lynx_keep | resident_picked
+    if policy.residency != "prefer":
+        raise ValueError(f"residency_keep needs lynx residency keep or prefer, got {policy.residency!r}")
+    keep = resident_picked | votes.mandatory
+    short = keep.sum() < policy.resolved_min_keep(router)
+    return torch.where(short, keep | lynx_keep, keep)
 
 
 def reroute(
@@ -422,6 +459,7 @@ def select(
     consts: Optional[LynxConstants] = None,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     refill_bias: Optional[torch.Tensor] = None,
+    resident: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
     """Run one policy on one batch; returns new (topk_ids, topk_weights) and the batch's facts.
 
@@ -433,10 +471,17 @@ def select(
     counts the experts picked by the reduced votes. ``consts``: lynx's
     ``lynx_constants`` (None: looked up). ``out``: (ids, weights) buffers shaped
     like the inputs to write the result into (None: new tensors); they are returned.
+    ``resident``: [E] bool, the layer's resident experts before the step on a paged-experts layer
+    (lynx with ``residency`` keep/prefer only): the kept set is then ``residency_keep``'s, under the
+    paged cap (``LynxPolicy.paged``). None: not a paged layer, the policy as it is.
     """
     T = logits.shape[0]
     if num_valid is None:
         num_valid = T
+    if resident is not None:  # a paged-experts layer in lynx's residency mode: its cap, residency_keep
+        if not (isinstance(policy, LynxPolicy) and policy.residency != "off"):
+            raise ValueError(f"resident is an input of lynx with residency keep or prefer, not of {policy}")
+        policy = policy.paged
     sel = selection_score(router, logits, correction_bias)
     votes, ids_c = _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)
     rows_voting = votes.row_ok.sum()
@@ -444,7 +489,8 @@ def select(
         votes = vote_reduce(votes)
     elif votes.num_voting is None:
         votes.num_voting = rows_voting  # what voting_rows() would sum again
-    keep = keep_set(policy, router, votes, consts)
+    keep = (keep_set(policy, router, votes, consts) if resident is None
+            else residency_keep(policy, router, votes, resident, consts))
     out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep, out, ids_c,
                                       refill_bias)
     info = SelectionInfo(
@@ -453,5 +499,6 @@ def select(
         experts_after=keep.sum(),
         rows_changed=changed.sum(),
         rows_voting=rows_voting,
+        moved_weight=moved_weight(router.top_k, topk_ids, topk_weights, out_ids, changed),
     )
     return out_ids, out_w, info

@@ -58,7 +58,14 @@ class ExpertSelector:
             re-planned selector can keep accumulating into the buffer a captured graph writes.
         similarity: policy ``sere``, and ``lynx`` with ``refill_similarity > 0`` (required there): the
             layer's [E, E] expert similarity, values in
-            [-1, 1]; checked and moved to ``device`` as float32 once, here.
+            [-1, 1]; checked and moved to ``device`` as float32 once, here (lynx: scaled by
+            ``refill_similarity`` into the [E, E] refill bias that both backends read).
+        residency: a paged-experts layer (SGLang ``--enable-paged-experts``) under lynx with
+            ``residency`` keep or prefer: the layer's ``DeviceResidency.expert_slot``, int32 [E] on
+            ``device`` (-1: not resident), which SGLang keeps current in place. Kept by reference (never
+            written); every step reads ``expert_slot >= 0`` on the device as the resident mask of
+            ``reference.residency_keep`` (no host sync). Torch backend only (``auto`` picks it; ``triton``
+            is a ConfigError). None: the layer is not paged, and the policy runs as plain lynx.
 
     The peer policies (``lynx_paper``, ``xshare``, ``sere``: ``runtime.selection.peers``) run on the
     torch backend only (``auto`` picks it; ``triton`` is a ConfigError), and not in the expert-parallel
@@ -85,6 +92,7 @@ class ExpertSelector:
         block_t: Optional[int] = None,
         stats: Optional[torch.Tensor] = None,
         similarity: Optional[torch.Tensor] = None,
+        residency: Optional[torch.Tensor] = None,
     ):
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -125,11 +133,6 @@ class ExpertSelector:
                                   f"implement off, lynx, oea and budget); use backend 'torch' or 'auto'")
             backend = "torch"
         refill = isinstance(policy, LynxPolicy) and policy.refill_similarity > 0
-        if refill:
-            if backend == "triton":
-                raise ConfigError("lynx refill_similarity runs on the torch backend only (the Triton kernels refill "
-                                  "by router score); use backend 'torch' or 'auto'")
-            backend = "torch"
         if needs_similarity(policy):
             if similarity is None:
                 raise ConfigError(f"policy {policy.name}{' with refill_similarity' if refill else ''} needs the "
@@ -143,6 +146,9 @@ class ExpertSelector:
                                   or stats.device != device or not stats.is_contiguous()):
             raise ConfigError(f"stats must be a contiguous int64 [{NUM_STATS}] tensor on {device}, got "
                               f"{stats.dtype} {tuple(stats.shape)} on {stats.device}")
+        if residency is not None:
+            residency = self._check_residency(policy, router, residency, device, backend)
+            backend = "torch"
         if backend == "auto":
             backend = default_backend(device, router)
         if backend == "triton" and router.num_experts > MAX_KERNEL_EXPERTS:
@@ -163,6 +169,7 @@ class ExpertSelector:
         self._consts = reference.lynx_constants(policy, device) if isinstance(policy, LynxPolicy) else None
         self._peer = peer
         self.similarity = similarity
+        self.residency = residency  # SGLang's expert_slot [E] (read each step, never written), or None
         # lynx's refill preference, scaled once here so the step multiplies nothing.
         self._refill_bias = (similarity * policy.refill_similarity).contiguous() if refill else None
         if peer:
@@ -178,6 +185,27 @@ class ExpertSelector:
 
             self._ws = Workspace.allocate(router.num_experts, num_bins(policy), max_tokens, device)
             self._launch = select_triton  # resolved once: run() is on every MoE layer's hot path
+
+    def _check_residency(self, policy, router, expert_slot, device, backend) -> torch.Tensor:
+        """The plan-time checks of a paged layer's ``expert_slot`` (ConfigError naming what is wrong)."""
+        if not (isinstance(policy, LynxPolicy) and policy.residency != "off"):
+            raise ConfigError(f"residency (a paged layer's expert_slot) is an input of lynx with residency keep or "
+                              f"prefer only, not of {policy}")
+        if self._collective or self._rank_aware:
+            raise ConfigError("lynx residency cannot run under expert-parallel selection (SGLang's paged experts "
+                              "runs on a single GPU)")
+        if backend == "triton":
+            raise ConfigError("lynx residency runs on the torch backend only on paged layers (the Triton kernels "
+                              "do not read residency); use backend 'torch' or 'auto'")
+        if not isinstance(expert_slot, torch.Tensor) or expert_slot.dim() != 1 \
+                or expert_slot.shape[0] != router.num_experts or expert_slot.dtype not in (torch.int32, torch.int64):
+            what = (f"{expert_slot.dtype} {tuple(expert_slot.shape)}" if isinstance(expert_slot, torch.Tensor)
+                    else type(expert_slot).__name__)
+            raise ConfigError(f"a paged layer's expert_slot must be an int32 (or int64) [{router.num_experts}] tensor "
+                              f"(one slot per routed expert, -1: not resident), got {what}")
+        if expert_slot.device != device:
+            raise ConfigError(f"a paged layer's expert_slot is on {expert_slot.device}, the selector on {device}")
+        return expert_slot
 
     def _check(self, logits, topk_ids, topk_weights, num_valid) -> None:
         T = logits.shape[0] if logits.dim() == 2 else -1
@@ -237,7 +265,7 @@ class ExpertSelector:
             topk_weights = topk_weights if topk_weights.stride(1) == 1 else topk_weights.contiguous()
             self._launch(
                 self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid,
-                self.correction_bias, self._ws, self._stats, out_ids, out_w, self.block_t,
+                self.correction_bias, self._ws, self._stats, out_ids, out_w, self.block_t, self._refill_bias,
             )
         else:
             ids, w, info = self._select_torch(router_logits, topk_ids, topk_weights, num_valid, **extra)
@@ -264,6 +292,7 @@ class ExpertSelector:
         return reference.select(
             self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias,
             consts=self._consts, out=(self._out_ids[:T], self._out_weights[:T]), refill_bias=self._refill_bias,
+            resident=None if self.residency is None else self.residency >= 0,
         )
 
     _select_torch.writes_outputs = True
@@ -275,3 +304,44 @@ class ExpertSelector:
     def reset_stats(self) -> None:
         """Zero the accumulated statistics."""
         self._stats.zero_()
+
+    def compile_step(self) -> None:
+        """From now on run the torch backend's step through ``torch.compile`` (``--lynx-torch-compile``).
+
+        On CPU the step is 100-200 tiny ops, each paying the dispatcher; inductor fuses them into a few C++
+        loops (about 3x faster, ``docs/speed.md``). Compiled here, once per shape class a server meets
+        (T = 1 and T >= 2, with ``num_valid`` None and a tensor), so no request waits on a compile; the
+        compiled code is shared by every selector with the same policy. The statistics are left as they
+        were. Raises RuntimeError (naming the cause: no C++ compiler, an unsupported op) where it cannot.
+        """
+        if self.backend != "torch" or self._collective:
+            raise RuntimeError(f"compile_step applies to the torch backend of a per-rank selector, not to "
+                               f"{type(self).__name__} on {self.backend}")
+        compiled = torch.compile(self._run, dynamic=True)
+        saved = self._stats.clone()
+        try:
+            for T in (2, 1):
+                if T > self.max_tokens:
+                    continue
+                logits, ids, w = self._sample_batch(T)
+                for num_valid in (None, torch.full((), T, dtype=torch.int64, device=self.device)):
+                    compiled(logits, ids, w, num_valid)
+        except Exception as e:  # inductor's errors are many types; the caller decides what to do
+            raise RuntimeError(f"torch.compile of the selection step failed: {type(e).__name__}: {e}") from e
+        finally:
+            self._stats.copy_(saved)
+        self._run = compiled
+
+    def _sample_batch(self, T: int):
+        """A well-formed batch of T rows (each row's top-k as the router picks it), for compiling."""
+        E, k, kt = self.router.num_experts, self.router.top_k, self.router.total_slots
+        logits = (torch.linspace(-2.0, 2.0, E, device=self.device)[None, :]
+                  + torch.arange(T, device=self.device)[:, None] * 0.37).remainder(4.0)
+        score = reference.selection_score(self.router, logits, self.correction_bias)
+        routed = score.topk(k, dim=1).indices
+        gate = logits.softmax(dim=1) if self.router.scoring_func == "softmax" else logits.sigmoid()
+        w = gate.gather(1, routed)
+        w = w / w.sum(dim=1, keepdim=True)
+        ids = torch.cat([routed, torch.arange(E, E + kt - k, device=self.device).expand(T, kt - k)], dim=1)
+        w = torch.cat([w, torch.ones(T, kt - k, device=self.device)], dim=1)
+        return logits, ids.to(self.ids_dtype), w.to(self.weights_dtype)

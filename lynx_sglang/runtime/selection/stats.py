@@ -10,6 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from lynx_sglang.runtime.selection.config import WEIGHT_Q
+
 
 class StatField(enum.IntEnum):
     """Offsets of the per-layer statistics vector (int64 totals since the last reset)."""
@@ -19,6 +21,7 @@ class StatField(enum.IntEnum):
     EXPERTS_AFTER = 2  # sum over steps of distinct experts after selection
     ROWS_CHANGED = 3  # rows that lost at least one pick
     ROWS_VOTING = 4  # rows that took part in selection
+    MOVED_WEIGHT = 5  # routed weight changed rows had on experts they lost, in 1/WEIGHT_Q
 
     @property
     def key(self) -> str:
@@ -38,6 +41,7 @@ class SelectionStats:
     experts_after: int
     rows_changed: int
     rows_voting: int
+    moved_weight: int  # 1/WEIGHT_Q units; ``moved_per_rerouted_token`` reads it
 
     @classmethod
     def from_values(cls, values) -> "SelectionStats":
@@ -55,3 +59,8 @@ class SelectionStats:
     def mean_experts_after(self) -> float:
         """Distinct experts per step after selection."""
         return self.experts_after / self.steps if self.steps else 0.0
+
+    @property
+    def moved_per_rerouted_token(self) -> float:
+        """Mean routed gate weight a re-routed token had on the experts it lost (the router's weight units)."""
+        return self.moved_weight / WEIGHT_Q / self.rows_changed if self.rows_changed else 0.0

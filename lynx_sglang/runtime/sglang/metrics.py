@@ -14,8 +14,11 @@ difference since the last read to the counters (label ``layer``):
 | ``lynx:experts_after_total`` | sum of distinct experts after selection |
 | ``lynx:tokens_rerouted_total`` | decode tokens that lost at least one pick |
 | ``lynx:tokens_total`` | decode tokens that took part in selection |
+| ``lynx:moved_weight_total`` | routed gate weight re-routed tokens had on the experts they lost (router's weight units) |
 
 Distinct experts per decode step: ``rate(lynx:experts_after_total) / rate(lynx:decode_steps_total)``.
+Routed weight moved per re-routed token: ``rate(lynx:moved_weight_total) / rate(lynx:tokens_rerouted_total)``;
+``calibrate`` records what it saw per layer (``moved_per_rerouted_token``), so drift shows against it.
 
 With ``--moe-a2a-backend lynx`` the all-to-all dispatcher adds, per layer
 (label ``layer``; the per-rank ones also ``ep_rank``), summed over decode steps:
@@ -48,6 +51,7 @@ import logging
 import os
 
 from lynx_sglang.runtime.expert_parallel.accounting import A2ATotals
+from lynx_sglang.runtime.selection.config import WEIGHT_Q
 from lynx_sglang.runtime.selection.stats import StatField
 from lynx_sglang.runtime.sglang import a2a_dispatcher, stage
 from lynx_sglang.runtime.sglang.a2a_dispatcher import A2ASnapshot
@@ -56,7 +60,7 @@ from lynx_sglang.runtime.sglang.stage import StatsSnapshot
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METRICS", "A2A_METRICS", "A2A_RANK_METRICS", "STATS_DIR_ENV", "LynxMetrics", "dump_stats",
+__all__ = ["METRICS", "METRIC_SCALE", "A2A_METRICS", "A2A_RANK_METRICS", "STATS_DIR_ENV", "LynxMetrics", "dump_stats",
            "report_decode_stats_after"]
 
 #: Selection counters by statistics field: (Prometheus name, help).
@@ -66,7 +70,11 @@ METRICS = {
     StatField.EXPERTS_AFTER: ("lynx:experts_after_total", "Sum over decode steps of distinct experts after selection."),
     StatField.ROWS_CHANGED: ("lynx:tokens_rerouted_total", "Decode tokens that lost at least one expert pick."),
     StatField.ROWS_VOTING: ("lynx:tokens_total", "Decode tokens that took part in expert selection."),
+    StatField.MOVED_WEIGHT: ("lynx:moved_weight_total", "Routed gate weight re-routed decode tokens had on the "
+                                                        "experts they lost (the router's weight units)."),
 }
+#: Device totals kept in fixed point: published value = total / scale (others: as counted).
+METRIC_SCALE = {StatField.MOVED_WEIGHT: WEIGHT_Q}
 
 _A2A = A2ATotals.Field
 #: All-to-all counters by totals field: (Prometheus name, help).
@@ -132,7 +140,7 @@ class LynxMetrics:
                 value = getattr(totals, f.key)
                 delta = self._delta(f"layer {layer_id} {f.key}", value, getattr(last, f.key) if last else 0)
                 if delta:
-                    counter.labels(**self.labels, layer=str(layer_id)).inc(delta)
+                    counter.labels(**self.labels, layer=str(layer_id)).inc(delta / METRIC_SCALE.get(f, 1))
             self._last[layer_id] = totals
 
     def publish_a2a(self, snapshot: A2ASnapshot) -> None:

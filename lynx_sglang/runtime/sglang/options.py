@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from lynx_sglang.runtime.selection.config import (
-    LYNX_PAPER_PRESETS, MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, ConfigError, RouterSpec, make_policy,
-    needs_similarity, preset_params,
+    LYNX_PAPER_PRESETS, MAX_EXPERTS, MAX_ROUTED_TOP_K, POLICIES, RESIDENCY_MODES, ConfigError, RouterSpec,
+    make_policy, needs_similarity, preset_params,
 )
 from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME as SIMILARITY_FILE
 
@@ -44,6 +44,13 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _residency(text: str) -> str:
+    """A ``--lynx-residency`` value (the Engine API and config files are checked by ``LynxPolicy.validate``)."""
+    if text not in RESIDENCY_MODES:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(RESIDENCY_MODES)}, got {text!r}")
+    return text
+
+
 # Flag name -> (policy parameter, type). One flag per parameter keeps `--help` self-explanatory.
 # --lynx-alpha / --lynx-beta also set lynx_paper's alpha / beta (the same names there).
 _POLICY_FLAGS = {
@@ -66,6 +73,17 @@ _POLICY_FLAGS = {
     "lynx_sere_top_s": ("select_top_k", int),
     "lynx_sere_threshold": ("threshold", float),
     "lynx_refill_similarity": ("refill_similarity", float),
+    "lynx_residency": ("residency", _residency),
+    "lynx_residency_max_moved_weight": ("residency_max_moved_weight", float),
+}
+# Help beyond "policy parameter X" where the parameter's name does not say it.
+_FLAG_HELP = {
+    "lynx_residency": "lynx on SGLang's paged experts (--enable-paged-experts): off (default), keep (lynx + every "
+                      "resident pick stays) or prefer (resident-first: keep resident picks and the picks rows cannot "
+                      "move); reads each paged layer's device residency, needs CUDA graphs not fully disabled; "
+                      "layers that are not paged run plain lynx. docs/offload.md",
+    "lynx_residency_max_moved_weight": "with --lynx-residency keep/prefer: the moved-weight cap on paged layers "
+                                       "(default: --lynx-max-moved-weight; measured best at K = E/4, B = 16: 0.5)",
 }
 _PARAMS_OF = {name: {f.name for f in fields(cls)} for name, cls in POLICIES.items()}
 
@@ -79,6 +97,7 @@ class LynxOptions:
     params: dict = field(default_factory=dict)
     layers: Optional[list[int]] = None  # None: every MoE layer
     max_batch: int = 1024  # largest decode batch a selector is planned for
+    torch_compile: bool = False  # run the torch backend's step through torch.compile (CPU serving)
     a2a_backend: str = "none"  # "lynx": our all-to-all dispatcher (--moe-a2a-backend lynx)
     preset: Optional[str] = None  # an official Lynx preset of lynx_paper (params override it)
     similarity: Optional[str] = None  # sere: the similarity file (None: <model path>/sere_similarity.safetensors)
@@ -135,6 +154,8 @@ class LynxOptions:
             raise ConfigError(f"a2a_backend must be 'none' or {A2A_BACKEND!r}, got {self.a2a_backend!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ConfigError(f"--lynx-max-batch must be a positive int, got {self.max_batch!r}")
+        if not isinstance(self.torch_compile, bool):
+            raise ConfigError(f"torch_compile must be true or false, got {self.torch_compile!r}")
         if self.layers is not None and any((not isinstance(i, int)) or i < 0 for i in self.layers):
             raise ConfigError(f"--lynx-layers must list non-negative layer ids, got {self.layers!r}")
         if self.preset is not None and self.policy != "lynx_paper":
@@ -218,7 +239,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="the official Lynx per-model setting (alpha, beta) of --lynx-policy lynx_paper (implied); "
                         "--lynx-alpha / --lynx-beta override it")
     for flag, (param, typ) in _POLICY_FLAGS.items():
-        g.add_argument("--" + flag.replace("_", "-"), type=typ, default=None, help=f"policy parameter {param}")
+        g.add_argument("--" + flag.replace("_", "-"), type=typ, default=None,
+                       help=_FLAG_HELP.get(flag, f"policy parameter {param}"))
     g.add_argument("--lynx-sere-similarity", type=str, default=None, metavar="PATH",
                    help=f"--lynx-policy sere: the expert-similarity file (python -m lynx_sglang.sere_calibrate; "
                         f"default: <model path>/{SIMILARITY_FILE})")
@@ -226,6 +248,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated MoE layer ids to run selection on (default: all)")
     g.add_argument("--lynx-max-batch", type=int, default=None,
                    help="largest decode batch (tokens) to select on; larger ones pass through (default 1024)")
+    g.add_argument("--lynx-torch-compile", action="store_true", default=None,
+                   help="run the selection step through torch.compile where it runs on the torch backend (CPU "
+                        "servers: about 3x cheaper per layer; compiled at start-up, needs a C++ compiler; "
+                        "falls back to eager with a warning where it cannot compile)")
     g.add_argument("--lynx-config", type=str, default=None,
                    help="JSON file with lynx options (keys of LynxOptions; flags override it), or a calibration "
                         "file (python -m lynx_sglang.calibrate: policy and per-layer parameters, refused for another "
@@ -316,6 +342,8 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
             raise ConfigError(f"--lynx-layers must be comma-separated ints, got {args.lynx_layers!r}") from e
     if args.lynx_max_batch is not None:
         opts.max_batch = args.lynx_max_batch
+    if getattr(args, "lynx_torch_compile", None):
+        opts.torch_compile = True
     similarity = getattr(args, "lynx_sere_similarity", None)
     if similarity is not None:
         if not opts.uses_similarity:
@@ -325,7 +353,7 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
     if opts.uses_similarity and opts.similarity is None:
         opts.similarity = default_similarity_path(getattr(args, "model_path", None))
     given = [f"--{f.replace('_', '-')}" for f in ("lynx_policy", "lynx_preset", *_POLICY_FLAGS, "lynx_sere_similarity",
-                                                  "lynx_layers", "lynx_max_batch")
+                                                  "lynx_layers", "lynx_max_batch", "lynx_torch_compile")
              if getattr(args, f, None) is not None]
     if given and not opts.enabled:
         raise ConfigError(f"{', '.join(given)} only take effect with --moe-backend lynx (without it the server "

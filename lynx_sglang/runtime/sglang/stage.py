@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Optional, Sequence
 
@@ -33,6 +34,7 @@ from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats
 from lynx_sglang.runtime.sglang.options import LynxOptions, default_similarity_path
 from lynx_sglang.runtime.sglang.phase import Phase
 from lynx_sglang.runtime.sglang.phase import current as current_phase
+from lynx_sglang.runtime.sglang.residency import paged_expert_slots
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,8 @@ class TopKSelectionStage:
     def __init__(self, layer_id: int, router: RouterSpec, options: LynxOptions, device: torch.device,
                  correction_bias: Optional[torch.Tensor], physical_ids: bool = False,
                  ep: EpLayout = EpLayout(), output_type: Optional[type] = None,
-                 stats: Optional[torch.Tensor] = None, similarity: Optional[torch.Tensor] = None):
+                 stats: Optional[torch.Tensor] = None, similarity: Optional[torch.Tensor] = None,
+                 expert_slot: Optional[torch.Tensor] = None):
         """``output_type``: the top-k output class (default SGLang's ``StandardTopKOutput``; the GPU
         hook check, where SGLang cannot be imported, passes a NamedTuple with its fields).
 
@@ -76,9 +79,14 @@ class TopKSelectionStage:
         copy per metrics interval); None: a row of its own. Every selector this stage plans (also a
         re-plan for new dtypes) accumulates into this same row, which captured graphs write to.
 
-        ``similarity``: policy sere, this layer's [E, E] expert similarity (``build_stages`` loads the file)."""
+        ``similarity``: policy sere, this layer's [E, E] expert similarity (``build_stages`` loads the file).
+
+        ``expert_slot``: a paged-experts layer under ``--lynx-residency keep|prefer``: SGLang's
+        ``DeviceResidency.expert_slot`` of the layer (``residency.paged_expert_slots``), handed to every
+        selector this stage plans, which reads it each step (never writes it). None: not paged."""
         self.layer_id, self.router, self.options = layer_id, router, options
         self.similarity = similarity
+        self.expert_slot = expert_slot
         self.device, self.correction_bias = device, correction_bias
         # EPLB (or a non-trivial placement) has turned the routed ids into physical replica ids:
         # selection then runs on logical ids (what the router ranked) and maps back (_select_physical).
@@ -92,9 +100,12 @@ class TopKSelectionStage:
         if stats is None:
             stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device)
         self.stats = stats
-        self.selector = self._plan(torch.int32, torch.float32)
-        self.mixed_batches = 0  # mixed prefill+decode batches whose decode rows were selected on (host count)
         self._warned = set()
+        # SGLang's top-k hands int32 ids on GPUs but int64 on the CPU server (seen there: every layer re-planned
+        # on its first decode step). With --lynx-torch-compile a re-plan compiles again, so plan for int64 there.
+        cpu_compile = options.torch_compile and torch.device(device).type == "cpu"
+        self.selector = self._plan(torch.int64 if cpu_compile else torch.int32, torch.float32)
+        self.mixed_batches = 0  # mixed prefill+decode batches whose decode rows were selected on (host count)
 
     def _placement(self):
         """This layer's expert placement over the EP ranks (None without expert parallelism)."""
@@ -115,6 +126,9 @@ class TopKSelectionStage:
         here: a re-plan keeps counting where the previous selector, and any captured graph, did)."""
         policy = self.options.make_policy(self.layer_id)  # a calibration plan: this layer's own parameters
         common = (self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype)
+        if self.expert_slot is not None and (self.ep.global_votes or self.rank_aware):
+            raise ConfigError("--lynx-residency cannot run with expert parallelism (SGLang's paged experts runs on "
+                              "a single GPU)")
         if self.ep.global_votes:
             if self.options.policy in PEER_POLICIES:
                 raise ConfigError(_peer_global_refusal(self.options.policy))
@@ -126,8 +140,17 @@ class TopKSelectionStage:
                                   "use lynx on a single expert-parallel rank")
             return RankAwareSelector(*common, correction_bias=self.correction_bias,
                                      rank_mask=self.placement.logical_on_rank(), stats=self.stats)
-        return ExpertSelector(*common, correction_bias=self.correction_bias, stats=self.stats,
-                              similarity=self.similarity)
+        selector = ExpertSelector(*common, correction_bias=self.correction_bias, stats=self.stats,
+                                  similarity=self.similarity, residency=self.expert_slot)
+        if self.options.torch_compile and selector.backend == "torch":
+            t0 = time.monotonic()
+            try:
+                selector.compile_step()
+                logger.info("lynx-sglang layer %s: selection step compiled (torch.compile, %.1f s)", self.layer_id,
+                            time.monotonic() - t0)
+            except RuntimeError as e:  # a missing C++ compiler must not stop the server: eager is correct
+                self._warn_once("compile", f"--lynx-torch-compile: {e}; this layer runs the step eagerly")
+        return selector
 
     def _participates(self, phase: Optional[Phase]) -> bool:
         """Global selection: all EP ranks run it together or none does (its all-reduce must match)."""
@@ -188,6 +211,8 @@ class TopKSelectionStage:
         if (ids.dtype, w.dtype) != (self.selector.ids_dtype, self.selector.weights_dtype):
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("lynx-sglang: top-k dtypes changed during CUDA-graph capture")
+            logger.info("lynx-sglang layer %s: top-k arrives as ids %s / weights %s: re-planning the selector",
+                        self.layer_id, ids.dtype, w.dtype)
             self.selector = self._plan(ids.dtype, w.dtype)
         rank_args = self._rank_args(T, first, ids) if self.rank_aware else {}
         if self.physical_ids:
@@ -384,11 +409,13 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
     # Policy sere: one file for every layer, read once, refused here (start-up) if it does not fit the model.
     sims = (layer_similarities(hf_config, options, [layer_id for _, layer_id, _, _ in planned])
             if options.uses_similarity and planned else {})
+    # --lynx-residency: each paged layer's device residency (SGLang's, read-only), refused here if unusable.
+    slots = paged_expert_slots(model, options, [(layer_id, router) for _, layer_id, router, _ in planned], device)
     # Every layer's statistics in one [L, NUM_STATS] table: the metrics read it with one copy per interval.
     table = torch.zeros(len(planned), NUM_STATS, dtype=torch.int64, device=device)
     for row, (module, layer_id, router, bias) in enumerate(planned):
         stage = TopKSelectionStage(layer_id, router, options, device, bias, physical_ids=physical_ids, ep=ep,
-                                   stats=table[row], similarity=sims.get(layer_id))
+                                   stats=table[row], similarity=sims.get(layer_id), expert_slot=slots.get(layer_id))
         object.__setattr__(module, STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
         stages.append(stage)
     if hashed:
@@ -413,11 +440,11 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
     return stages
 
 
-def with_default_refill(options: LynxOptions, model_path, device: torch.device) -> LynxOptions:
+def with_default_refill(options: LynxOptions, model_path) -> LynxOptions:
     """lynx with no explicit refill setting: refill by expert similarity (``DEFAULT_REFILL_SIMILARITY``) when
-    the similarity file sits beside the model and the torch backend runs anyway (not CUDA, where the
-    Triton kernels refill by score and the refill would cost the torch path's launches: opt in there
-    with --lynx-refill-similarity). Logged either way; a file made for another model is refused later."""
+    the similarity file sits beside the model, on every device (both backends refill by similarity: on
+    CUDA the Triton kernels, at one [E] bias-row load per freed slot, no extra launch). Logged either way;
+    a file made for another model is refused later."""
     if (options.policy != "lynx" or options.layer_params is not None or "refill_similarity" in options.params
             or options.similarity is not None):
         return options
@@ -425,10 +452,6 @@ def with_default_refill(options: LynxOptions, model_path, device: torch.device) 
     if path is None or not os.path.isfile(path):
         logger.info("lynx-sglang: no expert-similarity file beside the model: moved picks refill by router score "
                     "(python -m lynx_sglang.sere_calibrate <model> writes one; docs/policies.md)")
-        return options
-    if device.type == "cuda":
-        logger.info("lynx-sglang: %s found; the similarity-aware refill runs on the torch backend only, so on "
-                    "CUDA it stays off unless --lynx-refill-similarity is given", path)
         return options
     logger.info("lynx-sglang: refilling moved picks by expert similarity (refill_similarity %g) from %s",
                 DEFAULT_REFILL_SIMILARITY, path)
@@ -546,7 +569,7 @@ def prepare(model, hf_config, options: LynxOptions, server_args) -> list[TopKSel
     object with the fields ``refusal`` reads (tests); the refusals are decided from it.
     """
     check_supported(server_args)
-    auto = with_default_refill(options, getattr(server_args, "model_path", None), _model_device(model))
+    auto = with_default_refill(options, getattr(server_args, "model_path", None))
     if auto is not options:
         # The refill was not asked for: a file that does not fit this model is a warning and plain lynx
         # (a file given with --lynx-sere-similarity, or a refill asked for, is refused at start-up instead).
