@@ -244,6 +244,58 @@ def _start_once(extra_args, timeout, port, env, log_dir, script, wait_healthy) -
     return server
 
 
+def _distinct_free_ports(n: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < n:  # free_port() releases its port, so two calls could in principle return the same one
+        p = free_port()
+        if p not in ports:
+            ports.append(p)
+    return ports
+
+
+@contextlib.contextmanager
+def servers_side_by_side(launch: dict[str, list[str]], timeout: float = 600.0, log_dir: str | Path | None = None):
+    """Start every server of ``launch`` at once, each on its own port; yield ``{name: Server}`` once all
+    are healthy, and stop them all on exit (also when one fails to start: its log tail is raised).
+
+    On the CPU server ``--sleep-on-idle`` (in ``launch/cpu_server.sh``) keeps the idle ones off the cores
+    while another is measured.
+    """
+    started = {}
+    restarts = 0
+    t0 = time.monotonic()
+    try:
+        for (name, args), port in zip(launch.items(), _distinct_free_ports(len(launch))):
+            started[name] = start_server(*args, port=port, wait_healthy=False, log_dir=log_dir)
+        pending = list(started)
+        while pending:
+            for name in list(pending):
+                srv = started[name]
+                if srv.proc.poll() is not None and restarts < 3 and port_was_taken(srv.log_tail()):
+                    # Its port was given to another socket before it bound it: start it again elsewhere.
+                    srv.stop()
+                    restarts += 1
+                    taken = {s.port for s in started.values()}
+                    port = next(p for p in iter(free_port, None) if p not in taken)
+                    started[name] = start_server(*launch[name], port=port, wait_healthy=False, log_dir=log_dir)
+                    continue
+                if srv.proc.poll() is not None:
+                    raise RuntimeError(f"the {name} server exited with code {srv.proc.returncode} before it was "
+                                       f"healthy\n--- tail of {srv.log_path} ---\n{srv.log_tail()}")
+                if _healthy(srv.url):
+                    srv.started_in_s = time.monotonic() - t0
+                    pending.remove(name)
+            if pending and time.monotonic() - t0 > timeout:
+                tails = "\n".join(f"--- {n}: {started[n].log_path} ---\n{started[n].log_tail(20)}" for n in pending)
+                raise RuntimeError(f"servers {pending} not healthy after {timeout:.0f} s\n{tails}")
+            if pending:
+                time.sleep(1.0)
+        yield started
+    finally:
+        for srv in started.values():
+            srv.stop()
+
+
 @contextlib.contextmanager
 def running_server(*extra_args: str, **kwargs):
     """Context manager: ``start_server(*extra_args, **kwargs)``, always stopped on exit."""

@@ -128,6 +128,20 @@ def test_an_unreadable_model_is_refused(tmp_path, capsys):
     assert "cannot load model" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("policy,refill,msg", [("oea", 8.0, "parameter of policy lynx"),
+                                                ("lynx", -1.0, "finite number >= 0"),
+                                                ("lynx", float("inf"), "finite number >= 0")])
+def test_a_bad_refill_is_refused_before_the_model_loads(policy, refill, msg):
+    with pytest.raises(C.CalibrationError, match=msg):
+        C.run(MODEL, [0.01], policy=policy, refill_similarity=refill, settings=TINY, log=_quiet)
+
+
+def test_the_refill_follows_the_similarity_file_unless_given(tmp_path):
+    assert C._refill_for(MODEL, "lynx", None) == 8.0  # the file is beside the bundled model
+    assert C._refill_for(tmp_path, "lynx", None) == 0.0  # no file: refill by router score, as the server
+    assert C._refill_for(MODEL, "lynx", 0.0) == 0.0 and C._refill_for(MODEL, "oea", None) == 0.0
+
+
 def test_unknown_policy_knob_is_refused():
     with pytest.raises(C.CalibrationError, match="no main knob"):
         C.knob_for("sere")
@@ -206,6 +220,9 @@ def test_the_tool_writes_a_servable_file_for_the_bundled_model(tiny_report, tmp_
     small, big = tiny_report["calibrations"]
     for cal in (small, big):
         assert cal["format"] == "lynx-calibration/1" and cal["policy"] == "lynx"
+        # The bundled model has its similarity file: calibrated with the refill the server applies by default.
+        assert cal["base_params"] == {"refill_similarity": 8.0}
+        assert cal["data"]["similarity"]["path"].endswith("sere_similarity.safetensors")
         assert cal["identity"] == model_identity(AutoConfig.from_pretrained(MODEL))
         assert (cal["num_experts"], cal["top_k"], cal["scoring"]) == (32, 4, "softmax")
         assert sorted(cal["layer_params"]) == ["0", "1", "2", "3"] and cal["moe_layers"] == [0, 1, 2, 3]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lynx_sglang.client import PROMPTS, complete, scrape_lynx_metrics
-from lynx_sglang.server_process import DEFAULT_MODEL, running_server, start_server
+from lynx_sglang.server_process import DEFAULT_MODEL, START_TIMEOUT_S, running_server, servers_side_by_side, start_server
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU server tests (launch/cpu_server.sh)")
 
@@ -92,15 +92,14 @@ def test_redundant_experts_select_on_logical_ids(tmp_path):
     With policy off the answers must be the stock EP server's (the logical round trip changes
     nothing); with lynx the server serves and selects on every layer.
     """
-    eplb = (*BASE, "--tp", "2", "--ep-size", "2", "--ep-num-redundant-experts", "2", "--ep-dispatch-algorithm", "dynamic")
+    eplb = [*BASE, "--tp", "2", "--ep-size", "2", "--ep-num-redundant-experts", "2", "--ep-dispatch-algorithm", "dynamic"]
     prompts = PROMPTS[:6]
-    with running_server(*eplb, log_dir=tmp_path / "stock") as srv:
-        stock = _greedy(srv, prompts)
-    with running_server(*eplb, "--moe-backend", "lynx", "--lynx-policy", "off", log_dir=tmp_path / "off") as srv:
-        assert _greedy(srv, prompts) == stock
-    with running_server(*eplb, *STRICT, "--enable-metrics", "--decode-log-interval", "1", log_dir=tmp_path / "lynx") as srv:
-        answers = complete(srv.url, PROMPTS, max_tokens=MAX_NEW, concurrency=16)
-        layers = scrape_lynx_metrics(srv.url)
+    launch = {"stock": eplb, "off": [*eplb, "--moe-backend", "lynx", "--lynx-policy", "off"],
+              "lynx": [*eplb, *STRICT, "--enable-metrics", "--decode-log-interval", "1"]}
+    with servers_side_by_side(launch, timeout=START_TIMEOUT_S * 2, log_dir=tmp_path) as srv:  # starts overlap
+        assert _greedy(srv["off"], prompts) == _greedy(srv["stock"], prompts)
+        answers = complete(srv["lynx"].url, PROMPTS, max_tokens=MAX_NEW, concurrency=16)
+        layers = scrape_lynx_metrics(srv["lynx"].url)
     assert len(answers) == len(PROMPTS)
     assert layers and all(c.steps > 0 and c.mean_experts_after < c.mean_experts_before for c in layers.values())
 

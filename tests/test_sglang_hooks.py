@@ -98,6 +98,25 @@ def test_decode_batches_are_rewritten_like_the_selector(sglang_layers, phase):
     assert st.steps == 1 and st.experts_after < st.experts_before
 
 
+def test_a_lone_decode_token_skips_lynx_but_not_oea(sglang_layers, phase):
+    """One decode token: lynx would change nothing (base B = 1), so the stage hands SGLang's output back
+    untouched and counts no step; oea prunes single tokens, so it still selects."""
+    x, z = torch.randn(1, 8), torch.randn(1, 16) * 3
+    phase(DECODE)
+    (lynx_layer,) = layers = [_topk(sglang_layers, 0)]
+    (lynx_stage,) = stage.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
+    plain = _topk(sglang_layers, 0)(x, z)
+    out = lynx_layer(x, z)
+    assert torch.equal(out.topk_ids, plain.topk_ids) and lynx_stage.selector.stats().steps == 0
+    lynx_layer(torch.randn(2, 8), torch.randn(2, 16))  # two tokens: selected on
+    assert lynx_stage.selector.stats().steps == 1
+    (oea_layer,) = layers = [_topk(sglang_layers, 0)]
+    (oea_stage,) = stage.build_stages(_Model(layers), SimpleNamespace(num_experts=16),
+                                      _opts(policy="oea", params={"k0": 1}))
+    out = oea_layer(x, z)
+    assert oea_stage.selector.stats().steps == 1 and not torch.equal(out.topk_ids, plain.topk_ids)
+
+
 def test_mixed_batches_rewrite_only_the_trailing_decode_rows(sglang_layers, phase):
     layers = [_topk(sglang_layers, 0)]
     stage.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())

@@ -9,7 +9,7 @@ difference since the last read to the counters (label ``layer``):
 
 | metric | meaning |
 |---|---|
-| ``lynx:decode_steps_total`` | decode batches the layer selected on |
+| ``lynx:decode_steps_total`` | decode batches the layer selected on (a lone decode token under lynx is not: it cannot change) |
 | ``lynx:experts_before_total`` | sum over those steps of distinct experts the router picked |
 | ``lynx:experts_after_total`` | sum of distinct experts after selection |
 | ``lynx:tokens_rerouted_total`` | decode tokens that lost at least one pick |

@@ -22,7 +22,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 
 from lynx_sglang.runtime.selection.config import (
-    DEFAULT_REFILL_SIMILARITY, PEER_POLICIES, ConfigError, RouterSpec, router_family,
+    DEFAULT_REFILL_SIMILARITY, PEER_POLICIES, ConfigError, LynxPolicy, RouterSpec, router_family,
 )
 from lynx_sglang.runtime.expert_parallel.global_selection import GlobalExpertSelector
 from lynx_sglang.runtime.expert_parallel.placement import ExpertPlacement, home_rank, rank_tables
@@ -125,6 +125,11 @@ class TopKSelectionStage:
         """A selector for these dtypes that accumulates into ``self.stats`` (never reallocated or zeroed
         here: a re-plan keeps counting where the previous selector, and any captured graph, did)."""
         policy = self.options.make_policy(self.layer_id)  # a calibration plan: this layer's own parameters
+        # With one token the score base B is 1, so every pick clears lynx's threshold: the step changes nothing
+        # (docs/policies.md). Not so for residency (it may move a lone token's picks), rank-aware lynx_ep,
+        # oea or the peers; and a global vote must be joined whatever the local batch.
+        self._single_token_noop = (type(policy) is LynxPolicy and policy.residency == "off"
+                                   and not self.ep.global_votes)
         common = (self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype)
         if self.expert_slot is not None and (self.ep.global_votes or self.rank_aware):
             raise ConfigError("--lynx-residency cannot run with expert parallelism (SGLang's paged experts runs on "
@@ -203,6 +208,8 @@ class TopKSelectionStage:
             first, num_valid = 0, num_token_non_padded
         n_rows = T - first
         if n_rows == 0 and not self.ep.global_votes:
+            return topk_output
+        if n_rows == 1 and self._single_token_noop:  # lynx leaves a lone token as it is: skip the work
             return topk_output
         if n_rows > self.options.max_batch:
             self._warn_once("size", f"decode batch of {n_rows} tokens exceeds --lynx-max-batch "
