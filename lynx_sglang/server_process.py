@@ -14,8 +14,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import random
+import signal
 import socket
 import subprocess
 import sys

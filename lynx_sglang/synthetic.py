@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from lynx_sglang.runtime.selection.config import RouterSpec
-from lynx_sglang.runtime.selection.reference import selection_score
+from lynx_sglang.runtime.selection.reference import route_topk
 
 
 @dataclass
@@ -34,19 +34,8 @@ def route(
 
     Fused shared experts take ids E, E+1, ... with weight 1 in the trailing slots.
     """
-    T, E = logits.shape
-    k, ns = router.top_k, router.num_shared_slots
-    sel = selection_score(router, logits, correction_bias)
-    ids = sel.topk(k, dim=1).indices
-    z = logits.float()
-    gate = z.softmax(dim=1) if router.scoring_func == "softmax" else z.sigmoid()
-    w = gate.gather(1, ids)
-    if renormalize:
-        w = w / w.sum(dim=1, keepdim=True)
-    w = w * scaling
-    shared_ids = torch.arange(E, E + ns, device=logits.device).expand(T, ns)
-    ids = torch.cat([ids, shared_ids], dim=1).to(ids_dtype)
-    w = torch.cat([w, torch.ones(T, ns, device=logits.device)], dim=1).to(weights_dtype)
+    ids, w = route_topk(router, logits, correction_bias, renormalize, scaling)
+    ids, w = ids.to(ids_dtype), w.to(weights_dtype)
     return RouterBatch(logits, ids, w, correction_bias)
 
 

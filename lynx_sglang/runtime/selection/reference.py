@@ -255,6 +255,24 @@ def held_by_cap(policy: LynxPolicy, w: torch.Tensor, rank: torch.Tensor, voting:
     return weaker * WEIGHT_Q > q.sum(dim=1, keepdim=True) * policy.moved_weight_q
 
 
+def route_topk(router: RouterSpec, logits: torch.Tensor, correction_bias: Optional[torch.Tensor] = None,
+               renormalize: bool = True, scaling: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Top-k the way SGLang's router does: int64 ids [T, k + shared] by score (+ bias), fp32 weights from the
+    unbiased score (renormalised and scaled as asked); fused shared experts take ids E, E+1, ... with weight 1."""
+    T, E = logits.shape
+    k, ns = router.top_k, router.num_shared_slots
+    ids = selection_score(router, logits, correction_bias).topk(k, dim=1).indices
+    z = logits.float()
+    gate = z.softmax(dim=1) if router.scoring_func == "softmax" else z.sigmoid()
+    w = gate.gather(1, ids)
+    if renormalize:
+        w = w / w.sum(dim=1, keepdim=True)
+    w = w * scaling
+    ids = torch.cat([ids, torch.arange(E, E + ns, device=logits.device).expand(T, ns)], dim=1)
+    w = torch.cat([w, torch.ones(T, ns, device=logits.device)], dim=1)
+    return ids, w
+
+
 def moved_weight(k: int, topk_ids: torch.Tensor, topk_weights: torch.Tensor, new_ids: torch.Tensor,
                  changed: torch.Tensor) -> torch.Tensor:
     """Scalar int64: the routed gate weight the changed rows had on experts they no longer hold, summed,

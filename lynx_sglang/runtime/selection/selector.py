@@ -334,14 +334,8 @@ class ExpertSelector:
 
     def _sample_batch(self, T: int):
         """A well-formed batch of T rows (each row's top-k as the router picks it), for compiling."""
-        E, k, kt = self.router.num_experts, self.router.top_k, self.router.total_slots
+        E = self.router.num_experts
         logits = (torch.linspace(-2.0, 2.0, E, device=self.device)[None, :]
                   + torch.arange(T, device=self.device)[:, None] * 0.37).remainder(4.0)
-        score = reference.selection_score(self.router, logits, self.correction_bias)
-        routed = score.topk(k, dim=1).indices
-        gate = logits.softmax(dim=1) if self.router.scoring_func == "softmax" else logits.sigmoid()
-        w = gate.gather(1, routed)
-        w = w / w.sum(dim=1, keepdim=True)
-        ids = torch.cat([routed, torch.arange(E, E + kt - k, device=self.device).expand(T, kt - k)], dim=1)
-        w = torch.cat([w, torch.ones(T, kt - k, device=self.device)], dim=1)
+        ids, w = reference.route_topk(self.router, logits, self.correction_bias)
         return logits, ids.to(self.ids_dtype), w.to(self.weights_dtype)

@@ -101,6 +101,11 @@ class TopKSelectionStage:
             stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device)
         self.stats = stats
         self._warned = set()
+        # With one token the score base B is 1, so every pick clears lynx's threshold: the step changes nothing
+        # (docs/policies.md). Not so for residency (it may move a lone token's picks), rank-aware lynx_ep,
+        # oea or the peers; and a global vote must be joined whatever the local batch.
+        policy = options.make_policy(layer_id)
+        self._single_token_noop = type(policy) is LynxPolicy and policy.residency == "off" and not ep.global_votes
         # SGLang's top-k hands int32 ids on GPUs but int64 on the CPU server (seen there: every layer re-planned
         # on its first decode step). With --lynx-torch-compile a re-plan compiles again, so plan for int64 there.
         cpu_compile = options.torch_compile and torch.device(device).type == "cpu"
@@ -125,11 +130,6 @@ class TopKSelectionStage:
         """A selector for these dtypes that accumulates into ``self.stats`` (never reallocated or zeroed
         here: a re-plan keeps counting where the previous selector, and any captured graph, did)."""
         policy = self.options.make_policy(self.layer_id)  # a calibration plan: this layer's own parameters
-        # With one token the score base B is 1, so every pick clears lynx's threshold: the step changes nothing
-        # (docs/policies.md). Not so for residency (it may move a lone token's picks), rank-aware lynx_ep,
-        # oea or the peers; and a global vote must be joined whatever the local batch.
-        self._single_token_noop = (type(policy) is LynxPolicy and policy.residency == "off"
-                                   and not self.ep.global_votes)
         common = (self.router, policy, self.options.max_batch, self.device, ids_dtype, weights_dtype)
         if self.expert_slot is not None and (self.ep.global_votes or self.rank_aware):
             raise ConfigError("--lynx-residency cannot run with expert parallelism (SGLang's paged experts runs on "
