@@ -128,7 +128,7 @@ import triton.language as tl
 from benchmarks.timing import time_cuda
 from benchmarks.results_io import RESULTS_DIR, cpu_threads, environment, pyplot, write_json
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
-from lynx_sglang.synthetic import random_logits, route
+from lynx_sglang.synthetic import random_logits, random_similarity, route
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TRACE = REPO / "data" / "routing" / "trained-qwen3-moe.pt"
@@ -904,6 +904,8 @@ STOCK = ("off", "off_aa")  # off_aa: stock again, the A/A noise floor
 def _policy(name: str, shape: MoEShape, budget: Optional[int]):
     if name == "off_aa":
         return make_policy("off")
+    if name == "lynx+sim":  # the recommended rule: lynx with the similarity-aware refill
+        return make_policy("lynx", refill_similarity=8.0)
     if name == "budget":
         return make_policy("budget", max_experts=budget or max(shape.top_k, shape.experts // 4))
     return make_policy(name)
@@ -958,7 +960,9 @@ def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: flo
             for pname in args.policies:
                 policy = _policy(pname, shape, args.budget_experts)
                 sels = [] if pname in STOCK else [
-                    ExpertSelector(shape.router(), policy, B, device, backend=args.selection_backend)
+                    ExpertSelector(shape.router(), policy, B, device, backend=args.selection_backend,
+                                   similarity=(random_similarity(shape.experts, device)
+                                               if getattr(policy, "refill_similarity", 0) > 0 else None))
                     for _ in range(copies)]
 
                 def select(c, sels=sels):
@@ -1047,7 +1051,7 @@ def run_shape(shape: MoEShape, kernel: MoEKernel, args, device, dtype, peak: flo
                         r["speedup_paired_median"] = statistics.median(paired)
                         r["speedup_paired_q10"], r["speedup_paired_q90"] = dec[0], dec[-1]
                 rows.append(r)
-                print(f"{shape.name:16s} {routing:6s} B={B:4d} {r['policy']:6s} {t_med:10.1f} us  "
+                print(f"{shape.name:16s} {routing:6s} B={B:4d} {r['policy']:8s} {t_med:10.1f} us  "
                       f"experts {r['experts_before']:6.1f} -> {e_after:6.1f}  {gbps:8.1f} GB/s "
                       f"({100 * r['bw_fraction_of_peak']:5.1f}% of peak)  sel {sel_med:8.1f} us  "
                       f"x{r['speedup']:.3f}", flush=True)
@@ -1076,7 +1080,8 @@ def parse_args(argv=None):
     ap.add_argument("--trace", type=Path, default=None, help=f"routing trace (default: {DEFAULT_TRACE} if present)")
     ap.add_argument("--trace-kind", default="independent_mixed", choices=("independent_mixed", "independent_domain"))
     ap.add_argument("--skew", type=float, default=1.0, help="random routing: per-batch skew added to the logits")
-    ap.add_argument("--policies", default=None, help="default: off,lynx,oea on GPU, off,lynx on CPU (budget too)")
+    ap.add_argument("--policies", default=None, help="default: off,lynx,oea on GPU, off,lynx on CPU (budget, "
+                    "lynx+sim too: lynx with the similarity refill on a random similarity, for timing)")
     ap.add_argument("--budget-experts", type=int, default=None, help="budget policy m (default max(k, E/4))")
     ap.add_argument("--selection-backend", default="auto", choices=("auto", "triton", "torch"))
     ap.add_argument("--reps", type=int, default=None, help="timed blocks (GPU, default 20) / calls (CPU, default 5)")

@@ -5,7 +5,8 @@
 * ``other_per_layer_us``: ``layer_total`` of bench_decode_other (norms, QKV, q/k norm, RoPE, KV write,
   decode attention at context L, O projection, router gate + top-k, residual adds), per B and L;
 * ``moe_layer_us``: ``time_us`` of bench_moe_layer for the same model shape, B, routing and policy
-  (``off`` = stock SGLang fused MoE; ``lynx`` with its defaults; ``oea`` where the file has it).
+  (``off`` = stock SGLang fused MoE; ``lynx`` with its defaults; ``lynx+sim`` (the recommended rule, with the
+  similarity refill) and ``oea`` where the file has them).
   That time includes the selection stage (``ExpertSelector.run``) for every policy but ``off``;
 * ``once_per_step_us``: ``step_total`` of bench_decode_other (embedding, final norm, LM head, argmax);
 * ``layers`` = 48 (num_hidden_layers; every layer is MoE, decoder_sparse_step 1, mlp_only_layers []).
@@ -132,8 +133,12 @@ def paper_position(speedup: float) -> str:
     return "within"
 
 
+#: Policies an estimate includes where the MoE-layer file has them (older files lack them).
+OPTIONAL_POLICIES = ("lynx+sim", "oea")
+
+
 def estimate(moe: dict, other: dict, shape: str = "qwen3-30b-a3b", batches: Optional[Sequence[int]] = None,
-             policies: Sequence[str] = ("off", "lynx", "oea")) -> dict:
+             policies: Sequence[str] = ("off", "lynx", "lynx+sim", "oea")) -> dict:
     """The estimate's content (rows, missing points, assumptions, provenance). Refuses mismatched devices."""
     dev = check_same_device(moe, other)
     _check_shape(moe, other, shape)
@@ -165,7 +170,7 @@ def estimate(moe: dict, other: dict, shape: str = "qwen3-30b-a3b", batches: Opti
                 for pol in policies:
                     m = mo.get((B, routing, pol))
                     if m is None:
-                        if pol != "oea":
+                        if pol not in OPTIONAL_POLICIES:
                             missing.append(f"B={B} {routing}: no {pol!r} MoE-layer row")
                         continue
                     moe_us = m["time_us"]
@@ -218,10 +223,10 @@ def summary_lines(est: dict) -> List[str]:
         lines.append(f"*** {est['label']} ***")
     lines.append(f"device: {est['device']['device']} ({est['device']['device_type']}); layers {est['layers']}; "
                  f"{est['formula']}")
-    lines.append(f"{'B':>4} {'L':>6} {'routing':7} {'policy':6} {'other/layer':>12} {'MoE/layer':>11} "
+    lines.append(f"{'B':>4} {'L':>6} {'routing':7} {'policy':8} {'other/layer':>12} {'MoE/layer':>11} "
                  f"{'once/step':>10} {'step':>12} {'MoE share':>9} {'MoE x':>6} {'e2e x':>6}")
     for r in est["results"]:
-        lines.append(f"{r['B']:4d} {r['L']:6d} {r['routing']:7s} {r['policy']:6s} {r['other_layer_us']:10.1f}us "
+        lines.append(f"{r['B']:4d} {r['L']:6d} {r['routing']:7s} {r['policy']:8s} {r['other_layer_us']:10.1f}us "
                      f"{r['moe_layer_us']:9.1f}us {r['once_per_step_us']:8.1f}us {r['step_us'] / 1e3:10.2f}ms "
                      f"{100 * r['moe_share']:8.1f}% {r['moe_layer_speedup']:6.3f} {r['speedup']:6.3f}"
                      + (f"  ({r['vs_paper']} paper {PAPER_E2E['low']}-{PAPER_E2E['high']}x)" if r["vs_paper"] else ""))
@@ -243,9 +248,9 @@ def plot(est: dict, png: Path) -> None:
     rows = est["results"]
     routings = [x for x in ("trace", "random") if any(r["routing"] == x for r in rows)]
     contexts = sorted({r["L"] for r in rows})
-    policies = [p for p in ("off", "lynx", "oea") if any(r["policy"] == p for r in rows)]
+    policies = [p for p in ("off", "lynx", "lynx+sim", "oea") if any(r["policy"] == p for r in rows)]
     batches = sorted({r["B"] for r in rows})
-    colors = {"off": "black", "lynx": "tab:blue", "oea": "tab:orange"}
+    colors = {"off": "black", "lynx": "tab:blue", "lynx+sim": "tab:green", "oea": "tab:orange"}
     fig, axes = plt.subplots(len(routings), len(contexts), figsize=(4.2 * len(contexts) + 1, 3.6 * len(routings)),
                              squeeze=False)
     width = 0.8 / len(policies)

@@ -22,7 +22,7 @@ import torch
 from benchmarks.results_io import environment, save
 from lynx_sglang import ExpertSelector, RouterSpec, make_policy
 from lynx_sglang.runtime.expert_parallel import ExpertPlacement, RankAwareSelector, home_rank
-from lynx_sglang.synthetic import random_logits, route
+from lynx_sglang.synthetic import random_logits, random_similarity, route
 
 POLICIES = [("lynx", {}), ("lynx+sim", {}), ("oea", {}), ("budget", {"max_experts": 32}), ("off", {})]
 #: Labels for policies with an option that changes the kernels (lynx's similarity refill: REFILL).
@@ -33,13 +33,7 @@ def _make(label: str, params: dict | None = None):
     """(policy, its [E, E]-similarity maker or None) of a label of POLICIES or cuda_graph_replay."""
     name, extra = _LABELS.get(label, (label, {}))
     policy = make_policy(name, **{**extra, **(params or {})})
-    return policy, (_similarity if getattr(policy, "refill_similarity", 0) > 0 else None)
-
-
-def _similarity(E: int, device) -> torch.Tensor:
-    """A valid [E, E] expert similarity (symmetric, diagonal 1, values in [-1, 1])."""
-    sim = torch.rand(E, E, generator=torch.Generator().manual_seed(E)) * 2 - 1
-    return ((sim + sim.T) / 2).fill_diagonal_(1.0).to(device)
+    return policy, (random_similarity if getattr(policy, "refill_similarity", 0) > 0 else None)
 
 
 def _recorded(check: str, fields: dict, fn) -> dict:

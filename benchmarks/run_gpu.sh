@@ -14,6 +14,9 @@
 #   then, while the machine is warm (Triton's cache is reused), "... benchmarks/run_gpu.sh moe", "... e2e".
 #   (One call has 10 minutes; "all" in one call is estimated at 8-11 minutes, so split it.)
 #
+#   benchmarks/run_gpu.sh lease      # one device call (~8 min): every check, then the timings trimmed to what
+#                                    # a 15-minute lease allows (the MoE layer at Qwen3-30B-A3B shape on the
+#                                    # e128 model's recorded routing, the e2e estimate, host-transfer rates)
 #   benchmarks/run_gpu.sh            # all of it (PYTHON: the interpreter, default python3)
 #   benchmarks/run_gpu.sh checks     # the checks and the selection timings
 #   benchmarks/run_gpu.sh moe [ARGS] # the MoE-layer benchmark only; ARGS go to bench_moe_layer
@@ -28,8 +31,8 @@ export PYTHONUNBUFFERED=1
 WHAT="${1:-all}"
 if [ $# -gt 0 ]; then shift; fi
 case "$WHAT" in
-  all|checks|moe|e2e) ;;
-  *) echo "usage: $0 [all | checks | moe [bench_moe_layer args] | e2e [bench_decode_other args]]" >&2; exit 2 ;;
+  all|checks|moe|e2e|lease) ;;
+  *) echo "usage: $0 [all | checks | moe [bench_moe_layer args] | e2e [bench_decode_other args] | lease]" >&2; exit 2 ;;
 esac
 LOG=benchmarks/results/run_gpu_${WHAT}_cuda.log
 mkdir -p benchmarks/results
@@ -61,6 +64,23 @@ elif "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('sg
 else
   MOE=(false)  # a failed step, with this message:
   echo "no build/sglang_moe_files: export it where sglang is installed and carry it (see the top of this file)"
+fi
+if [ "$WHAT" = lease ]; then
+  # Most valuable first: correctness on sm_90 and CUDA-graph capture, then the MoE-layer speed, then the rest.
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv || true
+  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+  step gpu_checks 150 "$PY" -m benchmarks.gpu_checks
+  step gpu_hook_capture 75 "$PY" -m benchmarks.gpu_hook_capture
+  step moe_layer_e128_trace 170 "${MOE[@]}" --shapes qwen3-30b-a3b --batches 1,16,32,64 --routing trace \
+    --trace data/routing/trained-qwen3-moe-e128.pt --policies off,lynx,lynx+sim,oea --aa --reps 15 \
+    --out benchmarks/results/moe_layer_cuda
+  step host_transfer 40 "$PY" -m benchmarks.bench_host_transfer
+  step bench_decode_other 60 "$PY" -m benchmarks.bench_decode_other --device cuda --reps 15
+  case "$FAILED" in *moe_layer_e128_trace*) ;; *)
+    step e2e_estimate 30 "$PY" -m benchmarks.e2e_estimate --device cuda --moe benchmarks/results/moe_layer_cuda.json ;;
+  esac
+  step bench_selection 50 "$PY" -m benchmarks.bench_selection --device cuda --policies lynx,oea,budget \
+    --batches 1,16,64,256 --experts 64,128,256 --topk 8 --iters 100
 fi
 MOE_OK=0
 if [ "$WHAT" = all ] || [ "$WHAT" = moe ]; then

@@ -54,3 +54,13 @@ def random_logits(
     if skew:
         z = z + skew * torch.randn(1, num_experts, generator=g)
     return z.to(dtype=dtype, device=device)
+
+
+def random_similarity(num_experts: int, device="cpu", seed: Optional[int] = None) -> torch.Tensor:
+    """A valid random [E, E] expert similarity (symmetric, diagonal 1, values in [-1, 1]).
+
+    For kernels and timings, where what matters is that the refill path runs, not which expert it picks.
+    """
+    g = torch.Generator().manual_seed(num_experts if seed is None else seed)
+    sim = torch.rand(num_experts, num_experts, generator=g) * 2 - 1
+    return ((sim + sim.T) / 2).fill_diagonal_(1.0).to(device)

@@ -327,7 +327,7 @@ def test_cli_tiny_writes_json_and_png(tmp_path, monkeypatch):
     trace = _write_trace(tmp_path / "trace.pt", E=16, k=4)
     prefix = tmp_path / "out" / "moe_layer_cpu"
     payload = bm.main(["--shapes", "tiny,tiny-shared", "--batches", "1,8", "--kernel", "torch_loop",
-                       "--policies", "lynx,oea", "--reps", "2", "--trace", str(trace), "--peak-mib", "8",
+                       "--policies", "lynx,lynx+sim,oea", "--reps", "2", "--trace", str(trace), "--peak-mib", "8",
                        "--out", str(prefix)])
     data = json.loads(prefix.with_name("moe_layer_cpu.json").read_text())
     assert payload["results"] == data["results"]
@@ -335,7 +335,7 @@ def test_cli_tiny_writes_json_and_png(tmp_path, monkeypatch):
     assert data["peak"]["peak_GBps"] == 50.0
     rows = data["results"]
     points = [(s, rt, B, p) for s in ("tiny", "tiny-shared") for rt in ("random", "trace") for B in (1, 8)
-              for p in ("off", "lynx", "oea")]  # off added first
+              for p in ("off", "lynx", "lynx+sim", "oea")]  # off added first
     assert [(r["shape"], r["routing"], r["B"], r["policy"]) for r in rows] == points
     elem = torch.tensor([], dtype=torch.bfloat16).element_size()
     moved = 0
@@ -367,6 +367,13 @@ def test_cli_tiny_writes_json_and_png(tmp_path, monkeypatch):
             assert r["experts_after"] == shape.top_k  # a single request is never changed
         assert ("shared_us" in r) == (r["shape"] == "tiny-shared")
     assert moved > 0  # some point really lost experts (else the speedups are all 1 and prove nothing)
+    # lynx+sim is lynx with the refill: the same kept set (the refill only picks among kept experts).
+    by = {(r["shape"], r["routing"], r["B"], r["policy"]): r for r in rows}
+    for (s, rt, B, p), r in by.items():
+        if p == "lynx+sim":
+            assert r["policy_params"]["refill_similarity"] == 8.0
+            assert by[(s, rt, B, "lynx")]["policy_params"]["refill_similarity"] == 0
+            assert r["experts_after"] == by[(s, rt, B, "lynx")]["experts_after"]
     # Every MoE call the tool made (warm-ups included) handed the MoE one of the reported expert counts.
     assert set(clock.moe_experts) <= {r["experts_after"] for r in rows}
     png = prefix.with_name("moe_layer_cpu.png")
