@@ -17,6 +17,8 @@
 #   benchmarks/run_gpu.sh lease      # one device call (~8 min): every check, then the timings trimmed to what
 #                                    # a 15-minute lease allows (the MoE layer at Qwen3-30B-A3B shape on the
 #                                    # e128 model's recorded routing, the e2e estimate, host-transfer rates)
+#   benchmarks/run_gpu.sh kernels    # the selection kernels' loop: checks, where their time goes
+#                                    # (profile_selection), their timings (~2 min)
 #   benchmarks/run_gpu.sh            # all of it (PYTHON: the interpreter, default python3)
 #   benchmarks/run_gpu.sh checks     # the checks and the selection timings
 #   benchmarks/run_gpu.sh moe [ARGS] # the MoE-layer benchmark only; ARGS go to bench_moe_layer
@@ -31,8 +33,9 @@ export PYTHONUNBUFFERED=1
 WHAT="${1:-all}"
 if [ $# -gt 0 ]; then shift; fi
 case "$WHAT" in
-  all|checks|moe|e2e|lease) ;;
-  *) echo "usage: $0 [all | checks | moe [bench_moe_layer args] | e2e [bench_decode_other args] | lease]" >&2; exit 2 ;;
+  all|checks|moe|e2e|lease|kernels) ;;
+  *) echo "usage: $0 [all | checks | moe [bench_moe_layer args] | e2e [bench_decode_other args] | lease | kernels]" >&2
+     exit 2 ;;
 esac
 LOG=benchmarks/results/run_gpu_${WHAT}_cuda.log
 mkdir -p benchmarks/results
@@ -80,6 +83,12 @@ if [ "$WHAT" = lease ]; then
     step e2e_estimate 30 "$PY" -m benchmarks.e2e_estimate --device cuda --moe benchmarks/results/moe_layer_cuda.json ;;
   esac
   step bench_selection 50 "$PY" -m benchmarks.bench_selection --device cuda --policies lynx,oea,budget \
+    --batches 1,16,64,256 --experts 64,128,256 --topk 8 --iters 100
+fi
+if [ "$WHAT" = kernels ]; then
+  step gpu_checks 150 "$PY" -m benchmarks.gpu_checks
+  step profile_selection 90 "$PY" -m benchmarks.profile_selection
+  step bench_selection 60 "$PY" -m benchmarks.bench_selection --device cuda --policies lynx,oea,budget \
     --batches 1,16,64,256 --experts 64,128,256 --topk 8 --iters 100
 fi
 MOE_OK=0

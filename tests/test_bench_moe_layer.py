@@ -572,3 +572,20 @@ def test_selection_cost_benchmark_smoke(tmp_path):
         assert r["fraction"] == pytest.approx(r["selection_us"] / r["moe_us"])
     assert data["results"][0]["distinct_experts_mean"] == 4  # one token: its k experts
     assert (tmp_path / "sc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gpu_checks_graph_replay_logic_on_cpu(monkeypatch):
+    """The CUDA-graph replay check's own logic on CPU (its capture is a re-running closure there): every policy it
+    covers passes, lynx_ep's slot ranks included, and a replay that leaves the outputs stale is caught."""
+    from benchmarks import gpu_checks as gc
+
+    cpu = torch.device("cpu")
+    rows = gc.cuda_graph_replay(cpu, shapes=((16, 4, 8),))
+    assert [r["policy"] for r in rows] == ["lynx", "lynx+sim", "lynx_ep"]
+    assert all(r["ok"] for r in rows), rows
+
+    def stale(fn, device):  # captures the first outputs, then never updates them
+        return tuple(t.clone() for t in fn()), lambda: None
+    monkeypatch.setattr(gc, "capture", stale)
+    rows = gc.cuda_graph_replay(cpu, policies=("lynx",), shapes=((16, 4, 8),))
+    assert rows[0]["ok"] is False and "error" not in rows[0]
