@@ -80,3 +80,25 @@ def test_block_size_does_not_change_results(device):
     results = [both(router, make_policy("lynx"), batch, 90, device, block_t=bt)[1] for bt in (4, 16, 64)]
     for ids, w, s in results[1:]:
         assert torch.equal(ids, results[0][0]) and torch.equal(w, results[0][1]) and s == results[0][2]
+
+
+@pytest.mark.parametrize("min_keep", [1, 2, 8, 16, 17, 40, 64])
+@pytest.mark.parametrize("T,ties", [(4, True), (48, True), (48, False)])
+def test_keep_threshold_at_every_min_keep(min_keep, T, ties, device):
+    """The keep kernel's m-th largest score (a walk down the distinct values for m <= 16, the pairwise count above)
+    against the reference. min_votes is out of reach, so the threshold is the min_keep-th largest score itself;
+    with integer-valued logits many picks share a level (tied scores)."""
+    E, k = 64, 4
+    router = RouterSpec(E, k)
+    g = torch.Generator().manual_seed(min_keep * 100 + T)
+    logits = torch.randint(-3, 4, (T, E), generator=g).float() if ties else torch.randn(T, E, generator=g) * 3
+    batch = route(router, logits)
+    policy = make_policy("lynx", min_keep=min_keep, min_votes=1 << 16, keep_level=0)
+    (ri, rw, rs), (ki, kw, ks) = both(router, policy, batch, None, device)
+    assert torch.equal(ki, ri)
+    torch.testing.assert_close(kw, rw, rtol=1e-5, atol=1e-6)
+    assert ks == rs
+    distinct = len(set(batch.topk_ids.reshape(-1).tolist()))
+    assert rs.experts_after >= min(min_keep, distinct)  # the floor holds
+    if not ties and min_keep < distinct:
+        assert rs.experts_after < distinct  # the threshold really cut (else any m-th largest would pass)
