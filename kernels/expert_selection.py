@@ -197,9 +197,11 @@ def _keep_kernel(
         for _ in tl.static_range(LEVEL_POW):
             theta = theta * batch
         # m-th largest score = largest S_j with #{e : S_e >= S_j} >= m (0 if fewer are picked).
-        if MIN_KEEP <= 16:
+        if MIN_KEEP <= 16 and E_PAD >= 128:
             # Step down the distinct values from the top until m scores are at or above: at most m - 1 steps,
-            # 2 reductions over E each. The pairwise count below costs E^2 / CHUNK: 19 us at E = 256 on an H200.
+            # 2 reductions over E each. The pairwise count below costs E^2 / CHUNK: on an H200 (Triton 3.6)
+            # the kernel took 19.4 us that way at E = 256 and 4.7 this way; 5.9 and 4.3 at E = 128; but 3.0
+            # against 4.0 at E = 64, where the pairwise count stays (benchmarks/results/profile_selection_*).
             t = tl.max(score, axis=0)
             n_ge = tl.sum((score >= t).to(tl.int32), axis=0)
             for _ in tl.static_range(MIN_KEEP - 1):
@@ -297,11 +299,9 @@ def _reroute_kernel(
             key = sel + tl.load(refill_ptr + d_s[:, None] * E + eidx[None, :], mask=m_s, other=0.0)
         else:
             key = sel
-        # One reduction for the best key and its lowest index (keys of candidates are finite: rows with
-        # non-finite logits never change), instead of three on this serial K-step chain.
-        best, pick = tl.max(tl.where(cand, key, float("-inf")), axis=1, return_indices=True,
-                            return_indices_tie_break_left=True)
-        has = best > float("-inf")
+        best = tl.max(tl.where(cand, key, float("-inf")), axis=1)
+        has = tl.max(cand.to(tl.int32), axis=1) > 0
+        pick = tl.min(tl.where(cand & (key == best[:, None]), eidx[None, :], E_PAD), axis=1)
         take = (~surv_s) & has
         new_s = tl.where(surv_s, 0, tl.where(has, pick, -1))
         new_ids = tl.where((kidx[None, :] == s) & (~surv_s[:, None]), new_s[:, None], new_ids)

@@ -83,14 +83,16 @@ def test_block_size_does_not_change_results(device):
 
 
 @pytest.mark.parametrize("min_keep", [1, 2, 8, 16, 17, 40, 64])
+@pytest.mark.parametrize("E", [64, 128])
 @pytest.mark.parametrize("T,ties", [(4, True), (48, True), (48, False)])
-def test_keep_threshold_at_every_min_keep(min_keep, T, ties, device):
-    """The keep kernel's m-th largest score (a walk down the distinct values for m <= 16, the pairwise count above)
+def test_keep_threshold_at_every_min_keep(min_keep, E, T, ties, device):
+    """The keep kernel's m-th largest score (a walk down the distinct values for m <= 16 from E = 128 up, a pairwise
+    count otherwise)
     against the reference. min_votes is out of reach, so the threshold is the min_keep-th largest score itself;
     with integer-valued logits many picks share a level (tied scores)."""
-    E, k = 64, 4
+    k = 4
     router = RouterSpec(E, k)
-    g = torch.Generator().manual_seed(min_keep * 100 + T)
+    g = torch.Generator().manual_seed(min_keep * 100 + T + E)
     logits = torch.randint(-3, 4, (T, E), generator=g).float() if ties else torch.randn(T, E, generator=g) * 3
     batch = route(router, logits)
     policy = make_policy("lynx", min_keep=min_keep, min_votes=1 << 16, keep_level=0)
