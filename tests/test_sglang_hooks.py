@@ -117,6 +117,35 @@ def test_a_lone_decode_token_skips_lynx_but_not_oea(sglang_layers, phase):
     assert oea_stage.selector.stats().steps == 1 and not torch.equal(out.topk_ids, plain.topk_ids)
 
 
+def test_batches_below_min_batch_pass_through(sglang_layers, phase):
+    """--lynx-min-batch 4: batches of 2-3 decode tokens are SGLang's output untouched and count no step;
+    4 tokens are selected on, exactly as the selector does."""
+    (layer,) = layers = [_topk(sglang_layers, 0)]
+    (st,) = stage.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts(min_batch=4))
+    phase(DECODE)
+    g = torch.Generator().manual_seed(5)
+    for T in (2, 3):
+        x, z = torch.randn(T, 8, generator=g), torch.randn(T, 16, generator=g) * 3
+        plain = _topk(sglang_layers, 0)(x, z)
+        out = layer(x, z)
+        assert torch.equal(out.topk_ids, plain.topk_ids) and torch.equal(out.topk_weights, plain.topk_weights)
+    assert st.selector.stats().steps == 0
+    x, z = torch.randn(4, 8, generator=g), torch.randn(4, 16, generator=g) * 3
+    plain = _topk(sglang_layers, 0)(x, z)
+    out = layer(x, z)
+    sel = ExpertSelector(RouterSpec(16, 4), make_policy("lynx", keep_level=0, min_votes=2, max_moved_weight=1.0), 64,
+                         ids_dtype=plain.topk_ids.dtype)
+    want_ids, want_w = sel.run(z, plain.topk_ids, plain.topk_weights)
+    assert torch.equal(out.topk_ids, want_ids) and st.selector.stats().steps == 1
+
+
+def test_min_batch_is_refused_with_global_selection(sglang_layers):
+    """A rank that skipped a small local batch would leave the others waiting in the global vote."""
+    with pytest.raises(ConfigError, match="--lynx-min-batch cannot go with global selection"):
+        stage.TopKSelectionStage(0, RouterSpec(16, 4), _opts(min_batch=4), torch.device("cpu"), None,
+                                 ep=stage.EpLayout(2, 0, None, global_votes=True))
+
+
 def test_mixed_batches_rewrite_only_the_trailing_decode_rows(sglang_layers, phase):
     layers = [_topk(sglang_layers, 0)]
     stage.build_stages(_Model(layers), SimpleNamespace(num_experts=16), _opts())
@@ -342,6 +371,9 @@ def test_cli_flags_reach_workers_through_the_environment(sglang_layers, monkeypa
     (["--moe-backend", "lynx", "--lynx-oea-k0", "2"], "does not apply"),
     (["--moe-backend", "lynx", "--lynx-policy", "budget"], "needs max_experts"),
     (["--moe-backend", "lynx", "--lynx-layers", "a,b"], "comma-separated"),
+    (["--moe-backend", "lynx", "--lynx-min-batch", "-1"], "--lynx-min-batch must be"),
+    (["--moe-backend", "lynx", "--lynx-max-batch", "8", "--lynx-min-batch", "9"], "--lynx-min-batch must be"),
+    (["--lynx-min-batch", "4"], "only take effect with --moe-backend lynx"),
     (["--lynx-policy", "oea"], "only take effect with --moe-backend lynx"),
     (["--tp", "2", "--ep-size", "2", "--moe-a2a-backend", "lynx", "--attn-dp-size", "2"], "attn-dp-size"),
     (["--tp", "2", "--ep-size", "2", "--moe-a2a-backend", "lynx", "--dp-size", "2", "--enable-dp-attention"],

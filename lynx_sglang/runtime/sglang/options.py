@@ -97,6 +97,10 @@ class LynxOptions:
     params: dict = field(default_factory=dict)
     layers: Optional[list[int]] = None  # None: every MoE layer
     max_batch: int = 1024  # largest decode batch a selector is planned for
+    # Smallest decode batch (tokens) selected on; smaller ones pass through. On a GPU the stage costs about
+    # 18 us per layer whatever the batch, and below about 3 tokens lynx removes too few experts to repay it
+    # (docs/gpu.md, an estimate). 0: every batch (one token is skipped anyway under plain lynx).
+    min_batch: int = 0
     torch_compile: bool = False  # run the torch backend's step through torch.compile (CPU serving)
     a2a_backend: str = "none"  # "lynx": our all-to-all dispatcher (--moe-a2a-backend lynx)
     preset: Optional[str] = None  # an official Lynx preset of lynx_paper (params override it)
@@ -154,6 +158,9 @@ class LynxOptions:
             raise ConfigError(f"a2a_backend must be 'none' or {A2A_BACKEND!r}, got {self.a2a_backend!r}")
         if not isinstance(self.max_batch, int) or self.max_batch < 1:
             raise ConfigError(f"--lynx-max-batch must be a positive int, got {self.max_batch!r}")
+        if not isinstance(self.min_batch, int) or not 0 <= self.min_batch <= self.max_batch:
+            raise ConfigError(f"--lynx-min-batch must be an int from 0 to --lynx-max-batch ({self.max_batch}), "
+                              f"got {self.min_batch!r}")
         if not isinstance(self.torch_compile, bool):
             raise ConfigError(f"torch_compile must be true or false, got {self.torch_compile!r}")
         if self.layers is not None and any((not isinstance(i, int)) or i < 0 for i in self.layers):
@@ -248,6 +255,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated MoE layer ids to run selection on (default: all)")
     g.add_argument("--lynx-max-batch", type=int, default=None,
                    help="largest decode batch (tokens) to select on; larger ones pass through (default 1024)")
+    g.add_argument("--lynx-min-batch", type=int, default=None,
+                   help="smallest decode batch (tokens) to select on; smaller ones pass through (default 0: all). "
+                        "On GPUs 4 avoids paying the selection kernels where they cannot repay (docs/gpu.md)")
     g.add_argument("--lynx-torch-compile", action="store_true", default=None,
                    help="run the selection step through torch.compile where it runs on the torch backend (CPU "
                         "servers: about 3x cheaper per layer; compiled at start-up, needs a C++ compiler; "
@@ -306,7 +316,7 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
     opts = LynxOptions.from_file(args.lynx_config) if getattr(args, "lynx_config", None) else LynxOptions()
     if opts.calibration is not None:
         # A calibration file fixes the policy and every layer's parameters (measured together): a flag that
-        # would change them is refused rather than silently merged. --lynx-max-batch and the a2a backend apply.
+        # would change them is refused rather than silently merged. --lynx-max/min-batch and the a2a backend apply.
         clash = [f"--{f.replace('_', '-')}" for f in (*_CALIBRATION_FIXES, *_POLICY_FLAGS) if getattr(args, f, None) is not None]
         if clash:
             raise ConfigError(f"--lynx-config {args.lynx_config} is a calibration file: it sets the policy and every "
@@ -342,6 +352,8 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
             raise ConfigError(f"--lynx-layers must be comma-separated ints, got {args.lynx_layers!r}") from e
     if args.lynx_max_batch is not None:
         opts.max_batch = args.lynx_max_batch
+    if getattr(args, "lynx_min_batch", None) is not None:
+        opts.min_batch = args.lynx_min_batch
     if getattr(args, "lynx_torch_compile", None):
         opts.torch_compile = True
     similarity = getattr(args, "lynx_sere_similarity", None)
@@ -353,7 +365,8 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
     if opts.uses_similarity and opts.similarity is None:
         opts.similarity = default_similarity_path(getattr(args, "model_path", None))
     given = [f"--{f.replace('_', '-')}" for f in ("lynx_policy", "lynx_preset", *_POLICY_FLAGS, "lynx_sere_similarity",
-                                                  "lynx_layers", "lynx_max_batch", "lynx_torch_compile")
+                                                  "lynx_layers", "lynx_max_batch", "lynx_min_batch",
+                                                  "lynx_torch_compile")
              if getattr(args, f, None) is not None]
     if given and not opts.enabled:
         raise ConfigError(f"{', '.join(given)} only take effect with --moe-backend lynx (without it the server "

@@ -106,6 +106,9 @@ class TopKSelectionStage:
         # oea or the peers; and a global vote must be joined whatever the local batch.
         policy = options.make_policy(layer_id)
         self._single_token_noop = type(policy) is LynxPolicy and policy.residency == "off" and not ep.global_votes
+        if options.min_batch and ep.global_votes:
+            raise ConfigError("--lynx-min-batch cannot go with global selection (DeepEP): every rank must join "
+                              "each step's vote whatever its own batch size")
         # SGLang's top-k hands int32 ids on GPUs but int64 on the CPU server (seen there: every layer re-planned
         # on its first decode step). With --lynx-torch-compile a re-plan compiles again, so plan for int64 there.
         cpu_compile = options.torch_compile and torch.device(device).type == "cpu"
@@ -210,6 +213,8 @@ class TopKSelectionStage:
         if n_rows == 0 and not self.ep.global_votes:
             return topk_output
         if n_rows == 1 and self._single_token_noop:  # lynx leaves a lone token as it is: skip the work
+            return topk_output
+        if n_rows < self.options.min_batch:  # static per captured graph: T is the graph's padded batch size
             return topk_output
         if n_rows > self.options.max_batch:
             self._warn_once("size", f"decode batch of {n_rows} tokens exceeds --lynx-max-batch "
