@@ -22,26 +22,16 @@ import sys
 import torch
 
 from benchmarks.results_io import environment, save
+from benchmarks.timing import time_cuda
 
 #: (name, bytes of one routed expert): Qwen3-30B-A3B 3 x 2048 x 768 x 2 B; DeepSeek-V3 3 x 7168 x 2048 x 1 B.
 EXPERTS = (("qwen3-30b-a3b-bf16", 3 * 2048 * 768 * 2), ("deepseek-v3-fp8", 3 * 7168 * 2048))
 WAVES = (1, 4, 16)
 
 
-def _time(fn, reps: int) -> list[float]:
-    """Microseconds per call of ``fn``: CUDA events around each call, after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b) * 1e3)
-    return out
+def _times(fn, reps: int) -> list[float]:
+    """Microseconds per call of ``fn``, CUDA events around each call (no graph: copies are what is timed)."""
+    return time_cuda(fn, reps, per_block=1, graph=False)
 
 
 def _row(kind: str, expert: str, nbytes: int, n: int, times: list[float], **extra) -> dict:
@@ -69,12 +59,12 @@ def main() -> int:
             def wave(n=n):
                 for i in range(n):
                     slots[i].copy_(host[i], non_blocking=True)
-            rows.append(_row("h2d_pinned", name, nbytes, n, _time(wave, args.reps)))
+            rows.append(_row("h2d_pinned", name, nbytes, n, _times(wave, args.reps)))
         pageable = [h.clone() for h in host[:4]]  # clone of a pinned tensor is ordinary (pageable) memory
         def wave_pageable():
             for i in range(4):
                 slots[i].copy_(pageable[i], non_blocking=True)
-        rows.append(_row("h2d_pageable", name, nbytes, 4, _time(wave_pageable, args.reps)))
+        rows.append(_row("h2d_pageable", name, nbytes, 4, _times(wave_pageable, args.reps)))
         # HBM side: read n experts once (a reduction touches every byte; bf16 view halves the element count).
         for n in WAVES:
             flat = [s.view(torch.bfloat16) for s in slots[:n]]
@@ -82,12 +72,12 @@ def main() -> int:
             def read(flat=flat, acc=acc):
                 for t in flat:
                     acc.add_(t.sum(dtype=torch.float32))
-            rows.append(_row("hbm_read", name, nbytes, n, _time(read, args.reps)))
+            rows.append(_row("hbm_read", name, nbytes, n, _times(read, args.reps)))
         del host, slots, pageable
     big = 2 << 30
     src = torch.randint(0, 255, (big,), dtype=torch.uint8, device=dev)
     dst = torch.empty_like(src)
-    times = _time(lambda: dst.copy_(src), args.reps)
+    times = _times(lambda: dst.copy_(src), args.reps)
     rows.append({"kind": "d2d_copy", "bytes": big, "median_us": statistics.median(times),
                  "GBps_read_plus_write": 2 * big / statistics.median(times) / 1e3, "times_us": times})
     print(f"d2d copy 2 GiB: {rows[-1]['GBps_read_plus_write']:.0f} GB/s (read + write)", flush=True)
