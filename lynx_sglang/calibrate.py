@@ -62,12 +62,13 @@ import torch.nn.functional as F
 from lynx_sglang import __version__
 from lynx_sglang import accuracy as A
 from lynx_sglang import model_routing
-from lynx_sglang.runtime.selection.config import DEFAULT_REFILL_SIMILARITY, WEIGHT_Q, ConfigError, make_policy
+from lynx_sglang.runtime.selection.config import (DEFAULT_REFILL_SIMILARITY, WEIGHT_Q, ConfigError, make_policy,
+                                                   policy_params)
 from lynx_sglang.runtime.selection.model_identity import model_identity
 from lynx_sglang.runtime.selection.similarity import DEFAULT_NAME as SIMILARITY_NAME, load_similarity
 from lynx_sglang.runtime.sglang.options import CALIBRATION_FORMAT
 
-FORMAT = CALIBRATION_FORMAT  # "lynx-calibration/1"
+FORMAT = CALIBRATION_FORMAT  # "lynx-calibration/2"
 REPORT_FORMAT = "lynx-calibration-report/1"
 TOOL = f"lynx_sglang.calibrate {__version__}"
 BUNDLED_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -124,6 +125,15 @@ def _refill_for(model_path: Path, policy: str, refill: Optional[float]) -> float
             raise CalibrationError(f"--refill-similarity must be a finite number >= 0, got {refill!r}")
         return float(refill)
     return DEFAULT_REFILL_SIMILARITY if policy == "lynx" and (Path(model_path) / SIMILARITY_NAME).is_file() else 0.0
+
+
+def base_params(knob: Knob) -> dict:
+    """Every parameter of the calibrated policy but the knob, written out (format 2), so a later change of a
+    default does not change what the file means."""
+    params = policy_params(make_policy(knob.policy, **knob.fixed))
+    params.pop("name")
+    params.pop(knob.param)
+    return params
 
 
 def knob_for(policy: str) -> Knob:
@@ -710,7 +720,7 @@ def run(model_path: Path, budgets: Sequence[float], policy: str = "lynx", data: 
                                                    calibration_kl_alone=None if j < 0 else round(curve[j][0], 6))
         payload = {
             "format": FORMAT, "tool": TOOL, "model_path": str(model_path), "policy": policy,
-            "knob": {"param": knob.param, "grid": grid}, "base_params": dict(knob.fixed),
+            "knob": {"param": knob.param, "grid": grid}, "base_params": base_params(knob),
             "layer_params": sol["layer_params"], "budget_kl": budget,
             "headroom": headroom, "search_kl_target": budget * (1.0 - headroom),
             "identity": identity, "num_experts": E, "top_k": k, "scoring": router.scoring_func,

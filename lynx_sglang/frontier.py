@@ -11,8 +11,9 @@ on exactly those batches (``accuracy.measure``: teacher-forced decode, the rule 
 decode step's B rows on every MoE layer). Rules, each swept over its main knob from "almost
 off" to "aggressive" (``frontier_rules``):
 
-* ours (``ExpertSelector``): ``lynx`` over ``max_moved_weight`` (default alpha/beta), plus two
-  variant lines (``keep_level = 0``; ``alpha = 1``); ``oea`` over k0 = k-1 .. 1; ``budget`` over
+* ours (``ExpertSelector``): ``lynx`` and ``lynx+sim`` (refill by expert similarity) over
+  ``max_moved_weight`` (``CAP_GRID``, default alpha/beta/keep_level), each with a variant line at
+  ``keep_level = 1`` (the default before session 10); ``oea`` over k0 = k-1 .. 1; ``budget`` over
   ``max_experts`` as fractions of off's distinct experts;
 * peers (``peers``, run by ``ExpertSelector`` too): ``lynx_paper`` over alpha (beta 2, and no
   beta); ``xshare`` over ``expert_budget`` as fractions of E (``top_per_token`` 1, and a few
@@ -61,8 +62,15 @@ REFILL_LAMBDA = 8.0  # lynx's similarity-aware refill (docs/policies.md): at or 
 PEERS = ("lynx_paper", "xshare", "sere")
 FAMILIES = (*OURS, *PEERS, A.RANDOM)
 LYNX_FAMILIES = ("lynx", "lynx+sim")  # our lynx lines (the dominance check tests the others against them)
-MAIN_LINE = "lynx"  # our main line: lynx over max_moved_weight at default alpha/beta
-SERE_QUANTILES = (0.5, 0.9)  # rho values besides 0: quantiles of the off-diagonal similarities
+# The line every other line's KL is paired against: the recommended rule (lynx refilling by expert
+# similarity) where the similarity file exists, else plain lynx (both over max_moved_weight, defaults otherwise).
+REFERENCE_LINES = ("lynx+sim", "lynx")
+SERE_QUANTILES = (0.5, 0.9)
+# Our lines' moved-weight caps. Dense where the curve bends: a line is interpolated linearly between its
+# points, which over-states KL between sparse points of a convex curve (it is what alternating the two
+# settings step by step would give, so a sparse line is never flattered).
+CAP_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 1.0)
+VARIANT_CAP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)  # rho values besides 0: quantiles of the off-diagonal similarities
 
 
 # ----------------------------------------------------------------------------- rules
@@ -104,19 +112,21 @@ def frontier_rules(num_experts: int, top_k: int, off_experts: float, rhos: Seque
     E, k = num_experts, top_k
     rules = [FRule("off", "off", "off", make_policy("off"))]
     if "lynx" in families:
-        for d in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
+        for d in CAP_GRID:
             rules.append(FRule(f"lynx moved<={d:g}", "lynx", "lynx", make_policy("lynx", max_moved_weight=d)))
-        if lynx_variants:
-            for d in (0.2, 0.4, 0.7, 1.0):
-                rules.append(FRule(f"lynx keep_level=0 moved<={d:g}", "lynx keep_level=0", "lynx",
-                                   make_policy("lynx", keep_level=0, max_moved_weight=d)))
-            for d in (0.2, 0.4, 0.7, 1.0):
-                rules.append(FRule(f"lynx alpha=1 moved<={d:g}", "lynx alpha=1", "lynx",
-                                   make_policy("lynx", alpha=1.0, max_moved_weight=d)))
+        if lynx_variants:  # the default before session 10 (keep_level 1), with and without the similarity refill
+            for d in VARIANT_CAP_GRID:
+                rules.append(FRule(f"lynx keep_level=1 moved<={d:g}", "lynx keep_level=1", "lynx",
+                                   make_policy("lynx", keep_level=1, max_moved_weight=d)))
     if "lynx+sim" in families:  # our lynx, moved picks refilled by expert similarity (needs the similarity file)
-        for d in (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0):
+        for d in CAP_GRID:
             rules.append(FRule(f"lynx+sim moved<={d:g}", "lynx+sim", "lynx+sim",
                                make_policy("lynx", max_moved_weight=d, refill_similarity=REFILL_LAMBDA)))
+        if lynx_variants:
+            for d in VARIANT_CAP_GRID:
+                rules.append(FRule(f"lynx+sim keep_level=1 moved<={d:g}", "lynx+sim keep_level=1", "lynx+sim",
+                                   make_policy("lynx", keep_level=1, max_moved_weight=d,
+                                               refill_similarity=REFILL_LAMBDA)))
     if "oea" in families:
         rules += [FRule(f"oea k0={k0}", "oea", "oea", make_policy("oea", k0=k0)) for k0 in range(k - 1, 0, -1)]
     if "budget" in families:
@@ -284,11 +294,18 @@ def _ci(r: torch.Tensor) -> List[float]:
     return list(A.percentile_interval(r))
 
 
+def reference_line(frontier: dict) -> Optional[str]:
+    """The line others are paired against (``REFERENCE_LINES``: the first the frontier has), or None."""
+    have = lines(frontier)
+    return next((n for n in REFERENCE_LINES if n in have), None)
+
+
 def matched_table(frontier: dict, reps: Dict[str, Dict[str, torch.Tensor]], targets=TARGETS) -> List[dict]:
     """Per line and target fraction: KL and accuracy change interpolated, with intervals, and the
     paired difference of KL against our main line at the same count."""
     rows = []
-    main = pareto(lines(frontier).get(MAIN_LINE, []))
+    ref = reference_line(frontier)
+    main = pareto(lines(frontier).get(ref, [])) if ref else []
     for name, pts in lines(frontier).items():
         pts = pareto(pts)
         xs = [p["fraction"] for p in pts]
@@ -302,13 +319,13 @@ def matched_table(frontier: dict, reps: Dict[str, Dict[str, torch.Tensor]], targ
             r_d = interpolate(xs, [reps[p["rule"]["label"]]["delta_points"] for p in pts], t)
             cell = {"kl": kl, "kl_ci": _ci(r_kl), "delta_points": interpolate(xs, [p["delta_points"] for p in pts], t),
                     "delta_points_ci": _ci(r_d)}
-            if main and name != MAIN_LINE:
+            if main and name != ref:
                 mx = [p["fraction"] for p in main]
                 m_kl = interpolate(mx, [p["kl"] for p in main], t)
                 if m_kl is not None:
                     r_m = interpolate(mx, [reps[p["rule"]["label"]]["kl"] for p in main], t)
-                    cell["kl_minus_lynx"] = kl - m_kl
-                    cell["kl_minus_lynx_ci"] = _ci(r_kl - r_m)
+                    cell["kl_minus_ref"] = kl - m_kl
+                    cell["kl_minus_ref_ci"] = _ci(r_kl - r_m)
             row["at"][str(t)] = cell
         rows.append(row)
     return rows
@@ -365,15 +382,16 @@ def markdown(frontiers: List[dict], analyses: List[dict], meta: dict) -> str:
            "Cells: KL(off || rule) in nats per token and next-token accuracy change in points, linearly interpolated at "
            "the given share of off's distinct experts per decode step (mean over layers), with 95 % paired-bootstrap "
            f"intervals ({A.BOOTSTRAP_REPS} resamples of sequences, interpolated the same way); n/a: the line's points "
-           "do not span that count. \"KL vs lynx\": the paired difference of KL to the `lynx` line at the same count "
-           "(negative: lower KL than lynx). Each line is interpolated through its own Pareto points (points of the "
+           "do not span that count. \"KL vs ref\": the paired difference of KL to the reference line at the same count "
+           "(negative: lower KL than the reference; the reference is `lynx+sim`, the recommended rule, where the "
+           "similarity file exists, else `lynx`). Each line is interpolated through its own Pareto points (points of the "
            "line that another point of the same line beats on both experts and KL are left out).", ""]
     for f, an in zip(frontiers, analyses):
         out += [f"## {Path(f['model']).name}, B = {f['batch_size']}, {f['kind']}", "",
                 f"{f['batches']} batches, {f['sequences']} sequences, {f['points'][0]['tokens']} scored tokens; off: "
                 f"{f['experts_off']:.2f} of {f['num_experts']} experts per step, "
                 f"accuracy {100 * f['accuracy_off']:.2f} %.", ""]
-        head = "| line |" + "".join(f" {int(100 * t)} %: KL | Δ points | KL vs lynx |" for t in TARGETS)
+        head = "| line |" + "".join(f" {int(100 * t)} %: KL | Δ points | KL vs ref |" for t in TARGETS)
         out += [head, "|---|" + "---|---|---|" * len(TARGETS)]
         for row in an["table"]:
             cells = []
@@ -382,8 +400,8 @@ def markdown(frontiers: List[dict], analyses: List[dict], meta: dict) -> str:
                 if c is None:
                     cells += ["n/a", "n/a", ""]
                 else:
-                    vs = (_fmt_cell(c["kl_minus_lynx"], c["kl_minus_lynx_ci"], "kl")
-                          if "kl_minus_lynx" in c else "")
+                    vs = (_fmt_cell(c["kl_minus_ref"], c["kl_minus_ref_ci"], "kl")
+                          if "kl_minus_ref" in c else "")
                     cells += [_fmt_cell(c["kl"], c["kl_ci"], "kl"), _fmt_cell(c["delta_points"], c["delta_points_ci"], "d"),
                               vs]
             out.append(f"| {row['line']} | " + " | ".join(cells) + " |")
@@ -393,18 +411,19 @@ def markdown(frontiers: List[dict], analyses: List[dict], meta: dict) -> str:
             if have:
                 kl, line, cell = min(have, key=lambda h: h[0])
                 vs = ""
-                if "kl_minus_lynx_ci" in cell:
-                    lo, hi = cell["kl_minus_lynx_ci"]
+                ref = an.get("reference")
+                if "kl_minus_ref_ci" in cell:
+                    lo, hi = cell["kl_minus_ref_ci"]
                     verdict = "beyond the noise" if hi < 0 else "within the noise"
-                    vs = f"; vs lynx {cell['kl_minus_lynx']:+.4f} [{lo:+.4f}, {hi:+.4f}], {verdict}"
-                peer = [h for h in have if h[2].get("kl_minus_lynx") is not None and h[1] != line
+                    vs = f"; vs {ref} {cell['kl_minus_ref']:+.4f} [{lo:+.4f}, {hi:+.4f}], {verdict}"
+                peer = [h for h in have if h[2].get("kl_minus_ref") is not None and h[1] != line
                         and any(h[1].startswith(f) for f in PEERS)]
                 best_peer = min(peer, key=lambda h: h[0]) if peer else None
                 bp = ""
                 if best_peer is not None and not any(line.startswith(f) for f in PEERS):
                     c = best_peer[2]
-                    bp = (f"; best peer `{best_peer[1]}` {best_peer[0]:.4f} (vs lynx {c['kl_minus_lynx']:+.4f} "
-                          f"[{c['kl_minus_lynx_ci'][0]:+.4f}, {c['kl_minus_lynx_ci'][1]:+.4f}])")
+                    bp = (f"; best peer `{best_peer[1]}` {best_peer[0]:.4f} (vs {ref} {c['kl_minus_ref']:+.4f} "
+                          f"[{c['kl_minus_ref_ci'][0]:+.4f}, {c['kl_minus_ref_ci'][1]:+.4f}])")
                 out.append(f"- at {int(100 * t)} %: lowest KL {kl:.4f} by `{line}`{vs}{bp}")
         rnd = [p for p in f["points"] if p["family"] == A.RANDOM]
         if rnd:
@@ -431,7 +450,8 @@ def markdown(frontiers: List[dict], analyses: List[dict], meta: dict) -> str:
     return "\n".join(out)
 
 
-STYLES = {"lynx": ("C0", "o", "-"), "lynx+sim": ("C9", "*", "-"), "lynx keep_level=0": ("C0", "v", "--"), "lynx alpha=1": ("C0", "^", ":"),
+STYLES = {"lynx": ("C0", "o", "-"), "lynx+sim": ("C9", "*", "-"), "lynx keep_level=1": ("C0", "v", "--"),
+          "lynx+sim keep_level=1": ("C9", "v", "--"),
           "oea": ("C1", "s", "-"), "budget": ("C2", "D", "-"), "lynx_paper beta=2": ("C4", "P", "-"),
           "lynx_paper beta=None": ("C4", "p", "--"),
           "xshare top_per_token=1": ("C5", "X", "-"), "xshare top_per_token=0": ("C5", "x", "--")}
@@ -481,7 +501,7 @@ def plot_frontier(f: dict, path: Path) -> None:
 
 def analyse(f: dict) -> dict:
     reps = replicates(f)
-    return {"table": matched_table(f, reps), "dominance": dominance(f, reps)}
+    return {"table": matched_table(f, reps), "dominance": dominance(f, reps), "reference": reference_line(f)}
 
 
 def write_outputs(payload: dict, out: Path) -> None:

@@ -14,6 +14,7 @@ import torch
 from lynx_sglang import ConfigError
 from lynx_sglang import calibrate as C
 from lynx_sglang.runtime.selection.model_identity import model_identity
+from lynx_sglang.runtime.selection.config import LynxPolicy, make_policy
 from lynx_sglang.runtime.sglang import stage
 from lynx_sglang.runtime.sglang.options import ENV_VAR, LynxOptions
 from test_sglang_hooks import _Model, _parse, _topk, sglang_layers  # noqa: F401  (module fixture)
@@ -219,9 +220,12 @@ def test_the_tool_writes_a_servable_file_for_the_bundled_model(tiny_report, tmp_
 
     small, big = tiny_report["calibrations"]
     for cal in (small, big):
-        assert cal["format"] == "lynx-calibration/1" and cal["policy"] == "lynx"
+        assert cal["format"] == "lynx-calibration/2" and cal["policy"] == "lynx"
         # The bundled model has its similarity file: calibrated with the refill the server applies by default.
-        assert cal["base_params"] == {"refill_similarity": 8.0}
+        # Format 2 writes out every other parameter, so a later change of a default cannot change the file.
+        assert cal["base_params"]["refill_similarity"] == 8.0 and cal["base_params"]["keep_level"] == 0
+        assert "max_moved_weight" not in cal["base_params"] and "name" not in cal["base_params"]
+        assert make_policy("lynx", **cal["base_params"]) == make_policy("lynx", refill_similarity=8.0)
         assert cal["data"]["similarity"]["path"].endswith("sere_similarity.safetensors")
         assert cal["identity"] == model_identity(AutoConfig.from_pretrained(MODEL))
         assert (cal["num_experts"], cal["top_k"], cal["scoring"]) == (32, 4, "softmax")
@@ -238,7 +242,7 @@ def test_the_tool_writes_a_servable_file_for_the_bundled_model(tiny_report, tmp_
             params = cal["layer_params"][lid]
             if params is None or row["experts_after"] == row["experts_before"]:
                 continue
-            cap = params.get("max_moved_weight", cal["base_params"].get("max_moved_weight", 0.4))
+            cap = params["max_moved_weight"]
             assert 0 < row["moved_per_rerouted_token"] <= cap + 1e-4, (lid, row, params)
         assert "8" in cal["global_comparison"] and "gain_ci" in cal["global_comparison"]["8"]
         assert cal["search"]["measured_kl"] <= cal["budget_kl"]
@@ -267,7 +271,7 @@ _CONFIG = SimpleNamespace(model_type="qwen3_moe", num_experts=16, num_hidden_lay
 
 
 def _cal_file(path, layer_params, config=_CONFIG, **over):
-    payload = {"format": "lynx-calibration/1", "policy": "lynx", "base_params": {}, "layer_params": layer_params,
+    payload = {"format": "lynx-calibration/2", "policy": "lynx", "base_params": {}, "layer_params": layer_params,
                "budget_kl": 0.01, "identity": model_identity(config), "num_experts": config.num_experts,
                "top_k": config.num_experts_per_tok, "scoring": "softmax", **over}
     C.write_atomic(path, payload)
@@ -286,6 +290,21 @@ def test_each_layer_gets_its_own_policy_and_a_null_layer_none(sglang_layers, tmp
     assert [s.layer_id for s in stages] == [0, 1]
     assert [s.selector.policy.max_moved_weight for s in stages] == [0.3, 0.9]
     assert "layer 2: selection off" in caplog.text and "max_moved_weight=0.9" in caplog.text
+
+
+def test_a_format_1_file_keeps_the_defaults_it_was_made_with(tmp_path):
+    """Format 1 files relied on the defaults of their time (lynx keep_level 1); read today they must run that,
+    not the new default, while their own base parameters still win; an unknown format is refused."""
+    old = LynxOptions.from_file(_cal_file(tmp_path / "v1.json", {"0": {"max_moved_weight": 0.3}},
+                                          format="lynx-calibration/1"))
+    assert old.make_policy(0).keep_level == 1 and old.make_policy(0).max_moved_weight == 0.3
+    own = LynxOptions.from_file(_cal_file(tmp_path / "v1b.json", {"0": {"max_moved_weight": 0.3}},
+                                          format="lynx-calibration/1", base_params={"keep_level": 0}))
+    assert own.make_policy(0).keep_level == 0
+    new = LynxOptions.from_file(_cal_file(tmp_path / "v2.json", {"0": {"max_moved_weight": 0.3}}))
+    assert new.make_policy(0).keep_level == LynxPolicy().keep_level == 0
+    with pytest.raises(ConfigError, match="unknown format 'lynx-calibration/3'"):
+        LynxOptions.from_file(_cal_file(tmp_path / "v3.json", {"0": None}, format="lynx-calibration/3"))
 
 
 @pytest.mark.parametrize("case,msg", [
@@ -348,7 +367,7 @@ def test_a_cpu_server_applies_the_file_per_layer(tmp_path):
     from lynx_sglang.server_process import DEFAULT_MODEL, running_server
 
     config = AutoConfig.from_pretrained(DEFAULT_MODEL)
-    payload = {"format": "lynx-calibration/1", "policy": "lynx", "base_params": {}, "budget_kl": 0.01,
+    payload = {"format": "lynx-calibration/2", "policy": "lynx", "base_params": {}, "budget_kl": 0.01,
                "layer_params": {"0": None, "1": {"max_moved_weight": 1.0}, "2": {"max_moved_weight": 0.0},
                                 "3": {"max_moved_weight": 1.0}},
                "identity": model_identity(config), "num_experts": 32, "top_k": 4, "scoring": "softmax"}

@@ -52,9 +52,17 @@ def test_interpolation_on_a_hand_made_frontier():
     # Constant per-sequence values: every replicate equals the point, so the interval is the value.
     assert lynx80["kl_ci"] == pytest.approx([0.025, 0.025])
     x80 = rows["xshare"]["at"]["0.8"]
-    assert x80["kl"] == pytest.approx(0.065) and x80["kl_minus_lynx"] == pytest.approx(0.04)
+    assert x80["kl"] == pytest.approx(0.065) and x80["kl_minus_ref"] == pytest.approx(0.04)
     assert rows["xshare"]["at"]["0.7"] is None and rows["xshare"]["at"]["0.6"] is None  # not spanned: n/a
     assert [p["rule"]["label"] for p in F.pareto(F.lines(frontier)["xshare"])] == ["x2", "x1"]
+    # With the recommended line (lynx+sim) present, every other line is paired against it, plain lynx included.
+    frontier["points"].append(_point("s1", "lynx+sim", "lynx+sim", 0.9, 0.005, _seqs(n, 0.005)))
+    frontier["points"].append(_point("s2", "lynx+sim", "lynx+sim", 0.7, 0.03, _seqs(n, 0.03)))
+    assert F.reference_line(frontier) == "lynx+sim"
+    rows = {r["line"]: r for r in F.matched_table(frontier, F.replicates(frontier))}
+    assert rows["lynx"]["at"]["0.8"]["kl_minus_ref"] == pytest.approx(0.025 - 0.0175)
+    assert rows["xshare"]["at"]["0.8"]["kl_minus_ref"] == pytest.approx(0.065 - 0.0175)
+    assert "kl_minus_ref" not in rows["lynx+sim"]["at"]["0.8"]
 
 
 def test_dominance_needs_fewer_experts_and_lower_kl_beyond_the_noise():

@@ -105,7 +105,10 @@ class LynxPolicy:
     alpha: bins per logit of affinity (bin width 1/alpha logits).
     beta: number of bins below the top one; affinities further away share bin -beta.
     keep_level: an expert clears the threshold with ``min_votes`` votes at bin
-        >= -keep_level (or the equal score in lower bins).
+        >= -keep_level (or the equal score in lower bins). 0 (default): only a row's
+        best pick votes, so the kept set is what the moved-weight cap holds plus the
+        ``min_keep`` best-voted experts; 1 (the default before session 10) also keeps
+        picks within 1/alpha logits of their row's best.
     min_votes: votes needed at that level.
     min_keep: the threshold is lowered until at least this many experts clear it
         (None: top_k, so every token can still fill all its slots).
@@ -113,7 +116,8 @@ class LynxPolicy:
         confident and always keeps its rank-0 expert (None: 1/alpha, one bin).
     max_moved_weight: a token's picks may only move while their routed weight,
         counted from its weakest pick up, stays within this fraction of the
-        token's routed weight sum; the others are always kept (1.0: no cap).
+        token's routed weight sum; the others are always kept (1.0: no cap). The main
+        knob (default 0.35).
     refill_similarity: 0 (default): a moved pick goes to the row's best-scored kept
         expert. > 0: to the kept expert maximising ``score + refill_similarity *
         similarity[moved expert, candidate]`` (SERE's idea: a similar expert is a
@@ -139,11 +143,13 @@ class LynxPolicy:
     name = "lynx"
     alpha: float = 2.0
     beta: int = 3
-    keep_level: int = 1
+    # keep_level 0 and cap 0.35 since session 10: at every matched expert count on the three bundled models
+    # keep_level 0 had the same or lower KL than 1 and reaches deeper cuts (docs/peers.md, "Session 10").
+    keep_level: int = 0
     min_votes: int = 1
     min_keep: Optional[int] = None
     confidence_margin: Optional[float] = None
-    max_moved_weight: float = 0.4
+    max_moved_weight: float = 0.35
     refill_similarity: float = 0.0
     residency: str = "off"
     residency_max_moved_weight: Optional[float] = None
@@ -225,6 +231,7 @@ class RankAwareLynxPolicy(LynxPolicy):
 
     rank_slack: per-rank kept-expert bound above the even share (None: no bound),
         applied in units of 1/WEIGHT_Q.
+    keep_level: 1 by default (lynx: 0), the setting its expert-parallel measurements used.
     max_moved_weight: as for lynx, but 0.3 by default: the rank drops move far more
         rows than lynx does, and on the bundled model 0.3 kept the cost within
         0.35 points at EP = 4 while cutting all-to-all bytes 38 % (0.4: up to
@@ -236,6 +243,7 @@ class RankAwareLynxPolicy(LynxPolicy):
     """
 
     name = "lynx_ep"
+    keep_level: int = 1  # its measured setting (docs/accuracy.md); lynx's own default moved to 0 in session 10
     max_moved_weight: float = 0.3
     rank_slack: Optional[float] = 0.25
 

@@ -28,8 +28,11 @@ STATS_DIR_ENV = "LYNX_SGLANG_STATS_DIR"
 MOE_BACKENDS = ("default", "lynx")
 # Our choice added to SGLang's --moe-a2a-backend; SGLang itself then runs as with "none".
 A2A_BACKEND = "lynx"
-# A per-layer calibration file (python -m lynx_sglang.calibrate), accepted by --lynx-config.
-CALIBRATION_FORMAT = "lynx-calibration/1"
+# A per-layer calibration file (python -m lynx_sglang.calibrate), accepted by --lynx-config. Format 2 writes
+# every policy parameter into base_params, so a later change of a default cannot change what a file means.
+CALIBRATION_FORMAT = "lynx-calibration/2"
+# Format 1 files relied on the defaults of their time: lynx's keep_level was 1 then (0 since session 10).
+_FORMAT_1_DEFAULTS = {"lynx": {"keep_level": 1}}
 # Flags a calibration file fixes: with one given, the file and the flag would both claim the policy.
 _CALIBRATION_FIXES = ("lynx_policy", "lynx_preset", "lynx_layers", "lynx_sere_similarity")
 
@@ -220,9 +223,10 @@ class LynxOptions:
         """Options from a calibration file (``python -m lynx_sglang.calibrate``): its policy, the parameters
         common to every layer (``base_params``) and each layer's own (``layer_params``); selection on
         (``--moe-backend lynx``). The model it was made for is checked when the model loads (``build_stages``)."""
-        if data.get("format") != CALIBRATION_FORMAT:
+        legacy = data.get("format") == "lynx-calibration/1"
+        if data.get("format") != CALIBRATION_FORMAT and not legacy:
             raise ConfigError(f"--lynx-config {path}: unknown format {data.get('format')!r} "
-                              f"(this version reads {CALIBRATION_FORMAT!r})")
+                              f"(this version reads {CALIBRATION_FORMAT!r} and 'lynx-calibration/1')")
         missing = [k for k in ("policy", "layer_params", "identity", "num_experts", "top_k", "scoring") if k not in data]
         if missing:
             raise ConfigError(f"--lynx-config {path}: calibration file without {', '.join(missing)}")
@@ -230,7 +234,10 @@ class LynxOptions:
             raise ConfigError(f"--lynx-config {path}: the calibration file's layer_params is empty")
         provenance = {"file": os.path.abspath(path), "identity": data["identity"], "num_experts": data["num_experts"],
                       "top_k": data["top_k"], "scoring": data["scoring"], "budget_kl": data.get("budget_kl")}
-        return cls(moe_backend="lynx", policy=data["policy"], params=dict(data.get("base_params") or {}),
+        base = dict(data.get("base_params") or {})
+        if legacy:  # what the file meant when it was made
+            base = {**_FORMAT_1_DEFAULTS.get(data["policy"], {}), **base}
+        return cls(moe_backend="lynx", policy=data["policy"], params=base,
                    layer_params=data["layer_params"], calibration=provenance)
 
 
