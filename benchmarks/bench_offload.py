@@ -126,6 +126,9 @@ def replay(num_slots: int, steps: Iterable) -> List[StepCost]:
 # ----------------------------------------------------------------------------- residency-aware rules
 
 
+DEFAULT_CAP = LynxPolicy().max_moved_weight  # lynx's default moved-weight cap (the unlabelled points)
+
+
 @dataclass(frozen=True)
 class ResidencyRule:
     """A residency-aware point of the sweep, for one K: lynx (``policy``) in residency mode ``mode``.
@@ -142,7 +145,7 @@ class ResidencyRule:
     def label(self) -> str:
         name = {"keep": "lynx+resident", "prefer": "resident-first"}[self.mode]
         cap = self.policy.max_moved_weight
-        return name if cap == LynxPolicy().max_moved_weight else f"{name} moved<={cap:g}"
+        return name if cap == DEFAULT_CAP else f"{name} moved<={cap:g}"
 
     @property
     def runtime_policy(self) -> LynxPolicy:
@@ -308,7 +311,7 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
         plain = {"lynx": make_policy("lynx")}
         plain.update({f"lynx moved<={c:g}": make_policy("lynx", max_moved_weight=c) for c in caps})
         residency = [ResidencyRule(mode, K, LynxPolicy(max_moved_weight=c)) for K in ks
-                     for mode, c in [("keep", 0.4), ("prefer", 0.4)] + [("prefer", c) for c in caps]]
+                     for mode, c in [("keep", DEFAULT_CAP), ("prefer", DEFAULT_CAP)] + [("prefer", c) for c in caps]]
         series: Dict[tuple, Series] = {}
 
         def add(label, K, patch, res):
