@@ -155,8 +155,8 @@ def class_routers(max_experts: int = MAX_EXPERTS):
 def variants(max_experts: int = CHECKED_MAX_EXPERTS):
     """(router, policy, num_valid as a tensor) for every variant compiled: the product's router shapes with
     every policy (lynx also with its similarity refill), then one router per padded class up to ``max_experts``
-    with lynx at the deepest binning (MAX_BETA), with the refill, and the default one uncapped, oea, budget and
-    off."""
+    with lynx at the deepest binning (MAX_BETA), with the refill and with ``keep_top``, and the default one
+    uncapped, oea, budget and off."""
     for E, k, shared in PRODUCT_SHAPES:
         if E > max_experts:
             continue
@@ -174,6 +174,8 @@ def variants(max_experts: int = CHECKED_MAX_EXPERTS):
             # The refill changes the reroute kernel only (REFILL): its vote and keep launches are deep's.
             yield router, make_policy("lynx", beta=MAX_BETA, max_moved_weight=0.4, refill_similarity=2.0), True
             if scoring == "softmax":
+                # keep_top changes the vote kernel only (K0 > 0 for lynx): one more atomic per pick.
+                yield router, make_policy("lynx", beta=MAX_BETA, max_moved_weight=0.4, keep_top=min(2, k)), True
                 continue  # the rest differ from sigmoid only in the shared scoring code
             yield router, make_policy("lynx", max_moved_weight=1.0), False  # uncapped; num_valid an int
             for name, params in (("oea", {}), ("budget", {"max_experts": k}), ("off", {})):
@@ -203,7 +205,7 @@ def main() -> int:
                    "shared": router.num_shared_slots, "policy": policy.name, "scoring": router.scoring_func,
                    "bias": router.has_correction_bias,
                    **{c: kw[c] for c in ("E_PAD", "K_PAD", "KT_PAD", "NB", "BLOCK_T", "NV_FROM_PTR", "CHUNK",
-                                         "CAP_MOVES", "REFILL", "num_warps") if c in kw},
+                                         "CAP_MOVES", "REFILL", "K0", "num_warps") if c in kw},
                    **ptxas_usage(kernel, args.arch), "compile_s": round(time.perf_counter() - t0, 2)}
             report.append(row)
             print(json.dumps(row), flush=True)

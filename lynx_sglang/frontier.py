@@ -13,8 +13,9 @@ off" to "aggressive" (``frontier_rules``):
 
 * ours (``ExpertSelector``): ``lynx`` and ``lynx+sim`` (refill by expert similarity) over
   ``max_moved_weight`` (``CAP_GRID``, default alpha/beta/keep_level), each with a variant line at
-  ``keep_level = 1`` (the default before session 10); ``oea`` over k0 = k-1 .. 1; ``budget`` over
-  ``max_experts`` as fractions of off's distinct experts;
+  ``keep_level = 1`` (the default before session 10), and ``lynx+sim`` with the rank guarantee
+  the default does not take on that model (``keep_top`` 2 at k < 8, 0 at k >= 8);
+  ``oea`` over k0 = k-1 .. 1; ``budget`` over ``max_experts`` as fractions of off's distinct experts;
 * peers (``peers``, run by ``ExpertSelector`` too): ``lynx_paper`` over alpha (beta 2, and no
   beta); ``xshare`` over ``expert_budget`` as fractions of E (``top_per_token`` 1, and a few
   points at 0); ``sere`` over S = 1 .. k-1 at a few thresholds rho (0 and quantiles of the model's calibrated similarities, the file
@@ -117,7 +118,7 @@ def frontier_rules(num_experts: int, top_k: int, off_experts: float, rhos: Seque
         if lynx_variants:  # the default before session 10 (keep_level 1), with and without the similarity refill
             for d in VARIANT_CAP_GRID:
                 rules.append(FRule(f"lynx keep_level=1 moved<={d:g}", "lynx keep_level=1", "lynx",
-                                   make_policy("lynx", keep_level=1, max_moved_weight=d)))
+                                   make_policy("lynx", keep_level=1, keep_top=0, max_moved_weight=d)))
     if "lynx+sim" in families:  # our lynx, moved picks refilled by expert similarity (needs the similarity file)
         for d in CAP_GRID:
             rules.append(FRule(f"lynx+sim moved<={d:g}", "lynx+sim", "lynx+sim",
@@ -125,8 +126,16 @@ def frontier_rules(num_experts: int, top_k: int, off_experts: float, rhos: Seque
         if lynx_variants:
             for d in VARIANT_CAP_GRID:
                 rules.append(FRule(f"lynx+sim keep_level=1 moved<={d:g}", "lynx+sim keep_level=1", "lynx+sim",
-                                   make_policy("lynx", keep_level=1, max_moved_weight=d,
+                                   make_policy("lynx", keep_level=1, keep_top=0, max_moved_weight=d,
                                                refill_similarity=REFILL_LAMBDA)))
+            # The per-token rank guarantee the default does not take here: 2 where the default keeps 0 or 1
+            # (k < 8; 0 and 1 decide alike at keep_level 0), none where it keeps 2 or more.
+            kt = 2 if k // 4 <= 1 else 0
+            if kt <= k:
+                for d in VARIANT_CAP_GRID:
+                    rules.append(FRule(f"lynx+sim keep_top={kt} moved<={d:g}", f"lynx+sim keep_top={kt}", "lynx+sim",
+                                       make_policy("lynx", keep_top=kt, max_moved_weight=d,
+                                                   refill_similarity=REFILL_LAMBDA)))
     if "oea" in families:
         rules += [FRule(f"oea k0={k0}", "oea", "oea", make_policy("oea", k0=k0)) for k0 in range(k - 1, 0, -1)]
     if "budget" in families:
@@ -451,7 +460,8 @@ def markdown(frontiers: List[dict], analyses: List[dict], meta: dict) -> str:
 
 
 STYLES = {"lynx": ("C0", "o", "-"), "lynx+sim": ("C9", "*", "-"), "lynx keep_level=1": ("C0", "v", "--"),
-          "lynx+sim keep_level=1": ("C9", "v", "--"),
+          "lynx+sim keep_level=1": ("C9", "v", "--"), "lynx+sim keep_top=2": ("C9", "^", ":"),
+          "lynx+sim keep_top=0": ("C9", "^", ":"),
           "oea": ("C1", "s", "-"), "budget": ("C2", "D", "-"), "lynx_paper beta=2": ("C4", "P", "-"),
           "lynx_paper beta=None": ("C4", "p", "--"),
           "xshare top_per_token=1": ("C5", "X", "-"), "xshare top_per_token=0": ("C5", "x", "--")}

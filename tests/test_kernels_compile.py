@@ -70,6 +70,8 @@ def test_every_kernel_variant_compiles_for_sm90_without_spills(compiled):
     assert any(r["NB"] == MAX_BETA + 1 and r["E"] == CHECKED_MAX_EXPERTS for r in by["_keep_kernel"])
     assert max(r["NB"] for r in lynx_vote) == MAX_BETA + 1
     assert {r["CAP_MOVES"] for r in lynx_vote} == {True, False}
+    # keep_top (K0 > 0 in lynx's vote kernel) in every padded expert class.
+    assert {r["E_PAD"] for r in lynx_vote if r["K0"] > 0} == _pow2_upto(CHECKED_MAX_EXPERTS)
     assert {r["NV_FROM_PTR"] for r in by["_vote_kernel"]} == {True, False}
     # lynx's similarity refill (REFILL: one [E] bias-row load per freed slot) in every padded expert class.
     refill = [r for r in by["_reroute_kernel"] if r["REFILL"]]

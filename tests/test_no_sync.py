@@ -48,7 +48,7 @@ SHAPES = {
 MOE_LAYERS = {"qwen3-30b-a3b": 48, "deepseek-v3": 58}
 POLICIES = {
     "off": ("off", {}),
-    "lynx": ("lynx", {}),  # the default moved-weight cap (0.4)
+    "lynx": ("lynx", {}),  # the defaults (moved-weight cap 0.35, keep_top k // 4)
     "lynx_uncapped": ("lynx", {"max_moved_weight": 1.0}),
     "oea": ("oea", {}),
     "budget": ("budget", {"max_experts": 24}),
@@ -74,8 +74,8 @@ HIDDEN = 64  # the dispatch's hidden size (op counts do not depend on it)
 #: update this table (and docs/architecture.md, which quotes it).
 _BUDGETS = {  # (path, policy): (Qwen3-30B-A3B, DeepSeek-V3) launches per layer
     ("torch", "off"): (79, 86),  # measured 77 / 84
-    ("torch", "lynx"): (121, 129),  # measured 119 / 127
-    ("torch", "lynx_uncapped"): (107, 115),  # measured 105 / 113
+    ("torch", "lynx"): (118, 126),  # measured 116 / 124 (keep_top k // 4 replaces the confidence test at k = 8)
+    ("torch", "lynx_uncapped"): (104, 112),  # measured 102 / 110
     ("torch", "oea"): (83, 90),  # measured 81 / 88
     ("torch", "budget"): (93, 100),  # measured 91 / 98
     ("torch", "lynx_ep"): (192, 198),  # measured 190 / 196
@@ -83,10 +83,10 @@ _BUDGETS = {  # (path, policy): (Qwen3-30B-A3B, DeepSeek-V3) launches per layer
     ("torch", "lynx_paper_nobeta"): (118, 125),  # measured 116 / 123
     ("torch", "xshare"): (113, 120),  # measured 111 / 118
     ("torch", "sere"): (101, 105),  # measured 99 / 103
-    ("torch", "lynx_refill"): (225, 233),  # measured 223 / 231: k similarity steps of 13 launches
+    ("torch", "lynx_refill"): (222, 230),  # measured 220 / 228: k similarity steps of 13 launches
     ("global", "off"): (82, 89),  # measured 80 / 87
-    ("global", "lynx"): (126, 134),  # measured 124 / 132
-    ("global", "lynx_uncapped"): (112, 120),  # measured 110 / 118
+    ("global", "lynx"): (123, 131),  # measured 121 / 129
+    ("global", "lynx_uncapped"): (109, 117),  # measured 107 / 115
     ("global", "oea"): (88, 95),  # measured 86 / 93
     ("global", "budget"): (96, 103),  # measured 94 / 101
     **{("triton", p): (3, 3) for p in SELECTOR_POLICIES},  # no torch op on the host, three kernels

@@ -183,7 +183,8 @@ def test_per_rank_kept_expert_bound(N, slack):
     per = 32 // N
     mask = ExpertPlacement.contiguous(32, N).logical_on_rank()
     lynx_ep = make_policy("lynx_ep", rank_slack=slack, max_moved_weight=0.4)  # fewer held experts: the bound binds
-    lynx = make_policy("lynx", max_moved_weight=lynx_ep.max_moved_weight)  # the keep set lynx_ep starts from
+    lynx = make_policy("lynx", max_moved_weight=lynx_ep.max_moved_weight, keep_level=lynx_ep.keep_level,
+                       keep_top=lynx_ep.keep_top)  # the keep set lynx_ep starts from
     dropped_some = False
     for seed in range(12):
         batch = skewed(router, 64, seed, skew=3.0)  # a strong shared preference crowds some ranks
@@ -228,7 +229,9 @@ def test_one_rank_equals_lynx(params, with_home):
     for seed in range(4):
         batch = skewed(router, 40, seed)
         policy = make_policy("lynx_ep", rank_slack=None, **params)
-        lynx = make_policy("lynx", **{**params, "max_moved_weight": policy.max_moved_weight})  # same cap
+        # The same cap, level and rank guarantee (lynx_ep's defaults differ from lynx's there).
+        lynx = make_policy("lynx", **{**params, "max_moved_weight": policy.max_moved_weight,
+                                      "keep_level": policy.keep_level, "keep_top": policy.keep_top})
         want_ids, want_w, want_info = reference.select(lynx, router, batch.logits,
                                                        batch.topk_ids, batch.topk_weights, num_valid=37)
         home = torch.zeros(40, dtype=torch.long) if with_home else None

@@ -157,7 +157,7 @@ def test_decisions_follow_sglang_residency_and_equal_the_prototype(paged, mode, 
     st = _stage(opts, slots[0])
     assert st.selector.residency is dr.expert_slot and st.selector.backend == "torch"
     shadow = paged.LRUPolicy(K)  # the benchmark's replay: SGLang's LRU fed the same ids
-    proto_policy = LynxPolicy(max_moved_weight=0.4 if cap is None else cap)
+    proto_policy = LynxPolicy() if cap is None else LynxPolicy(max_moved_weight=cap)
     moved_some = False
     for step in range(24):
         out = _batch(step)
@@ -269,7 +269,7 @@ def test_flags():
                               "--lynx-residency-max-moved-weight", "0.5"])
     policy = options_from_args(args).make_policy()
     assert (policy.residency, policy.residency_max_moved_weight) == ("prefer", 0.5)
-    assert policy.paged.max_moved_weight == 0.5 and policy.max_moved_weight == 0.4
+    assert policy.paged.max_moved_weight == 0.5 and policy.max_moved_weight == LynxPolicy().max_moved_weight
     assert options_from_args(parser.parse_args(["--moe-backend", "lynx"])).make_policy().residency == "off"
     with pytest.raises(SystemExit):
         parser.parse_args(["--lynx-residency", "always"])

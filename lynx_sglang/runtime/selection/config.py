@@ -135,6 +135,12 @@ class LynxPolicy:
         experts: confident rows' best pick, picks the moved-weight cap holds), lynx's kept
         set added back below ``min_keep``. With every expert resident neither mode moves a
         pick. Torch backend only on paged layers. docs/offload.md has the measurements.
+    keep_top: every voting row keeps its ``keep_top`` best picks, whatever the cap lets move
+        (OEA's per-token guarantee by rank, on top of lynx's by weight; 0: none). None (default):
+        ``top_k // 4``, a quarter of each token's picks (2 at k = 8; at k < 8 it is 0 or 1, and 1
+        changes nothing at the default ``keep_level`` 0 and ``min_votes`` 1, where a row's best pick
+        clears the threshold anyway). Measured in
+        docs/peers.md, "Session 10": the same KL at 60-80 % of off's experts, lower past half.
     residency_max_moved_weight: the moved-weight cap on paged layers when ``residency``
         is on (None: ``max_moved_weight``): the knob that trades affinity for fewer
         page-ins (measured best at K = E/4, B = 16: 0.5 with ``prefer``).
@@ -153,9 +159,12 @@ class LynxPolicy:
     refill_similarity: float = 0.0
     residency: str = "off"
     residency_max_moved_weight: Optional[float] = None
+    keep_top: Optional[int] = None
 
     def validate(self, router: RouterSpec, max_tokens: int) -> None:
         _check_number("lynx alpha", self.alpha, 1e-3, 1e3, integer=False)
+        if self.keep_top is not None:
+            _check_number("lynx keep_top", self.keep_top, 0, router.top_k, integer=True)
         if self.residency not in RESIDENCY_MODES:
             raise ConfigError(f"lynx residency must be one of {', '.join(RESIDENCY_MODES)}, got {self.residency!r}")
         if self.residency_max_moved_weight is not None:
@@ -190,6 +199,10 @@ class LynxPolicy:
     def moved_weight_q(self) -> int:
         """``max_moved_weight`` in units of 1/WEIGHT_Q (the comparison is exact in integers)."""
         return int(round(self.max_moved_weight * WEIGHT_Q))
+
+    def resolved_keep_top(self, router: RouterSpec) -> int:
+        """Picks every voting row keeps by rank (``keep_top``; None: a quarter of the routed top-k)."""
+        return router.top_k // 4 if self.keep_top is None else self.keep_top
 
     def resolved_min_keep(self, router: RouterSpec) -> int:
         """Minimum number of kept experts per batch."""
@@ -232,6 +245,7 @@ class RankAwareLynxPolicy(LynxPolicy):
     rank_slack: per-rank kept-expert bound above the even share (None: no bound),
         applied in units of 1/WEIGHT_Q.
     keep_level: 1 by default (lynx: 0), the setting its expert-parallel measurements used.
+    keep_top: 0 (lynx: a quarter of top-k); refused otherwise.
     max_moved_weight: as for lynx, but 0.3 by default: the rank drops move far more
         rows than lynx does, and on the bundled model 0.3 kept the cost within
         0.35 points at EP = 4 while cutting all-to-all bytes 38 % (0.4: up to
@@ -244,6 +258,7 @@ class RankAwareLynxPolicy(LynxPolicy):
 
     name = "lynx_ep"
     keep_level: int = 1  # its measured setting (docs/accuracy.md); lynx's own default moved to 0 in session 10
+    keep_top: Optional[int] = 0  # its rank drops decide which picks a token keeps
     max_moved_weight: float = 0.3
     rank_slack: Optional[float] = 0.25
 
@@ -252,6 +267,8 @@ class RankAwareLynxPolicy(LynxPolicy):
         if self.refill_similarity:
             raise ConfigError("lynx_ep does not take refill_similarity (its refill prefers the ranks a token "
                               "already visits)")
+        if self.keep_top != 0:
+            raise ConfigError("lynx_ep does not take keep_top (its rank drops decide which picks a token keeps)")
         if self.residency != "off" or self.residency_max_moved_weight is not None:
             raise ConfigError("lynx_ep does not take residency (SGLang's paged experts runs on a single GPU, "
                               "lynx_ep needs expert parallelism); use lynx with residency")

@@ -194,9 +194,14 @@ def _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts
         nb = policy.beta + 1
         lynx_votes = _count(ids_c * nb + level, amount, E * nb).view(E, nb)
         out = Votes(row_ok=row_ok, rank=rank, picks=lynx_votes.sum(dim=1), lynx_votes=lynx_votes)
-        # Mandatory: the best pick of a confident voting row, and picks the moved-weight cap holds.
-        lead = row_ok & ((z_top[:, 0] - z_top[:, 1]) >= consts.margin) if k >= 2 else row_ok
-        flagged = (rank == 0) & lead[:, None]
+        # Mandatory: the best pick of a confident voting row, a voting row's keep_top best picks, picks the
+        # moved-weight cap holds. keep_top >= 1 already holds every voting row's best pick, confident or not.
+        keep_top = policy.resolved_keep_top(router)
+        if keep_top:
+            flagged = voting & (rank < keep_top)
+        else:
+            lead = row_ok & ((z_top[:, 0] - z_top[:, 1]) >= consts.margin) if k >= 2 else row_ok
+            flagged = (rank == 0) & lead[:, None]
         if policy.moved_weight_q < WEIGHT_Q:
             flagged |= held_by_cap(policy, w, rank, voting)  # False on rows that do not vote
         # Every write is True, so repeated experts need no order; unflagged picks land on a spare slot E.

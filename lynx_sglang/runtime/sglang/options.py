@@ -64,6 +64,7 @@ _POLICY_FLAGS = {
     "lynx_min_keep": ("min_keep", int),
     "lynx_confidence_margin": ("confidence_margin", float),
     "lynx_max_moved_weight": ("max_moved_weight", float),
+    "lynx_keep_top": ("keep_top", int),
     "lynx_rank_slack": ("rank_slack", float),
     "lynx_oea_k0": ("k0", int),
     "lynx_budget_experts": ("max_experts", int),
@@ -81,6 +82,8 @@ _POLICY_FLAGS = {
 }
 # Help beyond "policy parameter X" where the parameter's name does not say it.
 _FLAG_HELP = {
+    "lynx_keep_top": "lynx: every token keeps its N best picks whatever the moved-weight cap lets move (default 0: "
+                     "none); for cuts past half of the experts, docs/peers.md",
     "lynx_residency": "lynx on SGLang's paged experts (--enable-paged-experts): off (default), keep (lynx + every "
                       "resident pick stays) or prefer (resident-first: keep resident picks and the picks rows cannot "
                       "move); reads each paged layer's device residency, needs CUDA graphs not fully disabled; "
