@@ -127,12 +127,15 @@ def _refill_for(model_path: Path, policy: str, refill: Optional[float]) -> float
     return DEFAULT_REFILL_SIMILARITY if policy == "lynx" and (Path(model_path) / SIMILARITY_NAME).is_file() else 0.0
 
 
-def base_params(knob: Knob) -> dict:
+def base_params(knob: Knob, router: RouterSpec) -> dict:
     """Every parameter of the calibrated policy but the knob, written out (format 2), so a later change of a
-    default does not change what the file means."""
-    params = policy_params(make_policy(knob.policy, **knob.fixed))
+    default does not change what the file means (lynx's ``keep_top`` resolved for the model's top-k)."""
+    policy = make_policy(knob.policy, **knob.fixed)
+    params = policy_params(policy)
     params.pop("name")
     params.pop(knob.param)
+    if params.get("keep_top", 0) is None:
+        params["keep_top"] = policy.resolved_keep_top(router)
     return params
 
 
@@ -720,7 +723,7 @@ def run(model_path: Path, budgets: Sequence[float], policy: str = "lynx", data: 
                                                    calibration_kl_alone=None if j < 0 else round(curve[j][0], 6))
         payload = {
             "format": FORMAT, "tool": TOOL, "model_path": str(model_path), "policy": policy,
-            "knob": {"param": knob.param, "grid": grid}, "base_params": base_params(knob),
+            "knob": {"param": knob.param, "grid": grid}, "base_params": base_params(knob, router),
             "layer_params": sol["layer_params"], "budget_kl": budget,
             "headroom": headroom, "search_kl_target": budget * (1.0 - headroom),
             "identity": identity, "num_experts": E, "top_k": k, "scoring": router.scoring_func,

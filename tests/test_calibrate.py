@@ -225,7 +225,8 @@ def test_the_tool_writes_a_servable_file_for_the_bundled_model(tiny_report, tmp_
         # Format 2 writes out every other parameter, so a later change of a default cannot change the file.
         assert cal["base_params"]["refill_similarity"] == 8.0 and cal["base_params"]["keep_level"] == 0
         assert "max_moved_weight" not in cal["base_params"] and "name" not in cal["base_params"]
-        assert make_policy("lynx", **cal["base_params"]) == make_policy("lynx", refill_similarity=8.0)
+        # keep_top written resolved for the model (top-4: 1), not as "the default of the day".
+        assert make_policy("lynx", **cal["base_params"]) == make_policy("lynx", refill_similarity=8.0, keep_top=1)
         assert cal["data"]["similarity"]["path"].endswith("sere_similarity.safetensors")
         assert cal["identity"] == model_identity(AutoConfig.from_pretrained(MODEL))
         assert (cal["num_experts"], cal["top_k"], cal["scoring"]) == (32, 4, "softmax")
