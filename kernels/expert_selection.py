@@ -148,13 +148,11 @@ def _vote_kernel(
             weaker = tl.sum(tl.where(weaker_or_self, q[:, None, :], 0), axis=2)
             held = weaker * _Q_INT > tl.sum(q, axis=1)[:, None] * move_q
             tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & held)
-        if K0 > 0:  # keep_top: every voting row keeps its K0 best picks
-            tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & (rank < K0))
-    elif POLICY == _OEA:
-        tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & (rank < K0))
     elif POLICY == _BUDGET:
         q = tl.floor(w * _Q_SCALE + 0.5).to(tl.int64)
         tl.atomic_add(bscore_ptr + ids_c, q, mask=vmask)
+    if K0 > 0:  # oea's k0 and lynx's keep_top (0 for the other policies): every voting row keeps its K0 best picks
+        tl.atomic_add(flags_ptr + ids_c, tl.full(ids_c.shape, 1, tl.int32), mask=vmask & (rank < K0))
 
 
 @triton.jit
@@ -419,6 +417,9 @@ def select_triton(
     nb = num_bins(policy)
     lynx = policy if isinstance(policy, LynxPolicy) else None
     refill = refill_bias is not None
+    # Picks every voting row keeps by rank: oea's k0, lynx's keep_top; 0 for the other policies.
+    k0 = (policy.resolved_k0(router) if isinstance(policy, OeaPolicy)
+          else lynx.resolved_keep_top(router) if lynx else 0)
 
     _vote_kernel[grid](
         logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
@@ -427,7 +428,7 @@ def select_triton(
         float(lynx.alpha) if lynx else 1.0, float(lynx.margin) if lynx else 0.0,
         lynx.moved_weight_q if lynx else WEIGHT_Q,
         E=E, K=K, E_PAD=E_PAD, K_PAD=triton.next_power_of_2(K), NB=nb,
-        K0=policy.resolved_k0(router) if isinstance(policy, OeaPolicy) else (lynx.resolved_keep_top(router) if lynx else 0),
+        K0=k0,
         POLICY=pid, CAP_MOVES=bool(lynx and lynx.moved_weight_q < WEIGHT_Q), SOFTMAX=softmax, HAS_BIAS=has_bias, NV_FROM_PTR=nv_from_ptr, BLOCK_T=BT,
     )
     _keep_kernel[(1,)](

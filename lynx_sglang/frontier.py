@@ -66,12 +66,12 @@ LYNX_FAMILIES = ("lynx", "lynx+sim")  # our lynx lines (the dominance check test
 # The line every other line's KL is paired against: the recommended rule (lynx refilling by expert
 # similarity) where the similarity file exists, else plain lynx (both over max_moved_weight, defaults otherwise).
 REFERENCE_LINES = ("lynx+sim", "lynx")
-SERE_QUANTILES = (0.5, 0.9)
+SERE_QUANTILES = (0.5, 0.9)  # rho values besides 0: quantiles of the off-diagonal similarities
 # Our lines' moved-weight caps. Dense where the curve bends: a line is interpolated linearly between its
 # points, which over-states KL between sparse points of a convex curve (it is what alternating the two
 # settings step by step would give, so a sparse line is never flattered).
 CAP_GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7, 1.0)
-VARIANT_CAP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)  # rho values besides 0: quantiles of the off-diagonal similarities
+VARIANT_CAP_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0)  # the variant lines' caps
 
 
 # ----------------------------------------------------------------------------- rules

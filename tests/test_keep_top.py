@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from checks import assert_contract, pick_ranks, voting_rows
+from test_kernels import both
 from test_sglang_hooks import _parse, sglang_layers  # noqa: F401  (module fixture)
 from lynx_sglang import ConfigError, ExpertSelector, RouterSpec, make_policy
 from lynx_sglang.runtime.selection import reference
@@ -71,12 +72,7 @@ def test_the_kernels_agree_with_the_reference(E, k, T, device):
     router = RouterSpec(E, k)
     batch = _batch(router, T, seed=E + T)
     policy = make_policy("lynx", max_moved_weight=0.7, keep_top=2)
-    outs = []
-    for backend, dev in (("torch", "cpu"), ("triton", device)):
-        sel = ExpertSelector(router, policy, T, dev, batch.topk_ids.dtype, batch.topk_weights.dtype, backend=backend)
-        out = sel.run(batch.logits.to(dev), batch.topk_ids.to(dev), batch.topk_weights.to(dev), T - 1)
-        outs.append((out[0].cpu(), out[1].cpu(), sel.stats()))
-    (ri, rw, rs), (ki, kw, ks) = outs
+    (ri, rw, rs), (ki, kw, ks) = both(router, policy, batch, T - 1, device)
     assert torch.equal(ki, ri)
     torch.testing.assert_close(kw, rw, rtol=1e-5, atol=1e-6)
     assert ks == rs and rs.rows_changed > 0

@@ -82,8 +82,8 @@ _POLICY_FLAGS = {
 }
 # Help beyond "policy parameter X" where the parameter's name does not say it.
 _FLAG_HELP = {
-    "lynx_keep_top": "lynx: every token keeps its N best picks whatever the moved-weight cap lets move (default 0: "
-                     "none); for cuts past half of the experts, docs/peers.md",
+    "lynx_keep_top": "lynx: every token keeps its N best picks whatever the moved-weight cap lets move (default: "
+                     "a quarter of the routed top-k, 2 at top-8; 0: none); docs/policies.md",
     "lynx_residency": "lynx on SGLang's paged experts (--enable-paged-experts): off (default), keep (lynx + every "
                       "resident pick stays) or prefer (resident-first: keep resident picks and the picks rows cannot "
                       "move); reads each paged layer's device residency, needs CUDA graphs not fully disabled; "
