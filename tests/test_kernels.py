@@ -105,3 +105,42 @@ def test_keep_threshold_at_every_min_keep(min_keep, E, T, ties, device):
     assert rs.experts_after >= min(min_keep, distinct)  # the floor holds
     if not ties and min_keep < distinct:
         assert rs.experts_after < distinct  # the threshold really cut (else any m-th largest would pass)
+
+
+@pytest.mark.parametrize("name,params", POLICIES + [("lynx", {"refill_similarity": 2.0})])
+@pytest.mark.parametrize("T,num_valid", [(1, None), (24, 21), (64, torch.tensor(60))])
+def test_single_program_equals_three_kernels_and_reference(name, params, T, num_valid, device):
+    """Decode-sized batches run as one program (the three stages in a loop over row blocks, with block
+    barriers between stages): the same ids, weights and statistics as the three kernels and the reference,
+    with one block and with several (block_t 4: 16 loop steps at T = 64). Two calls in a row: the single
+    program must leave its scratch zeroed too."""
+    router = RouterSpec(64, 6, 1, "sigmoid", True)
+    g = torch.Generator().manual_seed(T)
+    bias = torch.randn(64, generator=g) * 0.02
+    logits = random_logits(T, 64, skew=1.5, generator=g)
+    if T > 1:
+        logits[3, 5] = float("nan")  # a row that must pass through unchanged
+    batch = route(router, logits, bias, scaling=2.5)
+    sim = torch.rand(64, 64, generator=g) * 2 - 1 if params.get("refill_similarity") else None
+    policy = make_policy(name, **params)
+    results = []
+    for backend, dev, max_t, bt in (("torch", "cpu", None, None), ("triton", device, 0, None),
+                                    ("triton", device, 64, None), ("triton", device, 64, 4)):
+        sel = ExpertSelector(router, policy, T, dev, correction_bias=bias.to(dev), backend=backend, block_t=bt,
+                             similarity=None if sim is None else sim.to(dev), single_program_max_t=max_t)
+        nv = num_valid.to(dev) if isinstance(num_valid, torch.Tensor) else num_valid
+        for _ in range(2):
+            ids, w = sel.run(batch.logits.to(dev), batch.topk_ids.to(dev), batch.topk_weights.to(dev), nv)
+        results.append((ids.cpu(), w.cpu(), sel.stats()))
+    (ri, rw, rs) = results[0]
+    for ki, kw, ks in results[1:]:
+        assert torch.equal(ki, ri)
+        torch.testing.assert_close(kw, rw, rtol=1e-5, atol=1e-6, equal_nan=True)  # the NaN row's own weights
+        assert ks == rs
+    if T > 1 and name != "off":
+        assert rs.experts_after < rs.experts_before  # the selection really cut
+
+
+def test_single_program_max_t_is_checked():
+    with pytest.raises(Exception, match="single_program_max_t"):
+        ExpertSelector(RouterSpec(8, 2), make_policy("lynx"), 4, single_program_max_t=-1)
