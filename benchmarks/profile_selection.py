@@ -1,15 +1,12 @@
 """Where the selection stage's time goes on a GPU: each kernel's own device time, against the stage's time in a
 CUDA graph (what a served decode step pays).
 
-Per policy, shape (E, k, B) and launch path: the device kernels one ``ExpertSelector.run`` launches, with their
-mean duration from the CUDA profiler (CUPTI), their sum, and the stage's median time per call in a CUDA graph.
-The gap between the graph time and the kernels' sum is launch and scheduling overhead, which only fewer launches
-remove; a large kernel time is work that a better kernel removes. Paths: ``one_program`` (what decode batches up
-to ``SINGLE_PROGRAM_MAX_T`` rows run) and ``three_kernels`` (larger batches), on the same batches.
+Per policy and shape (E, k, B): the device kernels one ``ExpertSelector.run`` launches, with their mean duration
+from the CUDA profiler (CUPTI), their sum, and the stage's median time per call in a CUDA graph. The gap between
+the graph time and the kernels' sum is launch and scheduling overhead, which only fewer launches remove; a large
+kernel time is work that a better kernel removes.
 
-    python -m benchmarks.profile_selection                        # on a GPU, about 1-2 min
-    python -m benchmarks.profile_selection --sweep-block-t --out profile_selection_block_t_cuda
-                                                                  # lynx's single program at each block size
+    python -m benchmarks.profile_selection                        # on a GPU, about 30 s
     python -m benchmarks.profile_selection --device cpu --quick   # logic check (CPU ops, torch backend)
 
 Writes benchmarks/results/profile_selection_cuda.json on a GPU.
@@ -31,10 +28,7 @@ from lynx_sglang.synthetic import random_logits, random_similarity, route
 
 POLICIES = {"lynx": {}, "lynx+sim": {"refill_similarity": 8.0}, "oea": {}, "budget": {"max_experts": 32},
             "off": {}}
-SHAPES = ((64, 8, 16), (128, 8, 16), (128, 8, 32), (128, 8, 64), (256, 8, 16), (256, 8, 64))
-PATHS = {"one_program": None, "three_kernels": 0}  # ExpertSelector's single_program_max_t
-SWEEP_BLOCK_T = (8, 16, 32, 64)
-SWEEP_SHAPES = ((128, 8, 16), (128, 8, 64), (256, 8, 16), (256, 8, 64))
+SHAPES = ((64, 8, 16), (128, 8, 16), (128, 8, 64), (256, 8, 64))
 CALLS = 10
 
 
@@ -58,18 +52,15 @@ def kernel_table(events, calls: int, cuda: bool) -> list[dict]:
     return sorted(rows, key=lambda r: -r["per_call"] * r["mean_us"])
 
 
-def profile_one(device, name: str, E: int, k: int, B: int, path: str = "one_program",
-                block_t: int | None = None) -> dict:
-    """One policy, shape and launch path: the kernel table, its sum per call, and the stage's graph (or eager)
-    time."""
+def profile_one(device, name: str, E: int, k: int, B: int) -> dict:
+    """One policy and shape: the kernel table, its sum per call, and the stage's graph (or eager) time."""
     params = POLICIES[name]
     base = "lynx" if name == "lynx+sim" else name
     policy = make_policy(base, **{**params, **({"max_experts": min(params["max_experts"], E)}
                                              if "max_experts" in params else {})})
     cuda = device.type == "cuda"
     sel = ExpertSelector(RouterSpec(E, k), policy, B, device, backend="triton" if cuda else "torch",
-                         similarity=random_similarity(E, device) if name == "lynx+sim" else None,
-                         block_t=block_t, single_program_max_t=PATHS[path])
+                         similarity=random_similarity(E, device) if name == "lynx+sim" else None)
     batch = route(RouterSpec(E, k), random_logits(B, E, skew=1.0, generator=torch.Generator().manual_seed(B),
                                                   device=device))
     args = (batch.logits, batch.topk_ids, batch.topk_weights)
@@ -83,14 +74,14 @@ def profile_one(device, name: str, E: int, k: int, B: int, path: str = "one_prog
         if cuda:
             torch.cuda.synchronize()
     table = kernel_table(prof.key_averages(), CALLS, cuda)
-    row = {"policy": name, "E": E, "k": k, "B": B, "path": path, "block_t": block_t, "kernels": table,
+    row = {"policy": name, "E": E, "k": k, "B": B, "kernels": table,
            "kernel_sum_us": sum(r["per_call"] * r["mean_us"] for r in table)}
     if cuda:
         from benchmarks.timing import time_cuda
         times = time_cuda(lambda: sel.run(*args), reps=15, per_block=20, graph=True)
         row["graph_us"] = statistics.median(times)
         row["graph_times_us"] = times
-    print(f"{name:9s} E={E:3d} k={k} B={B:3d} {path:13s} bt={block_t or 'auto':>4}  kernels {row['kernel_sum_us']:7.2f} us"
+    print(f"{name:9s} E={E:3d} k={k} B={B:3d}  kernels {row['kernel_sum_us']:7.2f} us"
           + (f"  graph {row['graph_us']:7.2f} us" if cuda else "") + "  "
           + ", ".join(f"{r['name'][:24]} {r['mean_us']:.2f}x{r['per_call']:g}" for r in table[:6]), flush=True)
     return row
@@ -100,22 +91,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="one small shape (the CPU logic check)")
-    ap.add_argument("--sweep-block-t", action="store_true",
-                    help=f"instead: lynx's single program at block_t {SWEEP_BLOCK_T} on {SWEEP_SHAPES}")
-    ap.add_argument("--out", default="profile_selection_cuda", help="result name under benchmarks/results")
     args = ap.parse_args()
     device = torch.device(args.device)
     shapes = ((16, 4, 8),) if args.quick else SHAPES
-    # Paths only differ on the triton backend (the CPU logic check runs torch).
-    paths = list(PATHS) if device.type == "cuda" else ["one_program"]
-    if args.sweep_block_t:
-        rows = [profile_one(device, "lynx", E, k, B, "one_program", bt)
-                for E, k, B in SWEEP_SHAPES for bt in SWEEP_BLOCK_T if bt <= B]
-    else:
-        rows = [profile_one(device, name, E, k, B, path)
-                for name in POLICIES for E, k, B in shapes for path in paths]
+    rows = [profile_one(device, name, E, k, B) for name in POLICIES for E, k, B in shapes]
     if device.type == "cuda":
-        save(args.out, {"environment": environment(device), "calls_profiled": CALLS, "results": rows})
+        save("profile_selection_cuda", {"environment": environment(device), "calls_profiled": CALLS,
+                                        "results": rows})
     return 0
 
 

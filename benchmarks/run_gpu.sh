@@ -19,9 +19,6 @@
 #                                    # e128 model's recorded routing, the e2e estimate, host-transfer rates)
 #   benchmarks/run_gpu.sh kernels    # the selection kernels' loop: checks, where their time goes
 #                                    # (profile_selection), their timings (~2 min)
-#   benchmarks/run_gpu.sh single     # the single-program selection (decode batches): checks, the MoE layer
-#                                    # and e2e estimate as in lease, one program against three kernels
-#                                    # (profile_selection), its block-size sweep (~8 min)
 #   benchmarks/run_gpu.sh            # all of it (PYTHON: the interpreter, default python3)
 #   benchmarks/run_gpu.sh checks     # the checks and the selection timings
 #   benchmarks/run_gpu.sh moe [ARGS] # the MoE-layer benchmark only; ARGS go to bench_moe_layer
@@ -36,8 +33,8 @@ export PYTHONUNBUFFERED=1
 WHAT="${1:-all}"
 if [ $# -gt 0 ]; then shift; fi
 case "$WHAT" in
-  all|checks|moe|e2e|lease|kernels|single) ;;
-  *) echo "usage: $0 [all | checks | moe [bench_moe_layer args] | e2e [bench_decode_other args] | lease | kernels | single]" >&2
+  all|checks|moe|e2e|lease|kernels) ;;
+  *) echo "usage: $0 [all | checks | moe [bench_moe_layer args] | e2e [bench_decode_other args] | lease | kernels]" >&2
      exit 2 ;;
 esac
 LOG=benchmarks/results/run_gpu_${WHAT}_cuda.log
@@ -87,20 +84,6 @@ if [ "$WHAT" = lease ]; then
   esac
   step bench_selection 50 "$PY" -m benchmarks.bench_selection --device cuda --policies lynx,oea,budget \
     --batches 1,16,64,256 --experts 64,128,256 --topk 8 --iters 100
-fi
-if [ "$WHAT" = single ]; then
-  # Correctness of the one program on sm_90 first (its stage barriers cannot be checked on CPU), then the speed.
-  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv || true
-  "$PY" -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
-  step gpu_checks 230 "$PY" -m benchmarks.gpu_checks
-  step moe_layer_e128_trace 150 "${MOE[@]}" --shapes qwen3-30b-a3b --batches 1,16,32,64 --routing trace \
-    --trace data/routing/trained-qwen3-moe-e128.pt --policies off,lynx,lynx+sim,oea --aa --reps 15 \
-    --out benchmarks/results/moe_layer_cuda
-  case "$FAILED" in *moe_layer_e128_trace*) ;; *)
-    step e2e_estimate 20 "$PY" -m benchmarks.e2e_estimate --device cuda --moe benchmarks/results/moe_layer_cuda.json ;;
-  esac
-  step profile_selection 130 "$PY" -m benchmarks.profile_selection
-  step profile_block_t 60 "$PY" -m benchmarks.profile_selection --sweep-block-t --out profile_selection_block_t_cuda
 fi
 if [ "$WHAT" = kernels ]; then
   step gpu_checks 150 "$PY" -m benchmarks.gpu_checks

@@ -47,7 +47,7 @@ from lynx_sglang.runtime.selection.stats import NUM_STATS
 
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
                  torch.int64: "i64", torch.int8: "i8"}
-KERNELS = ("_vote_kernel", "_keep_kernel", "_reroute_kernel", "_single_program_kernel")
+KERNELS = ("_vote_kernel", "_keep_kernel", "_reroute_kernel")
 #: Largest expert count whose every kernel variant is compiled and checked in CI (tests/test_kernels_compile.py).
 #: The configuration accepts up to MAX_EXPERTS; above this the keep kernel spills on sm_90 (E_PAD 512) and takes
 #: minutes per variant to compile (E_PAD 1024): run ``--max-experts 1024`` to see it.
@@ -65,11 +65,10 @@ class _Recorder:
 
 
 def recorded_launches(router: RouterSpec, policy, bias: bool, weights_dtype=torch.float32, block_t=None,
-                      num_valid_tensor: bool = True, single_program: bool = False):
-    """(kernel function, positional args, constexpr kwargs) for each launch of one call at T = 64
-    (``num_valid`` a device tensor, as CUDA-graph decode passes it, or an int; lynx with
-    ``refill_similarity`` > 0 passes an [E, E] refill bias, as the selector does): the three kernels, or
-    with ``single_program`` the one program decode batches run."""
+                      num_valid_tensor: bool = True):
+    """(kernel function, positional args, constexpr kwargs) for each launch of one call (``num_valid`` a
+    device tensor, as CUDA-graph decode passes it, or an int; lynx with ``refill_similarity`` > 0 passes an
+    [E, E] refill bias, as the selector does)."""
     T, E = 64, router.num_experts
     refill = isinstance(policy, LynxPolicy) and policy.refill_similarity > 0
     recorders = {name: _Recorder(getattr(ks, name)) for name in KERNELS}
@@ -84,7 +83,7 @@ def recorded_launches(router: RouterSpec, policy, bias: bool, weights_dtype=torc
                          torch.tensor(T, dtype=torch.int32) if num_valid_tensor else T,
                          torch.zeros(E) if bias else None, ws, torch.zeros(NUM_STATS, dtype=torch.int64),
                          torch.empty_like(ids), torch.zeros(T, router.total_slots, dtype=weights_dtype), block_t,
-                         torch.zeros(E, E) if refill else None, T if single_program else 0)
+                         torch.zeros(E, E) if refill else None)
     finally:
         for name, fn in saved.items():
             setattr(ks, name, fn)
@@ -103,9 +102,8 @@ def compile_launch(fn, args, constexprs, arch: int):
         else:
             sig[name] = "i32"
     constexprs = dict(constexprs)
-    options = {opt: constexprs.pop(opt) for opt in ("num_warps", "num_stages", "maxnreg") if opt in constexprs}
+    options = {opt: constexprs.pop(opt) for opt in ("num_warps", "num_stages") if opt in constexprs}
     sig.update({n: "constexpr" for n in constexprs})
-    sig = {n: sig[n] for n in names}  # the kernel's own argument order (the launcher's keywords may differ)
     order = list(sig)
     src = ASTSource(fn=fn, signature=sig, constexprs={(order.index(n),): v for n, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -195,8 +193,8 @@ def main() -> int:
         return 2
     seen, report = set(), []
     for router, policy, nv_tensor in variants(args.max_experts):
-        for fn, launch_args, kw in [launch for single in (False, True) for launch in recorded_launches(
-                router, policy, router.has_correction_bias, num_valid_tensor=nv_tensor, single_program=single)]:
+        for fn, launch_args, kw in recorded_launches(router, policy, router.has_correction_bias,
+                                                     num_valid_tensor=nv_tensor):
             key = (fn.__name__, tuple(sorted(kw.items())))
             if key in seen:
                 continue

@@ -80,16 +80,17 @@ def _load_rows(logits_ptr, stride_l, rows, in_t, E: tl.constexpr, E_PAD: tl.cons
 
 
 @triton.jit
-def _vote_rows(
-    rows, logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
+def _vote_kernel(
+    logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
     num_valid_ptr, num_valid, T,
     row_ok_ptr, picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr,
     alpha, margin, move_q,
     E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
     NB: tl.constexpr, K0: tl.constexpr, POLICY: tl.constexpr, CAP_MOVES: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NV_FROM_PTR: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NV_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Stage 1 on one block of rows: check them, rank their picks, add their votes into the scratch buffers."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = rows < T
     nv = tl.load(num_valid_ptr) if NV_FROM_PTR else num_valid
     kidx = tl.arange(0, K_PAD)
@@ -155,24 +156,6 @@ def _vote_rows(
 
 
 @triton.jit
-def _vote_kernel(
-    logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
-    num_valid_ptr, num_valid, T,
-    row_ok_ptr, picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr,
-    alpha, margin, move_q,
-    E: tl.constexpr, K: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    NB: tl.constexpr, K0: tl.constexpr, POLICY: tl.constexpr, CAP_MOVES: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NV_FROM_PTR: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    _vote_rows(
-        tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T),
-        logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr, num_valid_ptr, num_valid, T,
-        row_ok_ptr, picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr, alpha, margin, move_q,
-        E, K, E_PAD, K_PAD, NB, K0, POLICY, CAP_MOVES, SOFTMAX, HAS_BIAS, NV_FROM_PTR,
-    )
-
-
-@triton.jit
 def _lynx_score(votes_ptr, idx, mask, batch, NB: tl.constexpr):
     """Exact integer score sum_j votes[e, j] * B**(NB-1-j) (reference.lynx_scores)."""
     s = tl.zeros(idx.shape, tl.int64)
@@ -182,12 +165,11 @@ def _lynx_score(votes_ptr, idx, mask, batch, NB: tl.constexpr):
 
 
 @triton.jit
-def _keep_experts(
+def _keep_kernel(
     picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr, keep_ptr, stats_ptr,
     E: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr, POLICY: tl.constexpr,
     LEVEL_POW: tl.constexpr, MIN_VOTES: tl.constexpr, MIN_KEEP: tl.constexpr, BUDGET: tl.constexpr,
 ):
-    """Stage 2, one program: the batch's votes -> kept-expert mask and statistics; re-zeroes the scratch."""
     eidx = tl.arange(0, E_PAD)
     emask = eidx < E
     active = tl.load(picks_ptr + eidx, mask=emask, other=0) > 0
@@ -262,24 +244,15 @@ def _keep_experts(
 
 
 @triton.jit
-def _keep_kernel(
-    picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr, keep_ptr, stats_ptr,
-    E: tl.constexpr, E_PAD: tl.constexpr, NB: tl.constexpr, CHUNK: tl.constexpr, POLICY: tl.constexpr,
-    LEVEL_POW: tl.constexpr, MIN_VOTES: tl.constexpr, MIN_KEEP: tl.constexpr, BUDGET: tl.constexpr,
-):
-    _keep_experts(picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr, keep_ptr, stats_ptr,
-                  E, E_PAD, NB, CHUNK, POLICY, LEVEL_POW, MIN_VOTES, MIN_KEEP, BUDGET)
-
-
-@triton.jit
-def _reroute_rows(
-    rows, logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
+def _reroute_kernel(
+    logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
     out_ids_ptr, stride_oi, out_w_ptr, stride_ow,
     row_ok_ptr, keep_ptr, stats_ptr, refill_ptr, T,
     E: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, E_PAD: tl.constexpr, KT_PAD: tl.constexpr,
     SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, REFILL: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    """Stage 3 on one block of rows: rows that lost a pick refill it from the kept set; new weights."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     in_t = rows < T
     eidx = tl.arange(0, E_PAD)
     emask = eidx < E
@@ -354,62 +327,6 @@ def _reroute_rows(
     tl.store(out_w_ptr + rows[:, None] * stride_ow + kidx[None, :], out_w, mask=m_all)
 
 
-@triton.jit
-def _reroute_kernel(
-    logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
-    out_ids_ptr, stride_oi, out_w_ptr, stride_ow,
-    row_ok_ptr, keep_ptr, stats_ptr, refill_ptr, T,
-    E: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, E_PAD: tl.constexpr, KT_PAD: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, REFILL: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    _reroute_rows(
-        tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T),
-        logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr, out_ids_ptr, stride_oi, out_w_ptr,
-        stride_ow, row_ok_ptr, keep_ptr, stats_ptr, refill_ptr, T,
-        E, K, KT, E_PAD, KT_PAD, SOFTMAX, HAS_BIAS, REFILL, BLOCK_T,
-    )
-
-
-@triton.jit
-def _single_program_kernel(
-    logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr,
-    out_ids_ptr, stride_oi, out_w_ptr, stride_ow,
-    num_valid_ptr, num_valid, T,
-    row_ok_ptr, picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr, keep_ptr, stats_ptr, refill_ptr,
-    alpha, margin, move_q,
-    E: tl.constexpr, K: tl.constexpr, KT: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr,
-    KT_PAD: tl.constexpr, NB: tl.constexpr, K0: tl.constexpr, POLICY: tl.constexpr, CAP_MOVES: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NV_FROM_PTR: tl.constexpr, REFILL: tl.constexpr,
-    CHUNK: tl.constexpr, LEVEL_POW: tl.constexpr, MIN_VOTES: tl.constexpr, MIN_KEEP: tl.constexpr,
-    BUDGET: tl.constexpr, BLOCK_T: tl.constexpr,
-):
-    """All three stages in one program, for decode-sized batches: each stage loops over the rows in blocks.
-
-    Each of the three launches is a latency-bound single wave at decode sizes (about 6 us each on an H200,
-    docs/gpu.md): one launch saves two launch latencies and two global round trips. The stages hand over
-    through the same global buffers as the three kernels; a block barrier between them makes one stage's
-    writes (atomics included) visible to the next stage's threads.
-    """
-    for b in range(0, tl.cdiv(T, BLOCK_T)):  # T at run time: one compile serves every batch size
-        _vote_rows(
-            b * BLOCK_T + tl.arange(0, BLOCK_T),
-            logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr, num_valid_ptr, num_valid, T,
-            row_ok_ptr, picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr, alpha, margin, move_q,
-            E, K, E_PAD, K_PAD, NB, K0, POLICY, CAP_MOVES, SOFTMAX, HAS_BIAS, NV_FROM_PTR,
-        )
-    tl.debug_barrier()
-    _keep_experts(picks_ptr, votes_ptr, flags_ptr, bscore_ptr, voters_ptr, keep_ptr, stats_ptr,
-                  E, E_PAD, NB, CHUNK, POLICY, LEVEL_POW, MIN_VOTES, MIN_KEEP, BUDGET)
-    tl.debug_barrier()
-    for b in range(0, tl.cdiv(T, BLOCK_T)):  # T at run time: one compile serves every batch size
-        _reroute_rows(
-            b * BLOCK_T + tl.arange(0, BLOCK_T),
-            logits_ptr, stride_l, ids_ptr, stride_i, w_ptr, stride_w, bias_ptr, out_ids_ptr, stride_oi, out_w_ptr,
-            stride_ow, row_ok_ptr, keep_ptr, stats_ptr, refill_ptr, T,
-            E, K, KT, E_PAD, KT_PAD, SOFTMAX, HAS_BIAS, REFILL, BLOCK_T,
-        )
-
-
 @dataclass
 class Workspace:
     """Per-layer device buffers, allocated once (plan) and reused by every call (run)."""
@@ -457,20 +374,6 @@ def default_block_t(num_experts: int) -> int:
     return 16 if num_experts <= 128 else 8
 
 
-#: Largest batch the selection runs as one program (``_single_program_kernel``) rather than three launches: decode
-#: batches. Static per call shape (T is a captured graph's padded batch size), so the choice is graph-safe.
-SINGLE_PROGRAM_MAX_T = 64
-
-
-def single_program_block_t(num_experts: int, num_tokens: int) -> int:
-    """Rows per step of the single program's loops: the whole batch in the interpreter; else the three kernels'
-    rows per program (16, or 8 above 128 experts) whatever the batch, so that one compiled variant serves every
-    captured batch size and its [rows, E] tiles fit in registers (32 rows at E = 128 spilled on sm_90)."""
-    if interpreting():
-        return triton.next_power_of_2(max(1, num_tokens))
-    return default_block_t(num_experts)
-
-
 def num_bins(policy: Policy) -> int:
     """Affinity bins the workspace needs for ``policy``."""
     return policy.beta + 1 if isinstance(policy, LynxPolicy) else 1
@@ -490,13 +393,9 @@ def select_triton(
     out_weights: torch.Tensor,
     block_t: Optional[int] = None,
     refill_bias: Optional[torch.Tensor] = None,
-    single_program_max_t: int = SINGLE_PROGRAM_MAX_T,
 ) -> None:
-    """Launch the selection; writes ``out_ids``/``out_weights`` and adds to ``stats``.
+    """Launch the three kernels; writes ``out_ids``/``out_weights`` and adds to ``stats``.
 
-    One program (``_single_program_kernel``) for batches of at most ``single_program_max_t`` rows, else the
-    three kernels; both give the same results. ``block_t``: rows per program (three kernels) or per loop
-    step (single program); None picks a default.
     ``refill_bias``: lynx's contiguous fp32 [E, E] refill bias (``refill_similarity`` times the layer's
     expert similarity, made at plan time; reference.reroute) or None (freed slots refill by score).
     Shapes and dtypes are assumed checked by the caller (``ExpertSelector``).
@@ -506,8 +405,7 @@ def select_triton(
         return
     K, KT = router.top_k, router.total_slots
     E_PAD = triton.next_power_of_2(E)
-    one_program = T <= single_program_max_t
-    BT = block_t or (single_program_block_t(E, T) if one_program else default_block_t(E))
+    BT = block_t or default_block_t(E)
     grid = (triton.cdiv(T, BT),)
     nv_from_ptr = isinstance(num_valid, torch.Tensor)
     nv_ptr = num_valid if nv_from_ptr else ws.voters  # any int32 pointer when unused
@@ -523,48 +421,29 @@ def select_triton(
     k0 = (policy.resolved_k0(router) if isinstance(policy, OeaPolicy)
           else lynx.resolved_keep_top(router) if lynx else 0)
 
-    keep_consts = dict(
-        CHUNK=min(E_PAD, 32),
+    _vote_kernel[grid](
+        logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
+        nv_ptr, nv_int, T,
+        ws.row_ok, ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters,
+        float(lynx.alpha) if lynx else 1.0, float(lynx.margin) if lynx else 0.0,
+        lynx.moved_weight_q if lynx else WEIGHT_Q,
+        E=E, K=K, E_PAD=E_PAD, K_PAD=triton.next_power_of_2(K), NB=nb,
+        K0=k0,
+        POLICY=pid, CAP_MOVES=bool(lynx and lynx.moved_weight_q < WEIGHT_Q), SOFTMAX=softmax, HAS_BIAS=has_bias, NV_FROM_PTR=nv_from_ptr, BLOCK_T=BT,
+    )
+    _keep_kernel[(1,)](
+        ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters, ws.keep, stats,
+        E=E, E_PAD=E_PAD, NB=nb, CHUNK=min(E_PAD, 32), POLICY=pid,
         LEVEL_POW=(lynx.beta - lynx.keep_level) if lynx else 0,
         MIN_VOTES=lynx.min_votes if lynx else 1,
         MIN_KEEP=lynx.resolved_min_keep(router) if lynx else 0,
         BUDGET=policy.max_experts if isinstance(policy, BudgetPolicy) else 0,
-    )
-    vote_scalars = (float(lynx.alpha) if lynx else 1.0, float(lynx.margin) if lynx else 0.0,
-                    lynx.moved_weight_q if lynx else WEIGHT_Q)
-    cap_moves = bool(lynx and lynx.moved_weight_q < WEIGHT_Q)
-    refill_ptr = refill_bias if refill else bias  # any pointer when unused
-    if one_program:
-        _single_program_kernel[(1,)](
-            logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
-            out_ids, out_ids.stride(0), out_weights, out_weights.stride(0),
-            nv_ptr, nv_int, T,
-            ws.row_ok, ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters, ws.keep, stats, refill_ptr,
-            *vote_scalars,
-            E=E, K=K, KT=KT, E_PAD=E_PAD, K_PAD=triton.next_power_of_2(K), KT_PAD=triton.next_power_of_2(KT),
-            NB=nb, K0=k0, POLICY=pid, CAP_MOVES=cap_moves, SOFTMAX=softmax, HAS_BIAS=has_bias,
-            NV_FROM_PTR=nv_from_ptr, REFILL=refill, **keep_consts, BLOCK_T=BT,
-            # 8 warps: the keep stage's [CHUNK, E] tile, as in _keep_kernel. One program per launch, so occupancy
-            # is moot: let ptxas use up to 255 registers (left alone, it capped some variants at 128 and spilled).
-            num_warps=8, maxnreg=255,
-        )
-        return
-    _vote_kernel[grid](
-        logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
-        nv_ptr, nv_int, T,
-        ws.row_ok, ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters, *vote_scalars,
-        E=E, K=K, E_PAD=E_PAD, K_PAD=triton.next_power_of_2(K), NB=nb, K0=k0,
-        POLICY=pid, CAP_MOVES=cap_moves, SOFTMAX=softmax, HAS_BIAS=has_bias, NV_FROM_PTR=nv_from_ptr, BLOCK_T=BT,
-    )
-    _keep_kernel[(1,)](
-        ws.picks, ws.votes, ws.flags, ws.budget_score, ws.voters, ws.keep, stats,
-        E=E, E_PAD=E_PAD, NB=nb, POLICY=pid, **keep_consts,
         num_warps=8,  # one program: more threads keep the [CHUNK, E] comparison tile out of local memory
     )
     _reroute_kernel[grid](
         logits, logits.stride(0), topk_ids, topk_ids.stride(0), topk_weights, topk_weights.stride(0), bias,
         out_ids, out_ids.stride(0), out_weights, out_weights.stride(0),
-        ws.row_ok, ws.keep, stats, refill_ptr, T,
+        ws.row_ok, ws.keep, stats, refill_bias if refill else bias, T,  # any pointer when unused
         E=E, K=K, KT=KT, E_PAD=E_PAD, KT_PAD=triton.next_power_of_2(KT),
         SOFTMAX=softmax, HAS_BIAS=has_bias, REFILL=refill, BLOCK_T=BT,
         num_warps=4 if E_PAD <= 64 else 8,

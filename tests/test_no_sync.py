@@ -89,7 +89,7 @@ _BUDGETS = {  # (path, policy): (Qwen3-30B-A3B, DeepSeek-V3) launches per layer
     ("global", "lynx_uncapped"): (109, 117),  # measured 107 / 115
     ("global", "oea"): (88, 95),  # measured 86 / 93
     ("global", "budget"): (96, 103),  # measured 94 / 101
-    **{("triton", p): (1, 1) for p in SELECTOR_POLICIES},  # no torch op on the host, one program at decode sizes
+    **{("triton", p): (3, 3) for p in SELECTOR_POLICIES},  # no torch op on the host, three kernels
 }
 LAUNCH_BUDGET = {(path, policy, shape): b[i] for (path, policy), b in _BUDGETS.items()
                  for i, shape in enumerate(SHAPES)}
@@ -123,13 +123,12 @@ def similarity(E: int, device) -> torch.Tensor:
     return sim.fill_diagonal_(1.0).to(device)
 
 
-def selector(policy: str, shape: str, backend: str, device, bias, **kw):
+def selector(policy: str, shape: str, backend: str, device, bias):
     name, params = {**POLICIES, **REFILL_POLICIES, **PEER_POLICIES}[policy]
     router = SHAPES[shape]
     sim = similarity(router.num_experts, device) if name == "sere" or "refill_similarity" in params else None
     return ExpertSelector(router, make_policy(name, **params), MAX_TOKENS, device,
-                          correction_bias=None if bias is None else bias.to(device), backend=backend, similarity=sim,
-                          **kw)
+                          correction_bias=None if bias is None else bias.to(device), backend=backend, similarity=sim)
 
 
 class _KernelRecorder:
@@ -147,13 +146,13 @@ class _KernelRecorder:
 
 @pytest.fixture
 def record_kernels(monkeypatch):
-    """``record_kernels()`` replaces the selection kernels by recorders and returns the list of launches.
+    """``record_kernels()`` replaces the three selection kernels by recorders and returns the list of launches.
 
     Call it after planning the selector: planning asks the kernel objects whether they are interpreted.
     """
     def install() -> list:
         launches: list = []
-        for name in ("_vote_kernel", "_keep_kernel", "_reroute_kernel", "_single_program_kernel"):
+        for name in ("_vote_kernel", "_keep_kernel", "_reroute_kernel"):
             monkeypatch.setattr(kernels, name, _KernelRecorder(name, launches))
         return launches
 
@@ -191,27 +190,22 @@ def test_peer_policies_need_no_host(policy, shape, T, nv_mode, device):
     assert "aten.full" not in audit.ops, dict(audit.ops)
 
 
-@pytest.mark.parametrize("single_program", [True, False], ids=["one_program", "three_kernels"])
 @pytest.mark.parametrize("nv_mode", ["none", "device"])
 @pytest.mark.parametrize("T", TOKENS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("policy", SELECTOR_POLICIES)
-def test_triton_launcher_needs_no_host(policy, shape, T, nv_mode, single_program, device, record_kernels):
-    """Decode batches (T <= SINGLE_PROGRAM_MAX_T, every T here) launch one program; with
-    ``single_program_max_t=0`` the same batch launches the three kernels (larger batches' path)."""
+def test_triton_launcher_needs_no_host(policy, shape, T, nv_mode, device, record_kernels):
     router, bias, (logits, ids, w) = make_batch(shape, T, device)
-    sel = selector(policy, shape, "triton", device, bias, single_program_max_t=None if single_program else 0)
+    sel = selector(policy, shape, "triton", device, bias)
     recorded_kernels = record_kernels()
     nv = num_valid_for(nv_mode, T, device)
     audit = audited(lambda: sel.run(logits, ids, w, nv))
     audit.raise_on_host_work()
     assert audit.launches == 0, dict(audit.ops)  # the launcher itself runs no torch op at all
-    launched = recorded_kernels[len(recorded_kernels) // 2:]  # the audited run's (the first is the warm-up)
-    expected = ["_single_program_kernel"] if single_program else ["_vote_kernel", "_keep_kernel", "_reroute_kernel"]
-    assert [name for name, *_ in launched] == expected
+    assert [name for name, *_ in recorded_kernels[3:]] == ["_vote_kernel", "_keep_kernel", "_reroute_kernel"]
     if nv is not None:  # the kernels read the valid-row count from device memory
-        assert any(a is nv for a in launched[0][2])
-    _, _, reroute_args, reroute_meta = launched[-1]
+        assert any(a is nv for a in recorded_kernels[3][2])
+    _, _, reroute_args, reroute_meta = recorded_kernels[5]
     # Only the refill reads the plan-time [E, E] refill bias (one more pointer, no op on the host).
     assert reroute_meta["REFILL"] == (policy in REFILL_POLICIES)
     if policy in REFILL_POLICIES:
@@ -419,7 +413,7 @@ def measured_launches(path: str, policy: str, shape: str, device, ep_results=Non
     sel.run(logits, ids, w, nv)
     with OpAudit() as audit:
         sel.run(logits, ids, w, nv)
-    assert len(kernel_launches) == 2  # one program in the warm-up run, one in the audited one
+    assert len(kernel_launches) == 6  # three kernels in the warm-up run, three in the audited one
     return audit.launches + len(kernel_launches) // 2
 
 

@@ -51,11 +51,7 @@ class ExpertSelector:
         correction_bias: the router's [E] bias if it ranks by ``score + bias``.
         backend: ``triton`` (fused kernels; CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``torch`` (the reference, any device), or ``auto`` (triton on CUDA, else torch).
-        block_t: rows per Triton program, or per loop step of the single program (None: a per-device
-            default; results do not depend on it).
-        single_program_max_t: batches of at most this many rows run the Triton selection as one program
-            instead of three kernels (None: ``SINGLE_PROGRAM_MAX_T``, decode sizes; 0: always three
-            kernels). Results do not depend on it; a tuning and test knob.
+        block_t: rows per Triton program (None: a per-device default; results do not depend on it).
         stats: an int64 [NUM_STATS] device tensor to accumulate the statistics into (laid out by
             ``StatField``; e.g. a row of a [layers, NUM_STATS] table the metrics read with one copy),
             or None for a buffer of its own. It is kept as given (never reallocated), so a
@@ -97,7 +93,6 @@ class ExpertSelector:
         stats: Optional[torch.Tensor] = None,
         similarity: Optional[torch.Tensor] = None,
         residency: Optional[torch.Tensor] = None,
-        single_program_max_t: Optional[int] = None,
     ):
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -107,10 +102,6 @@ class ExpertSelector:
         if block_t is not None and (not isinstance(block_t, int) or block_t < 1 or block_t > 1024
                                     or block_t & (block_t - 1)):
             raise ConfigError(f"block_t must be None or a power of two in [1, 1024], got {block_t!r}")
-        if single_program_max_t is not None and (not isinstance(single_program_max_t, int)
-                                                 or isinstance(single_program_max_t, bool)
-                                                 or not 0 <= single_program_max_t <= 1024):
-            raise ConfigError(f"single_program_max_t must be None or an int in [0, 1024], got {single_program_max_t!r}")
         if ids_dtype not in (torch.int32, torch.int64):
             raise ConfigError(f"topk_ids dtype must be int32 or int64, got {ids_dtype}")
         if weights_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -190,13 +181,10 @@ class ExpertSelector:
             self._step_stats = torch.zeros(NUM_STATS, dtype=torch.int64, device=device)
             self._step_stats[StatField.STEPS] = 1
         if backend == "triton":
-            from lynx_sglang.kernels.expert_selection import SINGLE_PROGRAM_MAX_T, Workspace, num_bins, select_triton
+            from lynx_sglang.kernels.expert_selection import Workspace, num_bins, select_triton
 
             self._ws = Workspace.allocate(router.num_experts, num_bins(policy), max_tokens, device)
             self._launch = select_triton  # resolved once: run() is on every MoE layer's hot path
-            if single_program_max_t is None:
-                single_program_max_t = SINGLE_PROGRAM_MAX_T
-        self.single_program_max_t = single_program_max_t
 
     def _check_residency(self, policy, router, expert_slot, device, backend) -> torch.Tensor:
         """The plan-time checks of a paged layer's ``expert_slot`` (ConfigError naming what is wrong)."""
@@ -278,7 +266,6 @@ class ExpertSelector:
             self._launch(
                 self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid,
                 self.correction_bias, self._ws, self._stats, out_ids, out_w, self.block_t, self._refill_bias,
-                self.single_program_max_t,
             )
         else:
             ids, w, info = self._select_torch(router_logits, topk_ids, topk_weights, num_valid, **extra)
