@@ -172,3 +172,35 @@ def test_cli_end_to_end_and_from_json(model_and_streams, tmp_path):
     again = tmp_path / "again"
     F.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)])
     assert again.with_suffix(".md").read_text().split("\n", 4)[4] == md.split("\n", 4)[4]
+
+
+
+@pytest.mark.parametrize("study", ["keep_level", "min_keep", "lambda"])
+def test_deep_end_studies_are_valid_on_every_bundled_shape(study):
+    """benchmarks.explore_deep_end: each study's rules are valid policies on the bundled shapes (k = 4, 6, 8),
+    with unique labels; the keep_level and min_keep studies carry the recommended line, so their tables pair
+    every point against it."""
+    from benchmarks.explore_deep_end import study_rules
+    from lynx_sglang import RouterSpec
+
+    rules = study_rules(study)(20.0)
+    assert len({r.label for r in rules}) == len(rules) and rules[0].label == "off"
+    for router in (RouterSpec(32, 4), RouterSpec(128, 8), RouterSpec(64, 6, 0, "sigmoid", True)):
+        for r in rules:
+            r.policy.validate(router, 64)
+    lines = {r.line for r in rules}
+    assert ("lynx+sim" in lines) == (study != "lambda")
+
+
+def test_deep_end_refuses_a_model_without_its_similarity_file(tmp_path, capsys):
+    from benchmarks.explore_deep_end import main
+
+    bare = tmp_path / "model"
+    bare.mkdir()
+    for f in MODEL.iterdir():
+        if f.name != "sere_similarity.safetensors":
+            (bare / f.name).symlink_to(f)
+    rc = main(["--study", "lambda", "--models", str(bare), "--kinds", "mixed", "--batches", "1",
+               "--out", str(tmp_path / "x")])
+    assert rc == 2 and "sere_calibrate" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
