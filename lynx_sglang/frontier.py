@@ -54,7 +54,7 @@ import torch
 
 from lynx_sglang import accuracy as A
 from lynx_sglang.corpus import DOMAINS
-from lynx_sglang.runtime.selection.config import make_policy, policy_params
+from lynx_sglang.runtime.selection.config import LynxPolicy, make_policy, policy_params
 
 KINDS = ("one-domain", "mixed")
 TARGETS = (0.8, 0.7, 0.6)  # matched expert counts, fractions of off's
@@ -434,6 +434,20 @@ def markdown(frontiers: List[dict], analyses: List[dict], meta: dict) -> str:
                     bp = (f"; best peer `{best_peer[1]}` {best_peer[0]:.4f} (vs {ref} {c['kl_minus_ref']:+.4f} "
                           f"[{c['kl_minus_ref_ci'][0]:+.4f}, {c['kl_minus_ref_ci'][1]:+.4f}])")
                 out.append(f"- at {int(100 * t)} %: lowest KL {kl:.4f} by `{line}`{vs}{bp}")
+        dp = an.get("default")
+        if dp:
+            spans = [ln for ln in dp["lines"] if ln["kl"] is not None]
+            out.append(f"- the default (`{dp['point']}`) keeps {100 * dp['fraction']:.1f} % at KL "
+                       + _fmt_cell(dp["kl"], dp["kl_ci"], "kl") + "; other lines at that count (KL, paired difference "
+                       "to the default, positive = worse): "
+                       + ("; ".join(f"`{ln['line']}` {ln['kl']:.4f} ({ln['kl_minus_default']:+.4f} "
+                                    f"[{ln['ci'][0]:+.4f}, {ln['ci'][1]:+.4f}])" for ln in spans) or "none spans it")
+                       + (f"; not reaching it: {', '.join(ln['line'] for ln in dp['lines'] if ln['kl'] is None)}"
+                          if len(spans) < len(dp["lines"]) else ""))
+            out.append("- points of other rules with fewer experts and lower KL than the default, beyond the noise: "
+                       + ("; ".join(f"`{q['point']}` at {100 * q['fraction']:.1f} %, KL {q['kl']:.4f} "
+                                    f"[{q['ci'][0]:+.4f}, {q['ci'][1]:+.4f}]" for q in dp["dominating"]) or "none")
+                       + ".")
         rnd = [p for p in f["points"] if p["family"] == A.RANDOM]
         if rnd:
             out.append("- random control (matched to lynx points): " + "; ".join(
@@ -509,9 +523,43 @@ def plot_frontier(f: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def default_position(frontier: dict, reps: Dict[str, Dict[str, torch.Tensor]]) -> Optional[dict]:
+    """Where the recommended default (the reference line's point at lynx's default cap) stands: every other
+    family's line interpolated at the default's expert count (paired KL difference, positive = worse than the
+    default), and the other families' points with fewer experts and lower KL than the default beyond the noise.
+    None when the frontier has no such point."""
+    ref = reference_line(frontier)
+    label = f"{ref} moved<={LynxPolicy().max_moved_weight:g}" if ref else None
+    d = next((p for p in frontier["points"] if p["rule"]["label"] == label), None)
+    if d is None:
+        return None
+    x, r_d = d["fraction"], reps[label]["kl"]
+    out = {"point": label, "fraction": x, "kl": d["kl"], "kl_ci": _ci(r_d), "lines": [], "dominating": []}
+    for name, pts in lines(frontier).items():
+        if pts[0]["family"] in LYNX_FAMILIES:
+            continue
+        pts = pareto(pts)
+        xs = [p["fraction"] for p in pts]
+        kl = interpolate(xs, [p["kl"] for p in pts], x)
+        if kl is None:
+            out["lines"].append({"line": name, "kl": None})
+            continue
+        r = interpolate(xs, [reps[p["rule"]["label"]]["kl"] for p in pts], x)
+        out["lines"].append({"line": name, "kl": kl, "kl_minus_default": kl - d["kl"], "ci": _ci(r - r_d)})
+    for p in frontier["points"]:
+        if p["family"] in ("off", A.RANDOM) or p["family"] in LYNX_FAMILIES or p["fraction"] > x:
+            continue
+        lo, hi = _ci(reps[p["rule"]["label"]]["kl"] - r_d)
+        if hi < 0:
+            out["dominating"].append({"point": p["rule"]["label"], "fraction": p["fraction"], "kl": p["kl"],
+                                      "ci": [lo, hi]})
+    return out
+
+
 def analyse(f: dict) -> dict:
     reps = replicates(f)
-    return {"table": matched_table(f, reps), "dominance": dominance(f, reps), "reference": reference_line(f)}
+    return {"table": matched_table(f, reps), "dominance": dominance(f, reps), "reference": reference_line(f),
+            "default": default_position(f, reps)}
 
 
 def write_outputs(payload: dict, out: Path) -> None:
@@ -600,8 +648,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = ap.parse_args(argv)
     if args.from_json:
         payloads = [json.loads(p.read_text()) for p in args.from_json]
-        merged = {"meta": {**payloads[0]["meta"], "merged_from": [str(p) for p in args.from_json],
-                           "runs": [p["meta"] for p in payloads]},
+        # A merged file's own runs are listed, not the merge itself (so a re-merge keeps every command).
+        runs = [r for p in payloads for r in (p["meta"].get("runs") or [p["meta"]])]
+        merged = {"meta": {**payloads[0]["meta"], "merged_from": [str(p) for p in args.from_json], "runs": runs},
                   "frontiers": [f for p in payloads for f in p["frontiers"]]}
         write_outputs(merged, args.out)
         print(f"wrote {args.out.with_suffix('.md')}")

@@ -82,6 +82,35 @@ def test_dominance_needs_fewer_experts_and_lower_kl_beyond_the_noise():
     assert found["p3"]["where"] == "its point l2" and found["p1"]["kl_diff_ci"][1] < 0
 
 
+def test_default_position_pairs_every_other_line_at_the_defaults_count():
+    """The recommended default (lynx+sim at lynx's default cap): other lines interpolated at its count with the
+    paired difference, and the points of other rules that beat it on both axes beyond the noise."""
+    from lynx_sglang.runtime.selection.config import LynxPolicy
+
+    n, gen = 40, torch.Generator().manual_seed(2)
+    cap = LynxPolicy().max_moved_weight
+    pts = [_point("off", "off", "off", 1.0, 0.0, _seqs(n, 0.0)),
+           _point(f"lynx+sim moved<={cap:g}", "lynx+sim", "lynx+sim", 0.65, 0.0, _seqs(n, 0.02, gen=gen)),
+           _point("lynx+sim moved<=0.7", "lynx+sim", "lynx+sim", 0.45, 0.0, _seqs(n, 0.09, gen=gen)),
+           _point("o1", "oea", "oea", 0.8, 0.0, _seqs(n, 0.01, gen=gen)),
+           _point("o2", "oea", "oea", 0.5, 0.0, _seqs(n, 0.06, gen=gen)),  # oea at 0.65: 0.035, worse
+           _point("s1", "sere", "sere", 0.6, 0.0, _seqs(n, 0.01, gen=gen)),  # fewer experts, lower KL: beats it
+           _point("s2", "sere", "sere", 0.62, 0.0, _seqs(n, 0.0205, gen=gen))]  # within the noise
+    for p in pts:
+        p["kl"] = sum(p["per_sequence"]["kl"]) / sum(p["per_sequence"]["tokens"])
+    frontier = {"sequences": n, "points": pts}
+    dp = F.default_position(frontier, F.replicates(frontier))
+    assert dp["point"] == f"lynx+sim moved<={cap:g}" and dp["fraction"] == 0.65
+    by = {ln["line"]: ln for ln in dp["lines"]}
+    assert set(by) == {"oea", "sere"}  # our own lines are not listed against themselves
+    want = pts[3]["kl"] + (pts[4]["kl"] - pts[3]["kl"]) * (0.8 - 0.65) / 0.3
+    assert by["oea"]["kl"] == pytest.approx(want) and by["oea"]["ci"][0] > 0
+    assert by["sere"]["kl"] is None  # its points (0.60, 0.62) do not span 0.65
+    assert [q["point"] for q in dp["dominating"]] == ["s1"]
+    # Without the default's own point there is nothing to place.
+    assert F.default_position({"sequences": n, "points": [pts[0], pts[2], pts[3]]}, F.replicates(frontier)) is None
+
+
 def test_bootstrap_interval_contains_the_estimate_and_shrinks_with_more_sequences():
     gen = torch.Generator().manual_seed(0)
 
