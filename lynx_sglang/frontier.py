@@ -277,6 +277,17 @@ def interpolate(xs: Sequence[float], ys: Sequence, target: float):
     return None
 
 
+def line_at(pts: List[dict], reps: Dict[str, Dict[str, torch.Tensor]], x: float, key: str = "kl"):
+    """A line's ``key`` (a point field with bootstrap replicates: ``kl``, ``delta_points``) interpolated at
+    expert share ``x`` through ``pts``, and its replicates interpolated the same way: ``(value, replicates)``,
+    or None where the points do not span ``x``."""
+    xs = [p["fraction"] for p in pts]
+    value = interpolate(xs, [p[key] for p in pts], x)
+    if value is None:
+        return None
+    return value, interpolate(xs, [reps[p["rule"]["label"]][key] for p in pts], x)
+
+
 def lines(frontier: dict) -> Dict[str, List[dict]]:
     """The frontier's rule lines (random control and off excluded), points in measurement order."""
     out: Dict[str, List[dict]] = {}
@@ -317,24 +328,18 @@ def matched_table(frontier: dict, reps: Dict[str, Dict[str, torch.Tensor]], targ
     main = pareto(lines(frontier).get(ref, [])) if ref else []
     for name, pts in lines(frontier).items():
         pts = pareto(pts)
-        xs = [p["fraction"] for p in pts]
         row = {"line": name, "family": pts[0]["family"], "at": {}}
         for t in targets:
-            kl = interpolate(xs, [p["kl"] for p in pts], t)
-            if kl is None:
+            at_kl = line_at(pts, reps, t)
+            if at_kl is None:
                 row["at"][str(t)] = None
                 continue
-            r_kl = interpolate(xs, [reps[p["rule"]["label"]]["kl"] for p in pts], t)
-            r_d = interpolate(xs, [reps[p["rule"]["label"]]["delta_points"] for p in pts], t)
-            cell = {"kl": kl, "kl_ci": _ci(r_kl), "delta_points": interpolate(xs, [p["delta_points"] for p in pts], t),
-                    "delta_points_ci": _ci(r_d)}
-            if main and name != ref:
-                mx = [p["fraction"] for p in main]
-                m_kl = interpolate(mx, [p["kl"] for p in main], t)
-                if m_kl is not None:
-                    r_m = interpolate(mx, [reps[p["rule"]["label"]]["kl"] for p in main], t)
-                    cell["kl_minus_ref"] = kl - m_kl
-                    cell["kl_minus_ref_ci"] = _ci(r_kl - r_m)
+            (kl, r_kl), (d, r_d) = at_kl, line_at(pts, reps, t, "delta_points")
+            cell = {"kl": kl, "kl_ci": _ci(r_kl), "delta_points": d, "delta_points_ci": _ci(r_d)}
+            main_at = line_at(main, reps, t) if main and name != ref else None
+            if main_at is not None:
+                cell["kl_minus_ref"] = kl - main_at[0]
+                cell["kl_minus_ref_ci"] = _ci(r_kl - main_at[1])
             row["at"][str(t)] = cell
         rows.append(row)
     return rows
@@ -353,16 +358,14 @@ def dominance(frontier: dict, reps: Dict[str, Dict[str, torch.Tensor]]) -> List[
         x = p["fraction"]
         r_p = reps[p["rule"]["label"]]["kl"]
         for name, pts in ours.items():
-            xs = [q["fraction"] for q in pts]
-            if x < min(xs):
+            if x < min(q["fraction"] for q in pts):
                 q = min(pts, key=lambda q: q["fraction"])
                 kl_line, r_line, where = q["kl"], reps[q["rule"]["label"]]["kl"], f"its point {q['rule']['label']}"
             else:
-                kl_line = interpolate(xs, [q["kl"] for q in pts], x)
-                if kl_line is None:
+                at = line_at(pts, reps, x)
+                if at is None:
                     continue
-                r_line = interpolate(xs, [reps[q["rule"]["label"]]["kl"] for q in pts], x)
-                where = "interpolated"
+                (kl_line, r_line), where = at, "interpolated"
             lo, hi = _ci(r_p - r_line)
             if hi < 0:
                 out.append({"point": p["rule"]["label"], "family": p["family"], "fraction": x, "kl": p["kl"],
@@ -538,13 +541,11 @@ def default_position(frontier: dict, reps: Dict[str, Dict[str, torch.Tensor]]) -
     for name, pts in lines(frontier).items():
         if pts[0]["family"] in LYNX_FAMILIES:
             continue
-        pts = pareto(pts)
-        xs = [p["fraction"] for p in pts]
-        kl = interpolate(xs, [p["kl"] for p in pts], x)
-        if kl is None:
+        at = line_at(pareto(pts), reps, x)
+        if at is None:
             out["lines"].append({"line": name, "kl": None})
             continue
-        r = interpolate(xs, [reps[p["rule"]["label"]]["kl"] for p in pts], x)
+        kl, r = at
         out["lines"].append({"line": name, "kl": kl, "kl_minus_default": kl - d["kl"], "ci": _ci(r - r_d)})
     for p in frontier["points"]:
         if p["family"] in ("off", A.RANDOM) or p["family"] in LYNX_FAMILIES or p["fraction"] > x:
