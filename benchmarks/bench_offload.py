@@ -143,7 +143,7 @@ class ResidencyRule:
 
     @property
     def label(self) -> str:
-        name = {"keep": "lynx+resident", "prefer": "resident-first", "prefer_free": "rf-free", "prefer_refill": "rf-refill", "prefer_pop": "rf-pop"}[self.mode]
+        name = {"keep": "lynx+resident", "prefer": "resident-first"}[self.mode]
         cap = self.policy.max_moved_weight
         return name if cap == DEFAULT_CAP else f"{name} moved<={cap:g}"
 
@@ -255,7 +255,7 @@ def expert_bytes(model) -> int:
 
 
 def slot_counts(num_experts: int, top_k: int) -> List[int]:
-    return [max(top_k, num_experts // d) for d in (4,)]
+    return [max(top_k, num_experts // d) for d in (8, 4, 2)]
 
 
 @dataclass
@@ -311,7 +311,7 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
         plain = {"lynx": make_policy("lynx")}
         plain.update({f"lynx moved<={c:g}": make_policy("lynx", max_moved_weight=c) for c in caps})
         residency = [ResidencyRule(mode, K, LynxPolicy(max_moved_weight=c)) for K in ks
-                     for mode, c in [("prefer_pop", DEFAULT_CAP)] + [(m, c) for c in caps for m in ("prefer_pop",)]]
+                     for mode, c in [("keep", DEFAULT_CAP), ("prefer", DEFAULT_CAP)] + [("prefer", c) for c in caps]]
         series: Dict[tuple, Series] = {}
 
         def add(label, K, patch, res):

@@ -27,7 +27,7 @@ WEIGHT_Q = 65536
 # Integer scores of the lynx policy must fit in int64: see LynxPolicy.validate.
 _INT64_BITS = 62
 # lynx's residency-aware modes on SGLang's paged-experts layers (LynxPolicy.residency; docs/offload.md).
-RESIDENCY_MODES = ("off", "keep", "prefer", "prefer_free", "prefer_refill", "prefer_pop")
+RESIDENCY_MODES = ("off", "keep", "prefer")
 
 
 class ConfigError(ValueError):

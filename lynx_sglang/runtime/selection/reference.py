@@ -144,7 +144,7 @@ def vote(
     return _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)[0]
 
 
-def _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts=None, resident=None):
+def _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts=None):
     """``vote`` and the clamped ids [T, k] int64 (``reroute`` reuses them).
 
     Written for few torch ops (each costs a few microseconds on a CPU server; a launch on a GPU); the
@@ -203,18 +203,7 @@ def _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts
             lead = row_ok & ((z_top[:, 0] - z_top[:, 1]) >= consts.margin) if k >= 2 else row_ok
             flagged = (rank == 0) & lead[:, None]
         if policy.moved_weight_q < WEIGHT_Q:
-            free = None
-            hold_rank = rank
-            if resident is not None and policy.residency in ("prefer_free", "prefer_pop"):
-                kept0 = torch.zeros(E + 1, dtype=torch.bool, device=dev).scatter_(
-                    0, torch.where(flagged, ids_c, E).view(-1), True)[:E]
-                free = (resident | kept0)[ids_c]
-                if policy.residency == "prefer_pop":
-                    costly = voting & ~free
-                    pop = _count(ids_c, costly.long(), E).gather(0, ids_c.view(-1)).view(T, k)
-                    key = pop * (k + 1) + (k - rank)  # hold popular experts first, then by rank
-                    hold_rank = (key[:, None, :] > key[:, :, None]).sum(dim=-1)
-            flagged |= held_by_cap(policy, w, hold_rank, voting, free)  # False on rows that do not vote
+            flagged |= held_by_cap(policy, w, rank, voting)  # False on rows that do not vote
         # Every write is True, so repeated experts need no order; unflagged picks land on a spare slot E.
         out.mandatory = torch.zeros(E + 1, dtype=torch.bool, device=dev).scatter_(
             0, torch.where(flagged, ids_c, E).view(-1), True)[:E]
@@ -258,8 +247,7 @@ def affinity_level(policy: LynxPolicy, z: torch.Tensor, ids_c: torch.Tensor, ran
     return level.masked_fill_(~voting, 0).long()
 
 
-def held_by_cap(policy: LynxPolicy, w: torch.Tensor, rank: torch.Tensor, voting: torch.Tensor,
-                free=None) -> torch.Tensor:
+def held_by_cap(policy: LynxPolicy, w: torch.Tensor, rank: torch.Tensor, voting: torch.Tensor) -> torch.Tensor:
     """[T, k] bool: picks the moved-weight cap holds in place.
 
     A pick may move only while the weight of it and every weaker pick of its row
@@ -268,8 +256,7 @@ def held_by_cap(policy: LynxPolicy, w: torch.Tensor, rank: torch.Tensor, voting:
     summation order. Rows that do not vote hold nothing.
     """
     q = quantized(torch.where(voting, w, 0.0))
-    qc = q if free is None else q.masked_fill(free, 0)
-    weaker = (qc[:, None, :] * (rank[:, None, :] >= rank[:, :, None])).sum(dim=-1)
+    weaker = (q[:, None, :] * (rank[:, None, :] >= rank[:, :, None])).sum(dim=-1)
     return weaker * WEIGHT_Q > q.sum(dim=1, keepdim=True) * policy.moved_weight_q
 
 
@@ -389,7 +376,7 @@ def residency_keep(policy: LynxPolicy, router: RouterSpec, votes: Votes, residen
     resident_picked = (votes.picks > 0) & resident
     if policy.residency == "keep":
         return lynx_keep | resident_picked
-    if policy.residency not in ("prefer", "prefer_free", "prefer_refill", "prefer_pop"):
+    if policy.residency != "prefer":
         raise ValueError(f"residency_keep needs lynx residency keep or prefer, got {policy.residency!r}")
     keep = resident_picked | votes.mandatory
     short = keep.sum() < policy.resolved_min_keep(router)
@@ -519,7 +506,7 @@ def select(
             raise ValueError(f"resident is an input of lynx with residency keep or prefer, not of {policy}")
         policy = policy.paged
     sel = selection_score(router, logits, correction_bias)
-    votes, ids_c = _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts, resident)
+    votes, ids_c = _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)
     rows_voting = votes.row_ok.sum()
     if vote_reduce is not None:
         votes = vote_reduce(votes)
@@ -527,10 +514,7 @@ def select(
         votes.num_voting = rows_voting  # what voting_rows() would sum again
     keep = (keep_set(policy, router, votes, consts) if resident is None
             else residency_keep(policy, router, votes, resident, consts))
-    refill = keep
-    if resident is not None and policy.residency == "prefer_refill":
-        refill = keep | resident
-    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, refill, out, ids_c,
+    out_ids, out_w, changed = reroute(router, logits, topk_ids, topk_weights, sel, votes.row_ok, keep, out, ids_c,
                                       refill_bias)
     info = SelectionInfo(
         keep=keep,
