@@ -254,8 +254,9 @@ def expert_bytes(model) -> int:
     return 3 * cfg.hidden_size * cfg.moe_intermediate_size * BF16
 
 
-def slot_counts(num_experts: int, top_k: int) -> List[int]:
-    return [max(top_k, num_experts // d) for d in (8, 4, 2)]
+def slot_counts(num_experts: int, top_k: int, divisors: Sequence[int] = (8, 4, 2)) -> List[int]:
+    """K = E/d for each divisor d, at least top-k (SGLang refuses fewer slots than the router's top-k)."""
+    return [max(top_k, num_experts // d) for d in divisors]
 
 
 @dataclass
@@ -283,6 +284,19 @@ class Series:
                 "delta_acc_ci95": _bootstrap(seqs), "tokens": tokens}
 
 
+    def paired_vs(self, other: "Series", reps: int = 1000, seed: int = 0) -> dict:
+        """This rule's next-token accuracy minus ``other``'s on the same sequences (points), with a
+        95 % paired bootstrap interval over sequences: the statistic "within x points of lynx" needs."""
+        seqs = []
+        for mine, theirs in zip(self.results, other.results):
+            if mine.per_sequence["tokens"] != theirs.per_sequence["tokens"]:
+                raise ValueError("paired_vs needs the same batches for both rules")
+            seqs += [(a - b, n, 0.0) for a, b, n in zip(mine.per_sequence["correct"], theirs.per_sequence["correct"],
+                                                      mine.per_sequence["tokens"])]
+        tokens = sum(n for _, n, _ in seqs)
+        return {"points": 100.0 * sum(d for d, _, _ in seqs) / tokens, "ci95": _bootstrap(seqs, reps, seed)}
+
+
 def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
     """95 % percentile interval of the pooled Δ accuracy (points), resampling sequences."""
     if not seqs:
@@ -296,12 +310,12 @@ def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
 
 
 def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
-              seed: int, caps: Sequence[float] = (0.5, 0.6), log=print) -> dict:
+              seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2)) -> dict:
     model, tokenizer = accuracy.load_model(path)
     streams = accuracy.domain_streams(tokenizer)
     E, k = accuracy.model_shape(model)
     layers = len(accuracy.moe_blocks(model))
-    ks = slot_counts(E, k)
+    ks = slot_counts(E, k, slot_divisors)
     out = {"model": path.name, "num_experts": E, "top_k": k, "moe_layers": layers,
            "expert_bytes_bf16": expert_bytes(model), "slots": ks, "batch_sizes": {}}
     for B in batch_sizes:
@@ -351,6 +365,8 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
             row["bytes_per_layer_step_if_qwen3_30b_sized"] = row["page_ins_per_layer_step"] * QWEN3_30B_EXPERT_BYTES
             row["estimate"] = {m: estimate_step_ms(row["page_ins_per_layer_step"], row["distinct_per_layer_step"], m)
                                for m in LARGE_MODELS}
+            # Paired against lynx's defaults on the same sequences (the issue's "within x points of lynx").
+            row["delta_vs_lynx"] = s.paired_vs(series[("lynx", K)])
             rows.append(row)
         for K in ks:
             base = next(r for r in rows if r["rule"] == "off" and r["num_slots"] == K)["page_ins_per_layer_step"]
@@ -365,14 +381,17 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
 
 def table(model_out: dict, B: int) -> str:
     lines = [f"{model_out['model']} (E={model_out['num_experts']}, k={model_out['top_k']}), B={B}",
-             "| K | rule | page-ins / layer-step | vs off | waves | distinct | Δacc (pts) [95% CI] | KL |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| K | rule | page-ins / layer-step | vs off | waves | distinct | Δacc (pts) [95% CI] "
+             "| vs lynx (pts) [95% CI, paired] | KL |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in model_out["batch_sizes"][str(B)]["rows"]:
         ci = r["delta_acc_ci95"]
+        vs = r.get("delta_vs_lynx")
+        paired = f"{vs['points']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "-"
         lines.append(f"| {r['num_slots']} | {r['rule']} | {r['page_ins_per_layer_step']:.2f} | "
                      f"{r['page_ins_vs_off']:.2f} | {r['waves_per_layer_step']:.2f} | "
                      f"{r['distinct_per_layer_step']:.1f} | "
-                     f"{r['delta_acc_points']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] | {r['kl']:.4f} |")
+                     f"{r['delta_acc_points']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] | {paired} | {r['kl']:.4f} |")
     return "\n".join(lines)
 
 
@@ -402,7 +421,7 @@ def plot(payload: dict, png: Path) -> None:
                     if r["num_slots"] == K:
                         ax.scatter(r["page_ins_per_layer_step"], r["delta_acc_points"], c=colors[r["rule"]],
                                    marker=markers[ki], s=40,
-                                   label=f"{r['rule']}" if ki == 1 else None)
+                                   label=f"{r['rule']}" if ki == len(m["slots"]) // 2 else None)
                         ax.annotate(f"K={K}", (r["page_ins_per_layer_step"], r["delta_acc_points"]), fontsize=6,
                                     xytext=(3, 3), textcoords="offset points")
             ax.axhline(0, color="0.7", lw=0.8)
@@ -411,7 +430,8 @@ def plot(payload: dict, png: Path) -> None:
             ax.set_ylabel("Δ next-token accuracy vs off (points)")
             ax.grid(alpha=0.3)
             if i == 0 and j == 0:
-                ax.legend(fontsize=7, title="K: o E/8, s E/4, ^ E/2", title_fontsize=7)
+                ax.legend(fontsize=7, title="K: " + ", ".join(f"{markers[i]} {K}" for i, K in enumerate(m["slots"])),
+                          title_fontsize=7)
     fig.suptitle("Paged experts: page-ins vs accuracy (teacher-forced held-out decode, CPU replay)", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
@@ -430,13 +450,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--caps", default="0.5,0.6", help="extra moved-weight caps: lynx and resident-first at each")
+    ap.add_argument("--slot-divisors", default="8,4,2", help="replay K = E/d (at least top-k) for each d")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
     models = [run_model(ROOT / "models" / name, [int(b) for b in args.batch_sizes.split(",")], args.batches,
                         args.prefix, args.decode_len, args.seed,
-                        [float(c) for c in args.caps.split(",") if c]) for name in args.models.split(",")]
+                        [float(c) for c in args.caps.split(",") if c],
+                        slot_divisors=[int(d) for d in args.slot_divisors.split(",")]) for name in args.models.split(",")]
     import transformers
 
     payload = {

@@ -180,3 +180,23 @@ def test_patch_on_the_bundled_model_with_every_expert_resident():
             res = accuracy.measure(model, batch, bo.ResidencyRule(mode, E), off, 8, 0)[0]
         assert res.kl == 0.0 and res.correct == res.correct_off  # everything resident: off exactly
     assert lynx_res.tokens == res.tokens
+
+
+def _result(correct, tokens):
+    from lynx_sglang.accuracy import BatchResult
+
+    return BatchResult("mixed", len(tokens), sum(tokens), 0, sum(correct), 0.0, 0.0, 0.0, 0, 0.0, [], [],
+                       per_sequence={"correct": list(correct), "tokens": list(tokens)})
+
+
+def test_paired_difference_against_lynx_is_per_sequence_on_the_same_batches():
+    lynx = bo.Series("lynx", 8, [], [], [_result([5, 7], [10, 10]), _result([3, 9], [10, 10])])
+    rule = bo.Series("rule", 8, [], [], [_result([4, 7], [10, 10]), _result([3, 6], [10, 10])])
+    paired = rule.paired_vs(lynx)
+    # (4-5) + (7-7) + (3-3) + (6-9) = -4 correct over 40 tokens: -10 points.
+    assert paired["points"] == pytest.approx(-10.0)
+    lo, hi = paired["ci95"]
+    assert -30.0 <= lo <= -10.0 <= hi <= 0.0  # every resampled sequence loses 0 to 3 of its 10 tokens
+    other = bo.Series("x", 8, [], [], [_result([5, 7], [10, 9]), _result([3, 9], [10, 10])])
+    with pytest.raises(ValueError, match="same batches"):
+        rule.paired_vs(other)

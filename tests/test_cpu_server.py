@@ -152,6 +152,66 @@ def test_moe_replacement_handles_repeated_experts(stock_moe):
     torch.testing.assert_close(got.double(), _reference(layer, x, ids, w), rtol=1e-5, atol=1e-5)
 
 
+def test_moe_replacement_returns_weighted_entries_for_paged_experts(stock_moe):
+    """SGLang's paged experts asks the runner for one output per (token, k) entry (``no_combine``, router
+    weight kept) and sums them itself: entries of -1 slots are zero, and the entries sum to the MoE."""
+    from dataclasses import replace
+
+    layer = _moe_layer()
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(6))
+    ids, w = _routing(5, 8, 4, seed=7)
+    ids[1, 2] = -1  # an entry outside the wave: SGLang masks it to weight 0 (id -1 or 0)
+    w[1, 2] = 0.0
+    cfg = replace(stock_moe.cfg, no_combine=True, no_combine_keep_router_weight=True)
+    entries = cpu_support.moe_forward_skipping_unused_slots(stock_moe.fn, layer, x, stock_moe.out(w, ids, None), cfg)
+    assert entries.shape == (5, 4, 32) and entries.dtype == x.dtype
+    assert torch.equal(entries[1, 2], torch.zeros(32))
+    torch.testing.assert_close(entries.sum(dim=1).double(), _reference(layer, x, ids, w), rtol=1e-5, atol=1e-5)
+    # Each entry alone is that expert's output times its weight.
+    one = torch.zeros_like(ids).fill_(-1)
+    one[3, 1] = ids[3, 1]
+    torch.testing.assert_close(entries[3, 1].double(), _reference(layer, x, one, w)[3], rtol=1e-5, atol=1e-5)
+    # Without the router weight the entries are the experts' plain outputs.
+    plain = cpu_support.moe_forward_skipping_unused_slots(
+        stock_moe.fn, layer, x, stock_moe.out(w, ids, None), replace(cfg, no_combine_keep_router_weight=False))
+    torch.testing.assert_close((plain * w.unsqueeze(-1)).sum(dim=1), entries.sum(dim=1), rtol=1e-5, atol=1e-5)
+    # No rows: an empty [0, k, hidden].
+    empty = cpu_support.moe_forward_skipping_unused_slots(
+        stock_moe.fn, layer, x[:0], stock_moe.out(w[:0], ids[:0], None), cfg)
+    assert empty.shape == (0, 4, 32)
+
+
+def test_paged_top_k_sum_and_residency_mirror():
+    """The torch top-k sum scales as SGLang's kernel does; the CPU server's eager executor gets a residency
+    state that follows its LRU through SGLang's own run bookkeeping (load_into / plan_waves / store_from)."""
+    from sglang.srt.layers.moe.paged_experts import executor as ex_mod
+    from sglang.srt.layers.moe.paged_experts import method as method_mod
+
+    entries = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    out = torch.empty(2, 4)
+    cpu_support._sum_top_k_in_torch(None, None, entries, out, 2.5)
+    torch.testing.assert_close(out, entries.sum(dim=1) * 2.5)
+
+    m = method_mod.PagedExpertsMoEMethod(base_method=None, expert_format=None, num_experts=6, num_resident=2,
+                                         graphs=False)
+    m.store = SimpleNamespace(host={"w13_weight": torch.zeros(6, 1)})
+    m.executor = ex_mod.EagerExecutor(base_method=None, store=m.store, policy=m.policy, contract=None, num_experts=6,
+                                      routed_scaling_factor=1.0)
+    layer = SimpleNamespace(w13_weight=torch.zeros(2, 1))
+    cpu_support._mirror_lru_into_residency(None, m, layer)
+    residency = m.executor.device_residency
+    assert residency is not None and residency.expert_slot.tolist() == [0, 1, -1, -1, -1, -1]
+    ex = m.executor
+    for ids in ([[4, 5]], [[5, 3]]):  # two one-wave steps: 4, 5 paged in, then 3 replaces 4 (least recent)
+        from sglang.srt.layers.moe.paged_experts.residency import plan_waves
+
+        distinct = sorted({e for row in ids for e in row})
+        ex._run = lambda layer, dispatch_output, d=distinct: plan_waves(policy=ex.policy, distinct=d)
+        cpu_support._eager_run_without_graph_check(None, ex, None, None)
+    slots = residency.expert_slot.tolist()
+    assert {e for e, s in enumerate(slots) if s >= 0} == {3, 5} and slots[4] == -1
+
+
 # --------------------------------------------------------------------------- sgl_kernel stand-in
 
 

@@ -149,3 +149,41 @@ def test_peer_policy_serves_concurrent_requests_with_fewer_experts(policy, tmp_p
         assert c.mean_experts_after < c.mean_experts_before
         assert 0 < c.rows_changed <= c.rows_voting
 
+
+
+PAGED_K = 8  # of the bundled model's 32 experts: E/4
+
+
+def test_stock_paged_experts_on_the_cpu_server_generate_as_unpaged(stock, tmp_path):
+    """SGLang's paged experts runs on the CPU server (cpu/support.py): with 8 of 32 experts resident, every step
+    pages and runs in waves, and greedy output is the unpaged server's (paging is exact; fp32 here)."""
+    from lynx_sglang.runtime.cpu.support import PAGED_LOG_ENV
+
+    log = tmp_path / "paged.jsonl"
+    with running_server(*BASE, "--enable-paged-experts", "--paged-experts-num-resident", str(PAGED_K),
+                        env={PAGED_LOG_ENV: str(log)}, log_dir=tmp_path) as srv:
+        assert _greedy(srv, PROMPTS[:STOCK_PROMPTS]) == stock["greedy"]
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sum(s["page_ins"] for s in steps) > 0 and max(s["waves"] for s in steps) > 1
+
+
+def test_lynx_residency_serves_on_paged_experts(tmp_path):
+    """--lynx-residency prefer on the CPU server's paged layers: the stage finds each layer's residency state, and
+    every step SGLang runs pages as its LRU must (waves of K, page-ins between distinct - K and distinct)."""
+    from lynx_sglang.runtime.cpu.support import PAGED_LOG_ENV
+
+    log = tmp_path / "paged.jsonl"
+    layers = json.loads((DEFAULT_MODEL / "config.json").read_text())["num_hidden_layers"]
+    with running_server(*BASE, "--enable-paged-experts", "--paged-experts-num-resident", str(PAGED_K), *STRICT,
+                        "--lynx-residency", "prefer", env={PAGED_LOG_ENV: str(log)}, log_dir=tmp_path) as srv:
+        answers = complete(srv.url, PROMPTS, max_tokens=MAX_NEW, concurrency=len(PROMPTS))
+        server_log = srv.log_path.read_text()
+    assert len(answers) == len(PROMPTS) and all(isinstance(a, str) for a in answers)
+    assert f"residency-aware selection (prefer) on {layers} paged layer(s), K = {PAGED_K}" in server_log
+    steps = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {s["layer"] for s in steps} == set(range(layers))
+    for s in steps:
+        assert s["waves"] == max(1, -(-s["distinct"] // PAGED_K)), s
+        assert max(0, s["distinct"] - PAGED_K) <= s["page_ins"] <= s["distinct"], s
+    decode = [s for s in steps if 1 < s["rows"] <= len(PROMPTS)]
+    assert decode and sum(s["page_ins"] for s in decode) > 0

@@ -242,6 +242,18 @@ def test_refusals_at_start_up(paged):
                                    [(0, ROUTER)], cpu)
 
 
+def test_cpu_server_residency_on_the_eager_executor_is_read(paged):
+    """The CPU server (no CUDA graphs, so no device executor) gets a residency state on the eager executor from
+    cpu/support.py: that one is read; with none there, the refusal stands."""
+    layer = _paged_layer(paged, 0, graphs=False)
+    dr = paged.DeviceResidency(num_experts=E, num_slots=K, device="cpu")
+    layer.quant_method.executor.device_residency = dr
+    slots = res_mod.paged_expert_slots(_Model([layer]), _options("prefer"), [(0, ROUTER)], torch.device("cpu"))
+    assert slots[0] is dr.expert_slot
+    _eager_step(paged, layer, torch.tensor([[20, 21, 22, 23]]))  # SGLang's run moves it in place
+    assert set(torch.nonzero(slots[0] >= 0).flatten().tolist()) == {4, 5, 6, 7, 20, 21, 22, 23}
+
+
 def test_selector_and_policy_refusals():
     slot = torch.full((E,), -1, dtype=torch.int32)
     with pytest.raises(ConfigError, match="torch backend only"):

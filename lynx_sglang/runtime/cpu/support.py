@@ -11,7 +11,11 @@ nothing. On a CPU-only machine it:
 * registers SGLang hooks (``HookRegistry``): process groups without PyNccl, one set
   of cores per rank when ranks outnumber NUMA nodes (``--tp 2`` on one node), a
   MoE forward that skips ``-1`` expert slots and handles repeated experts, and
-  EPLB rebalancing without its CUDA-synchronising timer.
+  EPLB rebalancing without its CUDA-synchronising timer;
+* lets SGLang's paged experts (``--enable-paged-experts``) run on its eager path:
+  a pageable host store, per-entry MoE outputs where the paged executor asks for
+  them (``no_combine``), a torch top-k sum, and the LRU mirrored into a
+  ``DeviceResidency`` held in CPU memory (docs/offload.md, "The CPU server").
 
 Only the standard library is imported at module level: this runs in every process.
 """
@@ -22,6 +26,7 @@ import glob
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import json
 import logging
 import os
 import pkgutil
@@ -60,6 +65,15 @@ _MOE_TARGET = "sglang.srt.layers.moe.fused_moe_native.moe_forward_native"
 _GROUP_TARGET = "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 _THREADS_TARGET = "sglang.srt.utils.numa_utils.init_threads_binding"
 _EPLB_TARGET = "sglang.srt.eplb.eplb_manager.EPLBManager.__init__"
+_PAGED = "sglang.srt.layers.moe.paged_experts"
+_PAGED_ALLOC_TARGET = _PAGED + ".store.HostExpertStore._alloc"
+_PAGED_SUM_TARGET = _PAGED + ".runners.TritonContract._sum_top_k"
+_PAGED_LOADED_TARGET = _PAGED + ".method.PagedExpertsMoEMethod.process_weights_after_loading"
+_PAGED_RUN_TARGET = _PAGED + ".executor.EagerExecutor.run"
+_PAGED_PAGE_IN_TARGET = _PAGED + ".store.HostExpertStore.page_in"
+#: Where the CPU server appends one JSON line per paged MoE layer and step (rows, distinct experts,
+#: experts paged in, waves), for benchmarks/bench_paged_served_cpu.py; unset: nothing is written.
+PAGED_LOG_ENV = "LYNX_CPU_PAGED_LOG"
 
 
 # --------------------------------------------------------------------------- entry point
@@ -341,6 +355,85 @@ def _register_hooks() -> None:
     HookRegistry.register(_THREADS_TARGET, _bind_threads, HookType.AROUND)
     HookRegistry.register(_MOE_TARGET, moe_forward_skipping_unused_slots, HookType.AROUND)
     HookRegistry.register(_EPLB_TARGET, _eplb_in_one_untimed_chunk, HookType.AFTER)
+    HookRegistry.register(_PAGED_ALLOC_TARGET, _pageable_host_rows, HookType.AROUND)
+    HookRegistry.register(_PAGED_SUM_TARGET, _sum_top_k_in_torch, HookType.AROUND)
+    HookRegistry.register(_PAGED_LOADED_TARGET, _mirror_lru_into_residency, HookType.AFTER)
+    HookRegistry.register(_PAGED_RUN_TARGET, _eager_run_without_graph_check, HookType.AROUND)
+    HookRegistry.register(_PAGED_PAGE_IN_TARGET, _counting_page_in, HookType.AROUND)
+
+
+# --------------------------------------------------------------------------- paged experts on the CPU
+# SGLang's paged experts needs three things a CPU machine lacks: page-locked host memory (a CUDA
+# driver), a runner that returns one output per routed (token, k) entry, and a Triton top-k sum.
+# With them its eager executor (LRUPolicy, plan_waves, page_in, waves, merge) runs as it is; the
+# "GPU" slots are CPU tensors and a page-in is a memory copy, so page-in counts and waves are SGLang's
+# own, while times say nothing about PCIe.
+
+
+def _pageable_host_rows(original, store, shape, dtype):
+    """AROUND hook on ``HostExpertStore._alloc``: pageable rows (pinning needs a CUDA driver)."""
+    import torch
+
+    return torch.empty(shape, dtype=dtype, device="cpu")
+
+
+def _sum_top_k_in_torch(original, contract, entries, out, routed_scaling_factor: float):
+    """AROUND hook on ``TritonContract._sum_top_k`` (a Triton kernel): the top-k sum of the merged
+    ``[tokens, top_k, hidden]`` entries, times the routed scaling factor, into ``out``."""
+    summed = entries.sum(dim=1)
+    if routed_scaling_factor != 1.0:
+        summed = summed * routed_scaling_factor
+    out.copy_(summed)
+
+
+def _eager_run_without_graph_check(original, executor, layer, dispatch_output):
+    """AROUND hook on ``EagerExecutor.run``: its body with a residency state, without asking CUDA
+    whether a graph is being captured (that call needs a CUDA driver; on the CPU none ever is)."""
+    residency = executor.device_residency
+    if residency is None:
+        return original(executor, layer, dispatch_output)
+    residency.load_into(executor.policy)
+    store = executor.store
+    before = getattr(store, "lynx_page_ins", 0), getattr(store, "lynx_waves", 0)
+    out = executor._run(layer, dispatch_output)
+    residency.store_from(executor.policy)
+    path = os.environ.get(PAGED_LOG_ENV)
+    if path:
+        ids = dispatch_output.topk_output.topk_ids
+        line = {"layer": getattr(layer, "layer_id", None), "rows": int(ids.shape[0]),
+                "distinct": int((ids.unique() >= 0).sum()),
+                "page_ins": store.lynx_page_ins - before[0], "waves": store.lynx_waves - before[1]}
+        with open(path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+    return out
+
+
+def _counting_page_in(original, store, layer, loads):
+    """AROUND hook on ``HostExpertStore.page_in`` (one call per wave): counts experts and waves."""
+    store.lynx_page_ins = getattr(store, "lynx_page_ins", 0) + len(loads)
+    store.lynx_waves = getattr(store, "lynx_waves", 0) + 1
+    return original(store, layer=layer, loads=loads)
+
+
+def _mirror_lru_into_residency(result, method, layer):
+    """AFTER hook on ``PagedExpertsMoEMethod.process_weights_after_loading``: a residency state.
+
+    Without CUDA graphs SGLang keeps residency only in the host ``LRUPolicy``. On a GPU lynx's
+    ``--lynx-residency`` then refuses (it reads ``DeviceResidency.expert_slot`` on the device). On
+    the CPU server we give the eager executor a ``DeviceResidency`` in CPU memory: its ``run`` then
+    loads the LRU from it before every step and stores it back after (``load_into`` /
+    ``store_from``, SGLang's own code for graphs-on GPUs), so ``expert_slot`` is the residency
+    each step starts from, and the decisions are those of the LRU alone (the round trip keeps its
+    order).
+    """
+    from sglang.srt.layers.moe.paged_experts.residency import DeviceResidency
+
+    executor = getattr(method, "executor", None)
+    if executor is not None and executor.device_residency is None and method.device_executor is None:
+        device = getattr(layer, next(iter(method.store.host))).device
+        executor.device_residency = DeviceResidency(num_experts=method.num_experts,
+                                                    num_slots=method.num_resident, device=device)
+    return result
 
 
 #: ``EPLBManager._compute_update_layer_ids_chunks`` reads a missing chunk size as this (one chunk).
@@ -376,6 +469,10 @@ def _no_pynccl(*args, **kwargs):
 def moe_forward_skipping_unused_slots(original, layer, x, topk_output, moe_runner_config):
     """AROUND hook on ``fused_moe_native.moe_forward_native`` (the CPU MoE path without AMX).
 
+    With ``moe_runner_config.no_combine`` (SGLang's paged experts sets it, keeping the router
+    weight) it returns each (token, k) entry's weighted output, ``[tokens, top_k, hidden]``,
+    through the per-slot path below; the stock function ignores the flag.
+
     The stock function fails on ``-1`` expert ids (scatter out of range) and miscounts an
     expert repeated in a row. Inputs with neither go to the stock function unchanged, so
     their numerics are identical. Otherwise every valid (token, slot) pair becomes its own
@@ -386,17 +483,17 @@ def moe_forward_skipping_unused_slots(original, layer, x, topk_output, moe_runne
     import torch
 
     topk_weights, topk_ids = topk_output[0], topk_output[1]
+    per_entry = bool(getattr(moe_runner_config, "no_combine", False))  # SGLang's paged experts asks for it
     if topk_ids.shape[0] == 0:  # an all-to-all rank that received no rows (the stock reshape fails)
-        return x.new_zeros((0, x.shape[-1]))
+        return x.new_zeros((0, topk_ids.shape[1], x.shape[-1]) if per_entry else (0, x.shape[-1]))
     valid = topk_ids >= 0
-    if bool(valid.all()) and not _has_repeats(topk_ids):
+    if not per_entry and bool(valid.all()) and not _has_repeats(topk_ids):
         return original(layer, x, topk_output, moe_runner_config)
 
     num_tokens, k = topk_ids.shape
     slot = valid.reshape(-1).nonzero().squeeze(1)
-    out = x.new_zeros((num_tokens, x.shape[-1]))
     if slot.numel() == 0:
-        return out
+        return x.new_zeros((num_tokens, k, x.shape[-1]) if per_entry else (num_tokens, x.shape[-1]))
     token = slot // k
     ids = topk_ids.reshape(-1)[slot].unsqueeze(1)
     ones = torch.ones(ids.shape, dtype=topk_weights.dtype, device=topk_weights.device)
@@ -404,7 +501,12 @@ def moe_forward_skipping_unused_slots(original, layer, x, topk_output, moe_runne
     # Stock combine: expert outputs (x dtype) -> weight dtype, times weights, sum over slots, -> x dtype.
     full = torch.zeros((num_tokens * k, per_slot.shape[-1]), dtype=topk_weights.dtype, device=x.device)
     full[slot] = per_slot.to(topk_weights.dtype)
-    weighted = full.view(num_tokens, k, -1).mul_(topk_weights.unsqueeze(-1)).masked_fill_(~valid.unsqueeze(-1), 0)
+    entries = full.view(num_tokens, k, -1)
+    if per_entry and not getattr(moe_runner_config, "no_combine_keep_router_weight", False):
+        return entries.masked_fill_(~valid.unsqueeze(-1), 0).to(per_slot.dtype)
+    weighted = entries.mul_(topk_weights.unsqueeze(-1)).masked_fill_(~valid.unsqueeze(-1), 0)
+    if per_entry:  # no_combine: each entry's weighted output, summed by the caller (SGLang's paged experts)
+        return weighted.to(per_slot.dtype)
     return weighted.sum(dim=1).to(per_slot.dtype)
 
 

@@ -72,6 +72,8 @@ def expert_slot_of(layer: torch.nn.Module, layer_id: int, router: RouterSpec, de
     method = layer.quant_method
     executor = getattr(method, "device_executor", None)
     residency = getattr(executor, "residency", None)
+    if executor is None:  # the CPU server: its support gives the eager executor one (cpu/support.py)
+        residency = getattr(getattr(method, "executor", None), "device_residency", None)
     if residency is None:
         raise ConfigError(
             f"{FLAG}: paged-experts layer {layer_id} keeps no device residency state (SGLang builds it only "
