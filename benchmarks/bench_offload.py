@@ -145,7 +145,8 @@ class ResidencyRule:
     def label(self) -> str:
         name = {"keep": "lynx+resident", "prefer": "resident-first"}[self.mode]
         cap = self.policy.max_moved_weight
-        return name if cap == DEFAULT_CAP else f"{name} moved<={cap:g}"
+        name = name if cap == DEFAULT_CAP else f"{name} moved<={cap:g}"
+        return name if self.policy.keep_top is None else f"{name} keep_top={self.policy.keep_top}"
 
     @property
     def runtime_policy(self) -> LynxPolicy:
@@ -310,7 +311,8 @@ def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
 
 
 def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
-              seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2)) -> dict:
+              seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2),
+              keep_tops: Sequence[int] = ()) -> dict:
     model, tokenizer = accuracy.load_model(path)
     streams = accuracy.domain_streams(tokenizer)
     E, k = accuracy.model_shape(model)
@@ -326,6 +328,9 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
         plain.update({f"lynx moved<={c:g}": make_policy("lynx", max_moved_weight=c) for c in caps})
         residency = [ResidencyRule(mode, K, LynxPolicy(max_moved_weight=c)) for K in ks
                      for mode, c in [("keep", DEFAULT_CAP), ("prefer", DEFAULT_CAP)] + [("prefer", c) for c in caps]]
+        # resident-first with another keep_top (--lynx-keep-top): how many best picks every row holds
+        residency += [ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=c, keep_top=t)) for K in ks
+                      for t in keep_tops for c in [DEFAULT_CAP, *caps]]
         series: Dict[tuple, Series] = {}
 
         def add(label, K, patch, res):
@@ -451,6 +456,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--caps", default="0.5,0.6", help="extra moved-weight caps: lynx and resident-first at each")
     ap.add_argument("--slot-divisors", default="8,4,2", help="replay K = E/d (at least top-k) for each d")
+    ap.add_argument("--keep-tops", default="", help="also resident-first with these keep_top values, at every cap")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -458,7 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     models = [run_model(ROOT / "models" / name, [int(b) for b in args.batch_sizes.split(",")], args.batches,
                         args.prefix, args.decode_len, args.seed,
                         [float(c) for c in args.caps.split(",") if c],
-                        slot_divisors=[int(d) for d in args.slot_divisors.split(",")]) for name in args.models.split(",")]
+                        slot_divisors=[int(d) for d in args.slot_divisors.split(",")],
+                        keep_tops=[int(t) for t in args.keep_tops.split(",") if t]) for name in args.models.split(",")]
     import transformers
 
     payload = {
