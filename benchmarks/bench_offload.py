@@ -156,13 +156,20 @@ class ResidencyRule:
 
 def residency_select(rule: ResidencyRule, router: RouterSpec, logits: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor, resident: torch.Tensor,
-                     correction_bias: Optional[torch.Tensor] = None):
+                     correction_bias: Optional[torch.Tensor] = None, similarity: Optional[torch.Tensor] = None):
     """One (layer, step): new (ids, weights, changed) under ``rule`` given the resident mask [E] bool.
 
     The runtime rule on its torch path, ``reference.select(..., resident=...)``: what a paged layer's
-    selector runs with ``resident = expert_slot >= 0``."""
-    new_ids, new_w, _ = reference.select(rule.runtime_policy, router, logits.float(), ids, weights.float(),
-                                         correction_bias=correction_bias, resident=resident)
+    selector runs with ``resident = expert_slot >= 0``. ``similarity``: the layer's expert-similarity
+    matrix, for a rule with ``refill_similarity`` > 0 (scaled as the selector scales it at plan time)."""
+    policy = rule.runtime_policy
+    refill = None
+    if policy.refill_similarity > 0:
+        if similarity is None:
+            raise ValueError("a residency rule with refill_similarity needs the layer's similarity matrix")
+        refill = (similarity * policy.refill_similarity).contiguous()
+    new_ids, new_w, _ = reference.select(policy, router, logits.float(), ids, weights.float(),
+                                         correction_bias=correction_bias, resident=resident, refill_bias=refill)
     return new_ids, new_w, (new_ids != ids).any(dim=1)
 
 
@@ -223,8 +230,9 @@ class OffloadPatch(accuracy.SelectionPatch):
         rule: ResidencyRule = self.rule
         E = self.router.num_experts
         resident = resident_mask(self.lru[layer][rule.num_slots], E)
+        sim = None if self.similarity is None else self.similarity[layer]
         new_ids, new_w, _ = residency_select(rule, self.router, logits, ids.contiguous(), weights, resident,
-                                             self.routers[layer].correction_bias)
+                                             self.routers[layer].correction_bias, sim)
         new_w = new_w.to(weights.dtype)
         # The harness's own bookkeeping (what SelectionPatch._select records).
         self.counts.append((layer, len(distinct_experts(ids)), len(distinct_experts(new_ids))))
@@ -312,8 +320,16 @@ def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
 
 def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
               seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2),
-              keep_tops: Sequence[int] = ()) -> dict:
+              keep_tops: Sequence[int] = (), refill_similarity: float = 0.0) -> dict:
     model, tokenizer = accuracy.load_model(path)
+    sim = None
+    if refill_similarity > 0:  # lynx's refill by expert similarity (the server's default where the file exists)
+        from lynx_sglang.frontier import load_similarity_for
+        from lynx_sglang.runtime.sglang.options import default_similarity_path
+
+        sim = load_similarity_for(model, default_similarity_path(path))
+        if sim is None:
+            raise SystemExit(f"--refill-similarity needs {path}'s similarity file (python -m lynx_sglang.sere_calibrate)")
     streams = accuracy.domain_streams(tokenizer)
     E, k = accuracy.model_shape(model)
     layers = len(accuracy.moe_blocks(model))
@@ -324,12 +340,13 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
         t0 = time.time()
         batches = accuracy.make_batches(streams, B, batches_per_kind, prefix + decode_len + 1, seed=seed)
         # Residency-independent rules (one pass feeds every K), then the residency rules per K.
-        plain = {"lynx": make_policy("lynx")}
-        plain.update({f"lynx moved<={c:g}": make_policy("lynx", max_moved_weight=c) for c in caps})
-        residency = [ResidencyRule(mode, K, LynxPolicy(max_moved_weight=c)) for K in ks
+        lam = {"refill_similarity": refill_similarity}
+        plain = {"lynx": make_policy("lynx", **lam)}
+        plain.update({f"lynx moved<={c:g}": make_policy("lynx", max_moved_weight=c, **lam) for c in caps})
+        residency = [ResidencyRule(mode, K, LynxPolicy(max_moved_weight=c, **lam)) for K in ks
                      for mode, c in [("keep", DEFAULT_CAP), ("prefer", DEFAULT_CAP)] + [("prefer", c) for c in caps]]
         # resident-first with another keep_top (--lynx-keep-top): how many best picks every row holds
-        residency += [ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=c, keep_top=t)) for K in ks
+        residency += [ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=c, keep_top=t, **lam)) for K in ks
                       for t in keep_tops for c in [DEFAULT_CAP, *caps]]
         series: Dict[tuple, Series] = {}
 
@@ -347,12 +364,12 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
                 for K in ks:
                     add("off", K, off_patch, zero)
                 for label, policy in plain.items():
-                    res = accuracy.measure(model, batch, policy, off, prefix, 0)[0]
+                    res = accuracy.measure(model, batch, policy, off, prefix, 0, similarity=sim)[0]
                     for K in ks:
                         add(label, K, OffloadPatch.last, res)
             for rule in residency:
                 with recording([rule.num_slots]):
-                    res = accuracy.measure(model, batch, rule, off, prefix, 0)[0]
+                    res = accuracy.measure(model, batch, rule, off, prefix, 0, similarity=sim)[0]
                 add(rule.label, rule.num_slots, OffloadPatch.last, res)
         rows = []
         for (label, K), s in series.items():
@@ -457,6 +474,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--caps", default="0.5,0.6", help="extra moved-weight caps: lynx and resident-first at each")
     ap.add_argument("--slot-divisors", default="8,4,2", help="replay K = E/d (at least top-k) for each d")
     ap.add_argument("--keep-tops", default="", help="also resident-first with these keep_top values, at every cap")
+    ap.add_argument("--refill-similarity", type=float, default=0.0,
+                    help="lynx's refill_similarity for lynx and the residency rules (the server uses 8 where the "
+                         "model has a similarity file; 0: refill by router score)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -465,7 +485,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         args.prefix, args.decode_len, args.seed,
                         [float(c) for c in args.caps.split(",") if c],
                         slot_divisors=[int(d) for d in args.slot_divisors.split(",")],
-                        keep_tops=[int(t) for t in args.keep_tops.split(",") if t]) for name in args.models.split(",")]
+                        keep_tops=[int(t) for t in args.keep_tops.split(",") if t],
+                        refill_similarity=args.refill_similarity) for name in args.models.split(",")]
     import transformers
 
     payload = {

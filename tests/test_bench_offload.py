@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,38 @@ def test_residency_rules_keep_resident_picks_and_bound_the_moved_weight(router, 
             if mode == "keep":  # moves a subset of what lynx moves
                 for mine, lynx in zip(moved, _moved(ids, lynx_ids)):
                     assert mine <= lynx
+
+
+@pytest.mark.parametrize("router,bias", ROUTERS)
+@pytest.mark.parametrize("mode,cap", [("keep", None), ("prefer", None), ("prefer", 0.55)])
+def test_replayed_rule_with_similarity_refill_is_the_served_selector(router, bias, mode, cap):
+    """--refill-similarity: the replay decides as a paged layer's selector does when the server refills by
+    expert similarity (its default where the model has the file): residency read from expert_slot, bias
+    scaled at plan time; and the refill changes decisions (it is not ignored)."""
+    E = router.num_experts
+    g = torch.Generator().manual_seed(11)
+    sim = torch.rand(E, E, generator=g)
+    sim = (sim + sim.T) / 2
+    params = {} if cap is None else {"residency_max_moved_weight": cap}
+    policy = LynxPolicy(residency=mode, refill_similarity=8.0, **params)
+    rule = bo.ResidencyRule(mode, 8, LynxPolicy(refill_similarity=8.0,
+                                                **({} if cap is None else {"max_moved_weight": cap})))
+    slot = torch.full((E,), -1, dtype=torch.int32)
+    slot[torch.randperm(E, generator=g)[:8]] = torch.arange(8, dtype=torch.int32)
+    sel = ExpertSelector(router, policy, 16, torch.device("cpu"), torch.int64, torch.float32, correction_bias=bias,
+                         backend="torch", similarity=sim, residency=slot)
+    differs = 0
+    for seed in range(4):
+        z, ids, w = _routed(router, 16, seed, bias)
+        want_ids, want_w = (t.clone() for t in sel.run(z, ids, w))
+        got_ids, got_w, _ = bo.residency_select(rule, router, z, ids, w, slot >= 0, bias, similarity=sim)
+        assert torch.equal(got_ids, want_ids) and torch.equal(got_w, want_w)
+        plain, _, _ = bo.residency_select(bo.ResidencyRule(mode, 8, replace(rule.policy, refill_similarity=0.0)),
+                                          router, z, ids, w, slot >= 0, bias)
+        differs += int((plain != got_ids).any())
+    assert differs > 0
+    with pytest.raises(ValueError, match="similarity matrix"):
+        bo.residency_select(rule, router, z, ids, w, slot >= 0, bias)
 
 
 def test_single_request_is_untouched():
