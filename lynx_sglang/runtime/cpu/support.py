@@ -379,11 +379,14 @@ def _pageable_host_rows(original, store, shape, dtype):
 
 def _sum_top_k_in_torch(original, contract, entries, out, routed_scaling_factor: float):
     """AROUND hook on ``TritonContract._sum_top_k`` (a Triton kernel): the top-k sum of the merged
-    ``[tokens, top_k, hidden]`` entries, times the routed scaling factor, into ``out``."""
-    summed = entries.sum(dim=1)
-    if routed_scaling_factor != 1.0:
-        summed = summed * routed_scaling_factor
-    out.copy_(summed)
+    ``[tokens, top_k, hidden]`` entries into ``out``, without the routed scaling factor.
+
+    On a GPU the kernel applies the factor. Off CUDA SGLang's models apply it to the MoE output
+    themselves (e.g. ``glm4_moe.py``: ``if not _is_cuda: final_hidden_states *= routed_scaling_factor``),
+    and the CPU MoE path (``moe_forward_native``) leaves it out; applying it here too would scale twice.
+    """
+    torch = sys.modules["torch"]
+    torch.sum(entries, dim=1, out=out)
 
 
 def _eager_run_without_graph_check(original, executor, layer, dispatch_output):
