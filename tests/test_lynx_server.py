@@ -187,3 +187,17 @@ def test_lynx_residency_serves_on_paged_experts(tmp_path):
         assert max(0, s["distinct"] - PAGED_K) <= s["page_ins"] <= s["distinct"], s
     decode = [s for s in steps if 1 < s["rows"] <= len(PROMPTS)]
     assert decode and sum(s["page_ins"] for s in decode) > 0
+
+
+def test_paged_experts_on_a_model_with_routed_scaling_and_a_shared_expert(tmp_path):
+    """The bundled GLM-4.5-style model (routed scaling factor 2.5, one shared expert): paged at K = 16 of 64 it
+    generates the unpaged server's greedy tokens (the model scales the MoE output itself off CUDA, so the CPU
+    paged sum must not scale it again)."""
+    from lynx_sglang.server_process import REPO
+
+    glm4 = ("--model-path", str(REPO / "models" / "trained-glm4-moe"), *BASE)
+    prompts = PROMPTS[:3]
+    with servers_side_by_side({"unpaged": list(glm4),
+                               "paged": [*glm4, "--enable-paged-experts", "--paged-experts-num-resident", "16"]},
+                              log_dir=tmp_path) as srv:
+        assert _greedy(srv["paged"], prompts) == _greedy(srv["unpaged"], prompts)
