@@ -185,7 +185,7 @@ def plot(payload: dict, png: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from benchmarks.results_io import RESULTS_DIR, environment
+    from benchmarks.results_io import RESULTS_DIR, environment, write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="trained-qwen3-moe", help="bundled model folders under models/")
@@ -210,9 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                "note": "CPU server: a page-in is a host memory copy, so seconds are not a PCIe measurement; "
                        "page-ins, waves and distinct experts are counted in SGLang's eager paged executor",
                "models": models}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload) + "\n")
-    print(f"wrote {args.out.with_suffix('.json')}")
+    write_json(args.out, payload)
     plot(payload, args.out.with_suffix(".png"))
 
 
