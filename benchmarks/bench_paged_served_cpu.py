@@ -40,6 +40,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from benchmarks.bench_offload import slot_counts
 from lynx_sglang import accuracy
 from lynx_sglang.runtime.cpu.support import PAGED_LOG_ENV
 from lynx_sglang.server_process import start_server
@@ -51,11 +52,12 @@ def servers(num_experts: int, num_slots: int, caps: Sequence[float]) -> Dict[str
     """Launch arguments per server: unpaged stock, stock paged with every expert resident (K = E:
     SGLang's paged path without a page-in, the control for its numerics), then every rule paged at
     ``num_slots``."""
-    paged = ["--enable-paged-experts", "--paged-experts-num-resident", str(num_slots)]
+    def resident(n: int) -> List[str]:
+        return ["--enable-paged-experts", "--paged-experts-num-resident", str(n)]
+
+    paged = resident(num_slots)
     lynx = ["--moe-backend", "lynx"]
-    out = {"stock (not paged)": [], "off, K = E": ["--enable-paged-experts", "--paged-experts-num-resident",
-                                                   str(num_experts)],
-           "off": paged, "lynx": paged + lynx,
+    out = {"stock (not paged)": [], "off, K = E": resident(num_experts), "off": paged, "lynx": paged + lynx,
            "resident-first": paged + lynx + ["--lynx-residency", "prefer"]}
     for c in caps:
         out[f"resident-first moved<={c:g}"] = paged + lynx + ["--lynx-residency", "prefer",
@@ -135,7 +137,7 @@ def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_toke
     cfg = json.loads((model_dir / "config.json").read_text())
     E = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg["n_routed_experts"]
     k = cfg["num_experts_per_tok"]
-    K = max(k, E // 4)
+    K = slot_counts(E, k, (4,))[0]  # E/4, at least top-k: the replay's K
     ids = prompts(model_dir, batch_size, rounds, prompt_len, seed)
     rows, unpaged, control = [], None, None
     for label, args in servers(E, K, caps).items():

@@ -385,7 +385,8 @@ def _sum_top_k_in_torch(original, contract, entries, out, routed_scaling_factor:
     themselves (e.g. ``glm4_moe.py``: ``if not _is_cuda: final_hidden_states *= routed_scaling_factor``),
     and the CPU MoE path (``moe_forward_native``) leaves it out; applying it here too would scale twice.
     """
-    torch = sys.modules["torch"]
+    import torch
+
     torch.sum(entries, dim=1, out=out)
 
 
