@@ -52,7 +52,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -140,13 +140,24 @@ class ResidencyRule:
     mode: str  # "keep": lynx + resident picks; "prefer": resident picks + experts rows cannot move
     num_slots: int
     policy: LynxPolicy = LynxPolicy()
+    # One moved-weight cap per MoE layer (in block order) instead of the policy's: what a calibration
+    # file's layer_params serves (``--lynx-config``). None: the policy's cap on every layer.
+    layer_caps: Optional[Tuple[float, ...]] = None
 
     @property
     def label(self) -> str:
         name = {"keep": "lynx+resident", "prefer": "resident-first"}[self.mode]
-        cap = self.policy.max_moved_weight
-        name = name if cap == DEFAULT_CAP else f"{name} moved<={cap:g}"
+        if self.layer_caps is not None:
+            name = f"{name} layer caps {'/'.join(f'{c:g}' for c in self.layer_caps)}"
+        elif self.policy.max_moved_weight != DEFAULT_CAP:
+            name = f"{name} moved<={self.policy.max_moved_weight:g}"
         return name if self.policy.keep_top is None else f"{name} keep_top={self.policy.keep_top}"
+
+    def at_layer(self, layer: int) -> "ResidencyRule":
+        """The rule MoE layer ``layer`` (block order) runs: its own cap where ``layer_caps`` names one."""
+        if self.layer_caps is None:
+            return self
+        return ResidencyRule(self.mode, self.num_slots, replace(self.policy, max_moved_weight=self.layer_caps[layer]))
 
     @property
     def runtime_policy(self) -> LynxPolicy:
@@ -197,6 +208,8 @@ class OffloadPatch(accuracy.SelectionPatch):
         super().__init__(model, rule, *args, **kwargs)
         LRUPolicy, _ = sglang_lru()
         ks = [rule.num_slots] if isinstance(rule, ResidencyRule) else list(self.slots)
+        if isinstance(rule, ResidencyRule) and rule.layer_caps is not None and len(rule.layer_caps) != len(self.blocks):
+            raise ValueError(f"{len(rule.layer_caps)} layer caps for a model with {len(self.blocks)} MoE layers")
         self.lru: List[Dict[int, object]] = [{k: LRUPolicy(k) for k in ks} for _ in self.blocks]
         # (K) -> per layer: list of StepCost of the decode steps, and the prefill's
         self.steps: Dict[int, List[List[StepCost]]] = {k: [[] for _ in self.blocks] for k in ks}
@@ -227,7 +240,7 @@ class OffloadPatch(accuracy.SelectionPatch):
         return new_ids, new_w
 
     def _residency_select(self, layer, logits, ids, weights):
-        rule: ResidencyRule = self.rule
+        rule: ResidencyRule = self.rule.at_layer(layer)
         E = self.router.num_experts
         resident = resident_mask(self.lru[layer][rule.num_slots], E)
         sim = None if self.similarity is None else self.similarity[layer]
@@ -320,7 +333,8 @@ def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
 
 def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
               seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2),
-              keep_tops: Sequence[int] = (), refill_similarity: float = 0.0) -> dict:
+              keep_tops: Sequence[int] = (), refill_similarity: float = 0.0,
+              layer_caps: Sequence[Tuple[float, ...]] = ()) -> dict:
     model, tokenizer = accuracy.load_model(path)
     sim = None
     if refill_similarity > 0:  # lynx's refill by expert similarity (the server's default where the file exists)
@@ -348,6 +362,8 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
         # resident-first with another keep_top (--lynx-keep-top): how many best picks every row holds
         residency += [ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=c, keep_top=t, **lam)) for K in ks
                       for t in keep_tops for c in [DEFAULT_CAP, *caps]]
+        # resident-first with one cap per MoE layer (a calibration file's layer_params)
+        residency += [ResidencyRule("prefer", K, LynxPolicy(**lam), tuple(v)) for K in ks for v in layer_caps]
         series: Dict[tuple, Series] = {}
 
         def add(label, K, patch, res):
@@ -477,6 +493,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--refill-similarity", type=float, default=0.0,
                     help="lynx's refill_similarity for lynx and the residency rules (the server uses 8 where the "
                          "model has a similarity file; 0: refill by router score)")
+    ap.add_argument("--layer-caps", default="",
+                    help="also resident-first with one moved-weight cap per MoE layer: vectors separated by ',', "
+                         "caps by '/' (e.g. 0.35/0.7/0.7/0.9)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -486,7 +505,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         [float(c) for c in args.caps.split(",") if c],
                         slot_divisors=[int(d) for d in args.slot_divisors.split(",")],
                         keep_tops=[int(t) for t in args.keep_tops.split(",") if t],
-                        refill_similarity=args.refill_similarity) for name in args.models.split(",")]
+                        refill_similarity=args.refill_similarity,
+                        layer_caps=[tuple(float(c) for c in v.split("/")) for v in args.layer_caps.split(",") if v])
+              for name in args.models.split(",")]
     import transformers
 
     payload = {

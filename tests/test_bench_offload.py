@@ -233,3 +233,37 @@ def test_paired_difference_against_lynx_is_per_sequence_on_the_same_batches():
     other = bo.Series("x", 8, [], [], [_result([5, 7], [10, 9]), _result([3, 9], [10, 10])])
     with pytest.raises(ValueError, match="same batches"):
         rule.paired_vs(other)
+
+
+@pytest.mark.skipif(not (ROOT / "models/trained-qwen3-moe/config.json").exists(), reason="bundled model missing")
+def test_per_layer_caps_run_each_layer_at_its_own_cap():
+    from lynx_sglang import accuracy
+
+    model, tokenizer = accuracy.load_model(ROOT / "models/trained-qwen3-moe")
+    E, k = accuracy.model_shape(model)
+    layers = len(accuracy.moe_blocks(model))
+    batch = accuracy.make_batches(accuracy.domain_streams(tokenizer), 8, 1, 8 + 6 + 1, kinds=("mixed",))[0]
+    K = E // 4
+
+    def run(rule):
+        with bo.recording([K]):
+            res = accuracy.measure(model, batch, rule, off, 8, 0)[0]
+        return res, [[c.distinct for c in s] for s in bo.OffloadPatch.last.steps[K]]
+
+    with bo.recording([K]):
+        off = accuracy.off_reference(model, batch, 8, 0)
+    low, high = 0.35, 1.0
+    uniform_low = run(bo.ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=low)))
+    uniform_high = run(bo.ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=high)))
+    # Every layer at the same cap is the uniform rule exactly.
+    same = run(bo.ResidencyRule("prefer", K, LynxPolicy(), (low,) * layers))
+    assert same[1] == uniform_low[1] and same[0].kl == uniform_low[0].kl
+    # Only the last layer at the high cap: the layers before it see the same inputs and decide as the
+    # low cap does; the last decides differently (it moves more, so it touches fewer experts).
+    mixed = run(bo.ResidencyRule("prefer", K, LynxPolicy(), (low,) * (layers - 1) + (high,)))
+    assert mixed[1][:-1] == uniform_low[1][:-1]
+    assert mixed[1][-1] != uniform_low[1][-1] and sum(mixed[1][-1]) < sum(uniform_low[1][-1])
+    assert uniform_high[1][-1] != uniform_low[1][-1]
+    assert bo.ResidencyRule("prefer", K, LynxPolicy(), (0.5, 0.7)).label == "resident-first layer caps 0.5/0.7"
+    with pytest.raises(ValueError, match="2 layer caps for a model with 4 MoE layers"):
+        run(bo.ResidencyRule("prefer", K, LynxPolicy(), (0.5, 0.7)))
