@@ -2,7 +2,7 @@
 
 * ``--variant drop``: a moved pick is dropped, not re-routed: its slot becomes -1 and the row's surviving picks
   are rescaled to the row's routed sum (``reference._finish``), for every rule of the sweep (``reference.reroute``
-  patched).
+  patched). A row that would lose every pick keeps its best-scored one.
 * ``--variant popular-last``: an SGLang-side change, measured in the replay only: ``plan_waves`` gets the step's
   non-resident experts ordered by how many rows pick them (fewest first), so the most-picked misses land in the
   last wave and stay resident for the next step (SGLang orders them by id).
@@ -31,6 +31,10 @@ def drop_instead_of_reroute(router, logits, topk_ids, topk_weights, sel, row_ok,
         ids_c = topk_ids[:, :k].long().clamp(0, E - 1)
     keep_rows = keep if keep.dim() == 2 else keep[None, :].expand(T, E)
     freed = ~keep_rows.gather(1, ids_c)
+    # A row that would lose every pick keeps its best-scored one (the runtime's "every row keeps an expert";
+    # without it the row's weights are 0/0).
+    best = sel.gather(1, ids_c).argmax(dim=1, keepdim=True)
+    freed = freed & ~(freed.all(dim=1, keepdim=True) & (torch.arange(k)[None, :] == best))
     changed = row_ok & freed.any(dim=1)
     new_ids = torch.where(freed, torch.full_like(ids_c, -1), ids_c)
     return R._finish(router, logits, topk_ids, topk_weights, new_ids, changed, out)
