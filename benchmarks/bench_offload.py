@@ -27,7 +27,9 @@ Rules:
   on resident experts or on non-resident ones that are paged in anyway. Still at most
   ``max_moved_weight`` of any row's routed weight moves.
 
-``--caps`` (default 0.5, 0.6) adds ``lynx moved<=c`` and ``resident-first moved<=c`` at each cap. Each row also
+``--caps`` (default 0.5, 0.6) adds ``lynx moved<=c`` and ``resident-first moved<=c`` at each cap. ``--layer-caps``
+adds resident-first with one cap per MoE layer (``0.35/0.7/0.7/0.9``: what a ``--lynx-config`` plan's
+``layer_params`` of ``residency_max_moved_weight`` serves). Each row also
 carries an ``estimate`` (not a measurement) of a large model's decode-step time at its per-layer page-in rate
 (``estimate_step_ms``: bytes over PCIe Gen5 x16 and H200 HBM3e bandwidth; docs/offload.md, section 4).
 

@@ -172,6 +172,26 @@ def test_decisions_follow_sglang_residency_and_equal_the_prototype(paged, mode, 
     assert moved_some
 
 
+def test_a_per_layer_plan_gives_each_paged_layer_its_own_cap(paged):
+    """A plan's layer_params (a --lynx-config file) set the paged cap per layer, as ``bench_offload --layer-caps``
+    replays it: each layer's stage decides as the prototype at its own cap on the same resident set."""
+    caps = {0: 0.35, 1: 0.9}
+    opts = LynxOptions(moe_backend="lynx", policy="lynx", params={"residency": "prefer"}, max_batch=64,
+                       layer_params={str(i): {"residency_max_moved_weight": c} for i, c in caps.items()})
+    layers = [_paged_layer(paged, i) for i in caps]
+    slots = res_mod.paged_expert_slots(_Model(layers), opts, [(i, ROUTER) for i in caps], torch.device("cpu"))
+    decided = []
+    for i, cap in caps.items():
+        st = _stage(opts, slots[i], layer_id=i)
+        out = _batch(7)
+        ids, w = _run(st, out)
+        want_ids, want_w, _ = _prototype("prefer", LynxPolicy(max_moved_weight=cap), ROUTER, out.router_logits,
+                                         out.topk_ids, out.topk_weights, slots[i] >= 0)
+        assert torch.equal(ids, want_ids) and torch.equal(w, want_w.to(w.dtype)), i
+        decided.append(ids)
+    assert not torch.equal(decided[0], decided[1])  # the caps differ, and so do the decisions
+
+
 def test_device_state_written_in_place_is_seen_without_a_replan(paged):
     """The decide kernel (GPU) writes expert_slot in place; any in-place write reaches the next step."""
     layer = _paged_layer(paged, 0)
