@@ -436,7 +436,7 @@ def table(model_out: dict, B: int) -> str:
 
 
 def plot(payload: dict, png: Path) -> None:
-    from benchmarks.results_io import pyplot
+    from benchmarks.results_io import pyplot, save_png
 
     plt = pyplot(png)
     if plt is None:
@@ -473,9 +473,7 @@ def plot(payload: dict, png: Path) -> None:
                 ax.legend(fontsize=7, title="K: " + ", ".join(f"{markers[i]} {K}" for i, K in enumerate(m["slots"])),
                           title_fontsize=7)
     fig.suptitle("Paged experts: page-ins vs accuracy (teacher-forced held-out decode, CPU replay)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    save_png(fig, png)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -162,7 +162,7 @@ def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_toke
 
 
 def plot(payload: dict, png: Path) -> None:
-    from benchmarks.results_io import pyplot
+    from benchmarks.results_io import pyplot, save_png
 
     plt = pyplot(png)
     if plt is None:
@@ -181,9 +181,7 @@ def plot(payload: dict, png: Path) -> None:
                      f"B={m['batch_size']}", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Paged experts served on the CPU server: page-ins per decode step", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    save_png(fig, png)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

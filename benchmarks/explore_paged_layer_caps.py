@@ -64,7 +64,7 @@ def curves(path: Path, batch_size: int, batches_per_kind: int, prefix: int, deco
 
 
 def plot(result: dict, png: Path) -> None:
-    from benchmarks.results_io import pyplot
+    from benchmarks.results_io import pyplot, save_png
 
     plt = pyplot(png)
     if plt is None:
@@ -84,9 +84,7 @@ def plot(result: dict, png: Path) -> None:
                  f"calibration text)", fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    print(f"wrote {png}")
+    save_png(fig, png)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

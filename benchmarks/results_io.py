@@ -76,6 +76,13 @@ def pyplot(png: Path):
     return plt
 
 
+def save_png(fig, png: Path) -> None:
+    """Lay out ``fig``, write it to ``png`` and say where."""
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
 def write_json(prefix: Path, payload: dict) -> Path:
     """Write ``payload`` as ``<prefix>.json`` (creating its folder), say where, and return the path."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
