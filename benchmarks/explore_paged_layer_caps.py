@@ -64,6 +64,7 @@ def curves(path: Path, batch_size: int, batches_per_kind: int, prefix: int, deco
 
 
 def plot(result: dict, png: Path) -> None:
+    """Per layer: page-ins saved on that layer against KL added, one point per cap."""
     from benchmarks.results_io import pyplot, save_png
 
     plt = pyplot(png)
