@@ -23,6 +23,7 @@ the GPU estimate). ::
 
     python -m benchmarks.bench_paged_served_cpu                      # trained-qwen3-moe, B = 16, 4 rounds
     python -m benchmarks.bench_paged_served_cpu --models trained-qwen3-moe,trained-qwen3-moe-e128
+    python -m benchmarks.bench_paged_served_cpu --models trained-glm4-moe --caps 0.7 --layer-caps 0.35/0.8/0.7/0.9
 
 Writes ``benchmarks/results/paged_served_cpu.{json,png}``.
 """
@@ -36,7 +37,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -48,10 +49,11 @@ from lynx_sglang.server_process import start_server
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def servers(num_experts: int, num_slots: int, caps: Sequence[float]) -> Dict[str, List[str]]:
+def servers(num_experts: int, num_slots: int, caps: Sequence[float],
+            layer_plans: Sequence[Tuple[str, Path]] = ()) -> Dict[str, List[str]]:
     """Launch arguments per server: unpaged stock, stock paged with every expert resident (K = E:
     SGLang's paged path without a page-in, the control for its numerics), then every rule paged at
-    ``num_slots``."""
+    ``num_slots``; ``layer_plans``: (label, ``--lynx-config`` file) of resident-first with a cap per layer."""
     def resident(n: int) -> List[str]:
         return ["--enable-paged-experts", "--paged-experts-num-resident", str(n)]
 
@@ -62,7 +64,20 @@ def servers(num_experts: int, num_slots: int, caps: Sequence[float]) -> Dict[str
     for c in caps:
         out[f"resident-first moved<={c:g}"] = paged + lynx + ["--lynx-residency", "prefer",
                                                              "--lynx-residency-max-moved-weight", str(c)]
+    for label, path in layer_plans:
+        out[label] = paged + lynx + ["--lynx-config", str(path)]
     return out
+
+
+def layer_plan(layer_ids: Sequence[int], caps: Sequence[float], path: Path) -> Tuple[str, Path]:
+    """Write a ``--lynx-config`` file: resident-first with ``caps[i]`` as the paged cap of MoE layer ``layer_ids[i]``
+    (``layer_params``, as ``bench_offload --layer-caps`` replays it); returns (label, path)."""
+    if len(caps) != len(layer_ids):
+        raise SystemExit(f"--layer-caps: {len(caps)} caps for a model with {len(layer_ids)} MoE layers")
+    path.write_text(json.dumps({"moe_backend": "lynx", "policy": "lynx", "params": {"residency": "prefer"},
+                                "layer_params": {str(i): {"residency_max_moved_weight": c}
+                                                 for i, c in zip(layer_ids, caps)}}))
+    return f"resident-first layer caps {'/'.join(f'{c:g}' for c in caps)}", path
 
 
 def prompts(model_dir: Path, batch_size: int, rounds: int, prompt_len: int, seed: int) -> List[List[List[int]]]:
@@ -132,15 +147,19 @@ def summarise(run: dict, batch_size: int, unpaged: List[List[int]], paged_contro
 
 
 def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_tokens: int, caps: Sequence[float],
-              seed: int, log_dir: Path, log=print) -> dict:
+              seed: int, log_dir: Path, log=print, layer_caps: Sequence[Tuple[float, ...]] = ()) -> dict:
     model_dir = ROOT / "models" / name
     cfg = json.loads((model_dir / "config.json").read_text())
     E = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg["n_routed_experts"]
     k = cfg["num_experts_per_tok"]
     K = slot_counts(E, k, (4,))[0]  # E/4, at least top-k: the replay's K
     ids = prompts(model_dir, batch_size, rounds, prompt_len, seed)
+    plans = []
+    if layer_caps:
+        layer_ids = accuracy.moe_layer_ids(accuracy.load_model(model_dir)[0])
+        plans = [layer_plan(layer_ids, v, log_dir / f"{name}-plan-{i}.json") for i, v in enumerate(layer_caps)]
     rows, unpaged, control = [], None, None
-    for label, args in servers(E, K, caps).items():
+    for label, args in servers(E, K, caps, plans).items():
         run = serve_once(label, args, model_dir, ids, new_tokens, log_dir)
         if unpaged is None:
             unpaged = run["output_ids"]
@@ -194,14 +213,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--caps", default="0.55", help="resident-first at these paged-layer caps too")
+    ap.add_argument("--layer-caps", default="",
+                    help="resident-first with one paged cap per MoE layer, served from a --lynx-config plan: "
+                         "vectors separated by ',', caps by '/' (e.g. 0.35/0.8/0.7/0.9)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "paged_served_cpu")
     args = ap.parse_args(argv)
     t0 = time.time()
     caps = [float(c) for c in args.caps.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="lynx-paged-") as tmp:
+        layer_caps = [tuple(float(c) for c in v.split("/")) for v in args.layer_caps.split(",") if v]
         models = [run_model(m, args.batch_size, args.rounds, args.prompt_len, args.new_tokens, caps, args.seed,
-                            Path(tmp))
+                            Path(tmp), layer_caps=layer_caps)
                   for m in args.models.split(",")]
     payload = {**environment(torch.device("cpu")),
                "command": "python -m benchmarks.bench_paged_served_cpu " + " ".join(sys.argv[1:] if argv is None
