@@ -187,7 +187,7 @@ def plot(payload: dict, png: Path) -> None:
     if plt is None:
         return
     models = payload["models"]
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.0), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models) + 2.5, 4.0), squeeze=False)
     for ax, m in zip(axes[0], models):
         names = [r["name"] for r in m["rows"]]
         ax.barh(names, [r["page_ins_per_layer_step"] for r in m["rows"]], color="tab:blue")
