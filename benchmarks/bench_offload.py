@@ -131,6 +131,16 @@ def replay(num_slots: int, steps: Iterable) -> List[StepCost]:
 DEFAULT_CAP = LynxPolicy().max_moved_weight  # lynx's default moved-weight cap (the unlabelled points)
 
 
+def parse_layer_caps(text: str) -> List[Tuple[float, ...]]:
+    """``--layer-caps``: vectors separated by ',', one cap per MoE layer separated by '/' ("" -> none)."""
+    return [tuple(float(c) for c in v.split("/")) for v in text.split(",") if v]
+
+
+def layer_caps_label(caps: Sequence[float]) -> str:
+    """How a per-layer cap vector is named in results: ``layer caps 0.35/0.7/0.7/0.9``."""
+    return "layer caps " + "/".join(f"{c:g}" for c in caps)
+
+
 @dataclass(frozen=True)
 class ResidencyRule:
     """A residency-aware point of the sweep, for one K: lynx (``policy``) in residency mode ``mode``.
@@ -150,7 +160,7 @@ class ResidencyRule:
     def label(self) -> str:
         name = {"keep": "lynx+resident", "prefer": "resident-first"}[self.mode]
         if self.layer_caps is not None:
-            name = f"{name} layer caps {'/'.join(f'{c:g}' for c in self.layer_caps)}"
+            name = f"{name} {layer_caps_label(self.layer_caps)}"
         elif self.policy.max_moved_weight != DEFAULT_CAP:
             name = f"{name} moved<={self.policy.max_moved_weight:g}"
         return name if self.policy.keep_top is None else f"{name} keep_top={self.policy.keep_top}"
@@ -506,7 +516,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         slot_divisors=[int(d) for d in args.slot_divisors.split(",")],
                         keep_tops=[int(t) for t in args.keep_tops.split(",") if t],
                         refill_similarity=args.refill_similarity,
-                        layer_caps=[tuple(float(c) for c in v.split("/")) for v in args.layer_caps.split(",") if v])
+                        layer_caps=parse_layer_caps(args.layer_caps))
               for name in args.models.split(",")]
     import transformers
 

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.bench_offload import slot_counts
+from benchmarks.bench_offload import layer_caps_label, parse_layer_caps, slot_counts
 from lynx_sglang import accuracy
 from lynx_sglang.runtime.cpu.support import PAGED_LOG_ENV
 from lynx_sglang.server_process import start_server
@@ -77,7 +77,7 @@ def layer_plan(layer_ids: Sequence[int], caps: Sequence[float], path: Path) -> T
     path.write_text(json.dumps({"moe_backend": "lynx", "policy": "lynx", "params": {"residency": "prefer"},
                                 "layer_params": {str(i): {"residency_max_moved_weight": c}
                                                  for i, c in zip(layer_ids, caps)}}))
-    return f"resident-first layer caps {'/'.join(f'{c:g}' for c in caps)}", path
+    return f"resident-first {layer_caps_label(caps)}", path
 
 
 def prompts(model_dir: Path, batch_size: int, rounds: int, prompt_len: int, seed: int) -> List[List[List[int]]]:
@@ -222,9 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t0 = time.time()
     caps = [float(c) for c in args.caps.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="lynx-paged-") as tmp:
-        layer_caps = [tuple(float(c) for c in v.split("/")) for v in args.layer_caps.split(",") if v]
         models = [run_model(m, args.batch_size, args.rounds, args.prompt_len, args.new_tokens, caps, args.seed,
-                            Path(tmp), layer_caps=layer_caps)
+                            Path(tmp), layer_caps=parse_layer_caps(args.layer_caps))
                   for m in args.models.split(",")]
     payload = {**environment(torch.device("cpu")),
                "command": "python -m benchmarks.bench_paged_served_cpu " + " ".join(sys.argv[1:] if argv is None
