@@ -136,6 +136,17 @@ def parse_layer_caps(text: str) -> List[Tuple[float, ...]]:
     return [tuple(float(c) for c in v.split("/")) for v in text.split(",") if v]
 
 
+def parse_page_budgets(text: str) -> List[Tuple[int, float]]:
+    """``--page-budgets 20@0.6,18@0.65`` -> [(20, 0.6), (18, 0.65)]: a page budget and the cap it trims."""
+    out = []
+    for item in filter(None, text.split(",")):
+        budget, _, cap = item.partition("@")
+        if not cap:
+            raise SystemExit(f"--page-budgets: {item!r} is not BUDGET@CAP (e.g. 20@0.6)")
+        out.append((int(budget), float(cap)))
+    return out
+
+
 def layer_caps_label(caps: Sequence[float]) -> str:
     """How a per-layer cap vector is named in results: ``layer caps 0.35/0.7/0.7/0.9``."""
     return "layer caps " + "/".join(f"{c:g}" for c in caps)
@@ -155,6 +166,9 @@ class ResidencyRule:
     # One moved-weight cap per MoE layer (in block order) instead of the policy's: what a calibration
     # file's layer_params serves (``--lynx-config``). None: the policy's cap on every layer.
     layer_caps: Optional[Tuple[float, ...]] = None
+    # ``residency_page_budget`` (--lynx-residency-page-budget): at most this many experts paged per layer-step
+    # beyond rows' best picks. None: no budget.
+    page_budget: Optional[int] = None
 
     @property
     def label(self) -> str:
@@ -163,18 +177,20 @@ class ResidencyRule:
             name = f"{name} {layer_caps_label(self.layer_caps)}"
         elif self.policy.max_moved_weight != DEFAULT_CAP:
             name = f"{name} moved<={self.policy.max_moved_weight:g}"
+        if self.page_budget is not None:
+            name = f"{name} pages<={self.page_budget}"
         return name if self.policy.keep_top is None else f"{name} keep_top={self.policy.keep_top}"
 
     def at_layer(self, layer: int) -> "ResidencyRule":
         """The rule MoE layer ``layer`` (block order) runs: its own cap where ``layer_caps`` names one."""
         if self.layer_caps is None:
             return self
-        return ResidencyRule(self.mode, self.num_slots, replace(self.policy, max_moved_weight=self.layer_caps[layer]))
+        return replace(self, policy=replace(self.policy, max_moved_weight=self.layer_caps[layer]), layer_caps=None)
 
     @property
     def runtime_policy(self) -> LynxPolicy:
         """What the server runs for this point: ``--lynx-residency <mode>`` over this lynx policy."""
-        return replace(self.policy, residency=self.mode)
+        return replace(self.policy, residency=self.mode, residency_page_budget=self.page_budget)
 
 
 def residency_select(rule: ResidencyRule, router: RouterSpec, logits: torch.Tensor, ids: torch.Tensor,
@@ -308,6 +324,16 @@ class Series:
         vals = [getattr(c, field) for b in self.steps for layer in b for c in layer]
         return sum(vals) / max(1, len(vals))
 
+    def step_tail(self) -> dict:
+        """Page-ins per decode step (all MoE layers together): mean, 99th percentile and maximum over the
+        steps of every batch. A step's PCIe time follows its total, so the tail is a step-time tail."""
+        per_step = torch.tensor([float(sum(col)) for b in self.steps for col in zip(*(
+            [c.loads for c in layer] for layer in b))], dtype=torch.float64)
+        if per_step.numel() == 0:
+            return {"page_ins_per_decode_step_p99": float("nan"), "page_ins_per_decode_step_max": float("nan")}
+        return {"page_ins_per_decode_step_p99": float(torch.quantile(per_step, 0.99)),
+                "page_ins_per_decode_step_max": float(per_step.max())}
+
     def accuracy(self) -> dict:
         tokens = sum(r.tokens for r in self.results)
         d = sum(r.correct - r.correct_off for r in self.results)
@@ -346,7 +372,8 @@ def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
 def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
               seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2),
               keep_tops: Sequence[int] = (), refill_similarity: float = 0.0,
-              layer_caps: Sequence[Tuple[float, ...]] = ()) -> dict:
+              layer_caps: Sequence[Tuple[float, ...]] = (),
+              page_budgets: Sequence[Tuple[int, float]] = ()) -> dict:
     model, tokenizer = accuracy.load_model(path)
     sim = None
     if refill_similarity > 0:  # lynx's refill by expert similarity (the server's default where the file exists)
@@ -376,6 +403,9 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
                       for t in keep_tops for c in [DEFAULT_CAP, *caps]]
         # resident-first with one cap per MoE layer (a calibration file's layer_params)
         residency += [ResidencyRule("prefer", K, LynxPolicy(**lam), tuple(v)) for K in ks for v in layer_caps]
+        # resident-first with a page budget over a cap (--lynx-residency-page-budget)
+        residency += [ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=c, **lam), page_budget=p)
+                      for K in ks for p, c in page_budgets]
         series: Dict[tuple, Series] = {}
 
         def add(label, K, patch, res):
@@ -405,6 +435,7 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
                    "page_ins_per_layer_step": s.mean("loads"),
                    "waves_per_layer_step": s.mean("waves"),
                    "distinct_per_layer_step": s.mean("distinct"),
+                   **s.step_tail(),
                    **s.accuracy(),
                    "raw": {"loads": [[[c.loads for c in layer] for layer in b] for b in s.steps],
                            "waves": [[[c.waves for c in layer] for layer in b] for b in s.steps],
@@ -431,15 +462,16 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
 
 def table(model_out: dict, B: int) -> str:
     lines = [f"{model_out['model']} (E={model_out['num_experts']}, k={model_out['top_k']}), B={B}",
-             "| K | rule | page-ins / layer-step | vs off | waves | distinct | Δacc (pts) [95% CI] "
+             "| K | rule | page-ins / layer-step | vs off | p99 / max per step | waves | distinct | Δacc (pts) [95% CI] "
              "| vs lynx (pts) [95% CI, paired] | KL |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in model_out["batch_sizes"][str(B)]["rows"]:
         ci = r["delta_acc_ci95"]
         vs = r.get("delta_vs_lynx")
         paired = f"{vs['points']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}]" if vs else "-"
         lines.append(f"| {r['num_slots']} | {r['rule']} | {r['page_ins_per_layer_step']:.2f} | "
-                     f"{r['page_ins_vs_off']:.2f} | {r['waves_per_layer_step']:.2f} | "
+                     f"{r['page_ins_vs_off']:.2f} | {r['page_ins_per_decode_step_p99']:.0f} / "
+                     f"{r['page_ins_per_decode_step_max']:.0f} | {r['waves_per_layer_step']:.2f} | "
                      f"{r['distinct_per_layer_step']:.1f} | "
                      f"{r['delta_acc_points']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}] | {paired} | {r['kl']:.4f} |")
     return "\n".join(lines)
@@ -453,9 +485,12 @@ def plot(payload: dict, png: Path) -> None:
         return
     models = payload["models"]
     sizes = sorted({int(b) for m in models for b in m["batch_sizes"]})
-    fig, axes = plt.subplots(len(sizes), len(models), figsize=(5.2 * len(models), 4.2 * len(sizes)), squeeze=False)
+    # Per batch size: accuracy against mean page-ins, then the per-step tail against the mean.
+    fig, axes = plt.subplots(2 * len(sizes), len(models), figsize=(max(7.0, 5.2 * len(models)), 9.0 * len(sizes)),
+                             squeeze=False)
     colors = {"off": "k", "lynx": "tab:blue", "lynx+resident": "tab:green", "resident-first": "tab:red"}
-    palette = iter(["tab:cyan", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray"])
+    palette = iter(["tab:cyan", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:gray",
+                    *plt.get_cmap("tab20b").colors[::2], *plt.get_cmap("tab20c").colors[::4]])
     for m in models:
         for b in m["batch_sizes"].values():
             for r in b["rows"]:
@@ -464,23 +499,31 @@ def plot(payload: dict, png: Path) -> None:
     markers = {0: "o", 1: "s", 2: "^"}
     for i, B in enumerate(sizes):
         for j, m in enumerate(models):
-            ax = axes[i][j]
+            ax, tail = axes[2 * i][j], axes[2 * i + 1][j]
             rows = m["batch_sizes"].get(str(B), {}).get("rows", [])
+            layers = m["moe_layers"]
             for ki, K in enumerate(m["slots"]):
                 for r in rows:
                     if r["num_slots"] == K:
-                        ax.scatter(r["page_ins_per_layer_step"], r["delta_acc_points"], c=colors[r["rule"]],
+                        ax.scatter(r["page_ins_per_layer_step"], r["delta_acc_points"], color=colors[r["rule"]],
                                    marker=markers[ki], s=40,
                                    label=f"{r['rule']}" if ki == len(m["slots"]) // 2 else None)
                         ax.annotate(f"K={K}", (r["page_ins_per_layer_step"], r["delta_acc_points"]), fontsize=6,
                                     xytext=(3, 3), textcoords="offset points")
+                        if "page_ins_per_decode_step_p99" in r:  # results written before session 14 lack it
+                            tail.scatter(r["page_ins_per_layer_step"] * layers, r["page_ins_per_decode_step_p99"],
+                                         color=colors[r["rule"]], marker=markers[ki], s=40)
             ax.axhline(0, color="0.7", lw=0.8)
             ax.set_title(f"{m['model']} (E={m['num_experts']}, k={m['top_k']}), B={B}", fontsize=9)
             ax.set_xlabel("experts paged in per layer and decode step (SGLang LRU)")
             ax.set_ylabel("Δ next-token accuracy vs off (points)")
             ax.grid(alpha=0.3)
+            tail.set_title(f"{m['model']}, B={B}: the per-step tail", fontsize=9)
+            tail.set_xlabel(f"mean experts paged in per decode step ({layers} MoE layers)")
+            tail.set_ylabel("99th percentile over decode steps")
+            tail.grid(alpha=0.3)
             if i == 0 and j == 0:
-                ax.legend(fontsize=7, title="K: " + ", ".join(f"{markers[i]} {K}" for i, K in enumerate(m["slots"])),
+                ax.legend(fontsize=6, loc="lower right", title="K: " + ", ".join(f"{markers[i]} {K}" for i, K in enumerate(m["slots"])),
                           title_fontsize=7)
     fig.suptitle("Paged experts: page-ins vs accuracy (teacher-forced held-out decode, CPU replay)", fontsize=10)
     save_png(fig, png)
@@ -506,6 +549,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--layer-caps", default="",
                     help="also resident-first with one moved-weight cap per MoE layer: vectors separated by ',', "
                          "caps by '/' (e.g. 0.35/0.7/0.7/0.9)")
+    ap.add_argument("--page-budgets", default="",
+                    help="also resident-first with a page budget over a cap: BUDGET@CAP items separated by ',' "
+                         "(e.g. 20@0.6: --lynx-residency-page-budget 20 --lynx-residency-max-moved-weight 0.6)")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -516,7 +562,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         slot_divisors=[int(d) for d in args.slot_divisors.split(",")],
                         keep_tops=[int(t) for t in args.keep_tops.split(",") if t],
                         refill_similarity=args.refill_similarity,
-                        layer_caps=parse_layer_caps(args.layer_caps))
+                        layer_caps=parse_layer_caps(args.layer_caps),
+                        page_budgets=parse_page_budgets(args.page_budgets))
               for name in args.models.split(",")]
     import transformers
 

@@ -24,6 +24,7 @@ the GPU estimate). ::
     python -m benchmarks.bench_paged_served_cpu                      # trained-qwen3-moe, B = 16, 4 rounds
     python -m benchmarks.bench_paged_served_cpu --models trained-qwen3-moe,trained-qwen3-moe-e128
     python -m benchmarks.bench_paged_served_cpu --models trained-glm4-moe --caps 0.7 --layer-caps 0.35/0.8/0.7/0.9
+    python -m benchmarks.bench_paged_served_cpu --caps 0.55 --page-budgets 10@0.55
 
 Writes ``benchmarks/results/paged_served_cpu.{json,png}``.
 """
@@ -41,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.bench_offload import layer_caps_label, parse_layer_caps, slot_counts
+from benchmarks.bench_offload import layer_caps_label, parse_layer_caps, parse_page_budgets, slot_counts
 from lynx_sglang import accuracy
 from lynx_sglang.runtime.cpu.support import PAGED_LOG_ENV
 from lynx_sglang.server_process import start_server
@@ -50,10 +51,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def servers(num_experts: int, num_slots: int, caps: Sequence[float],
-            layer_plans: Sequence[Tuple[str, Path]] = ()) -> Dict[str, List[str]]:
+            layer_plans: Sequence[Tuple[str, Path]] = (),
+            page_budgets: Sequence[Tuple[int, float]] = ()) -> Dict[str, List[str]]:
     """Launch arguments per server: unpaged stock, stock paged with every expert resident (K = E:
     SGLang's paged path without a page-in, the control for its numerics), then every rule paged at
-    ``num_slots``; ``layer_plans``: (label, ``--lynx-config`` file) of resident-first with a cap per layer."""
+    ``num_slots``; ``layer_plans``: (label, ``--lynx-config`` file) of resident-first with a cap per layer;
+    ``page_budgets``: (budget, cap) of resident-first with ``--lynx-residency-page-budget``."""
     def resident(n: int) -> List[str]:
         return ["--enable-paged-experts", "--paged-experts-num-resident", str(n)]
 
@@ -66,6 +69,10 @@ def servers(num_experts: int, num_slots: int, caps: Sequence[float],
                                                              "--lynx-residency-max-moved-weight", str(c)]
     for label, path in layer_plans:
         out[label] = paged + lynx + ["--lynx-config", str(path)]
+    for p, c in page_budgets:
+        out[f"resident-first moved<={c:g} pages<={p}"] = paged + lynx + [
+            "--lynx-residency", "prefer", "--lynx-residency-max-moved-weight", str(c),
+            "--lynx-residency-page-budget", str(p)]
     return out
 
 
@@ -138,7 +145,8 @@ def summarise(run: dict, batch_size: int, unpaged: List[List[int]], paged_contro
     out = {"name": run["name"], "args": run["args"], "seconds": run["seconds"],
            "full_decode_layer_steps": len(full), "layer_steps_logged": len(run["steps"]),
            "page_ins_per_layer_step": mean("page_ins"), "waves_per_layer_step": mean("waves"),
-           "distinct_per_layer_step": mean("distinct")}
+           "distinct_per_layer_step": mean("distinct"),
+           "page_ins_per_layer_step_max": max((s["page_ins"] for s in full), default=float("nan"))}
     out["vs_unpaged_stock"] = agreement(run["output_ids"], unpaged)
     if paged_control is not None:
         out["vs_stock_paged_k_e"] = agreement(run["output_ids"], paged_control)
@@ -147,7 +155,8 @@ def summarise(run: dict, batch_size: int, unpaged: List[List[int]], paged_contro
 
 
 def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_tokens: int, caps: Sequence[float],
-              seed: int, log_dir: Path, log=print, layer_caps: Sequence[Tuple[float, ...]] = ()) -> dict:
+              seed: int, log_dir: Path, log=print, layer_caps: Sequence[Tuple[float, ...]] = (),
+              page_budgets: Sequence[Tuple[int, float]] = ()) -> dict:
     model_dir = ROOT / "models" / name
     cfg = json.loads((model_dir / "config.json").read_text())
     E = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg["n_routed_experts"]
@@ -159,7 +168,7 @@ def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_toke
         layer_ids = accuracy.moe_layer_ids(accuracy.load_model(model_dir)[0])
         plans = [layer_plan(layer_ids, v, log_dir / f"{name}-plan-{i}.json") for i, v in enumerate(layer_caps)]
     rows, unpaged, control = [], None, None
-    for label, args in servers(E, K, caps, plans).items():
+    for label, args in servers(E, K, caps, plans, page_budgets).items():
         run = serve_once(label, args, model_dir, ids, new_tokens, log_dir)
         if unpaged is None:
             unpaged = run["output_ids"]
@@ -170,7 +179,8 @@ def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_toke
         rows.append(row)
         vs = row.get("vs_stock_paged_k_e", row["vs_unpaged_stock"])
         log(f"{name} K={K} {label}: {row['page_ins_per_layer_step']:.2f} page-ins / layer-step over "
-            f"{row['full_decode_layer_steps']} full decode layer-steps, {row['waves_per_layer_step']:.2f} waves, "
+            f"{row['full_decode_layer_steps']} full decode layer-steps (at most {row['page_ins_per_layer_step_max']}), "
+            f"{row['waves_per_layer_step']:.2f} waves, "
             f"{row['distinct_per_layer_step']:.1f} distinct; {row['vs_unpaged_stock']['equal']}/{vs['tokens']} "
             f"tokens equal to unpaged stock, {vs['equal']} to stock paged at K = E; {run['seconds']:.1f} s")
     off = next(r for r in rows if r["name"] == "off")["page_ins_per_layer_step"]  # at K = E/4
@@ -216,6 +226,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--layer-caps", default="",
                     help="resident-first with one paged cap per MoE layer, served from a --lynx-config plan: "
                          "vectors separated by ',', caps by '/' (e.g. 0.35/0.8/0.7/0.9)")
+    ap.add_argument("--page-budgets", default="",
+                    help="resident-first with a page budget over a cap: BUDGET@CAP items separated by ',' "
+                         "(e.g. 10@0.55)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "paged_served_cpu")
     args = ap.parse_args(argv)
@@ -223,7 +236,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     caps = [float(c) for c in args.caps.split(",") if c]
     with tempfile.TemporaryDirectory(prefix="lynx-paged-") as tmp:
         models = [run_model(m, args.batch_size, args.rounds, args.prompt_len, args.new_tokens, caps, args.seed,
-                            Path(tmp), layer_caps=parse_layer_caps(args.layer_caps))
+                            Path(tmp), layer_caps=parse_layer_caps(args.layer_caps),
+                            page_budgets=parse_page_budgets(args.page_budgets))
                   for m in args.models.split(",")]
     payload = {**environment(torch.device("cpu")),
                "command": "python -m benchmarks.bench_paged_served_cpu " + " ".join(sys.argv[1:] if argv is None

@@ -267,3 +267,25 @@ def test_per_layer_caps_run_each_layer_at_its_own_cap():
     assert bo.ResidencyRule("prefer", K, LynxPolicy(), (0.5, 0.7)).label == "resident-first layer caps 0.5/0.7"
     with pytest.raises(ValueError, match="2 layer caps for a model with 4 MoE layers"):
         run(bo.ResidencyRule("prefer", K, LynxPolicy(), (0.5, 0.7)))
+
+
+def test_step_tail_sums_the_layers_of_each_decode_step():
+    c = lambda loads: bo.StepCost(distinct=loads, waves=1, loads=loads)  # noqa: E731
+    # Two batches, two layers, three and one decode steps: per-step totals 5, 7, 20 and 3.
+    s = bo.Series("x", 8, [[[c(1), c(3), c(15)], [c(4), c(4), c(5)]], [[c(2)], [c(1)]]], [], [])
+    tail = s.step_tail()
+    assert tail["page_ins_per_decode_step_max"] == 20
+    assert 7 < tail["page_ins_per_decode_step_p99"] <= 20  # the top of [3, 5, 7, 20], interpolated
+    assert s.mean("loads") == pytest.approx((1 + 3 + 15 + 4 + 4 + 5 + 2 + 1) / 8)
+
+
+def test_page_budget_rules_are_named_and_served_as_given():
+    assert bo.parse_page_budgets("20@0.6, 18@0.65") == [(20, 0.6), (18, 0.65)]
+    with pytest.raises(SystemExit, match="not BUDGET@CAP"):
+        bo.parse_page_budgets("20")
+    rule = bo.ResidencyRule("prefer", 16, LynxPolicy(max_moved_weight=0.6), page_budget=20)
+    assert rule.label == "resident-first moved<=0.6 pages<=20"
+    served = rule.runtime_policy
+    assert (served.residency, served.residency_page_budget, served.max_moved_weight) == ("prefer", 20, 0.6)
+    per_layer = bo.ResidencyRule("prefer", 16, LynxPolicy(), (0.4, 0.8), page_budget=12).at_layer(1)
+    assert (per_layer.policy.max_moved_weight, per_layer.page_budget) == (0.8, 12)

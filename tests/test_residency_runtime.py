@@ -192,6 +192,67 @@ def test_a_per_layer_plan_gives_each_paged_layer_its_own_cap(paged):
     assert not torch.equal(decided[0], decided[1])  # the caps differ, and so do the decisions
 
 
+def _budget_oracle(policy, budget, logits, ids, weights, resident):
+    """resident-first under a page budget, written out row by row: rows' best picks and resident picks stay;
+    the other picks the cap holds on non-resident experts stay by total routed weight (then lower id) while
+    the budget lasts; the rest move (``reference.reroute``)."""
+    sel = reference.selection_score(ROUTER, logits.float(), None)
+    votes = reference.vote(policy, ROUTER, logits.float(), ids, weights.float(), ids.shape[0], sel)
+    picked = {int(e) for e in ids.flatten()}
+    best = {int(ids[t, int(torch.argmax(sel[t, ids[t].long()]))]) for t in range(ids.shape[0])}
+    fixed = {e for e in picked if resident[e]} | best
+    demand = {}
+    for t in range(ids.shape[0]):
+        for e, wt in zip(ids[t].tolist(), weights[t].tolist()):
+            demand[e] = demand.get(e, 0) + int(wt * reference.WEIGHT_SCALE + 0.5)
+    held = sorted((e for e in picked if bool(votes.mandatory[e]) and e not in fixed and not resident[e]),
+                  key=lambda e: (-demand[e], e))
+    room = max(0, budget - sum(1 for e in fixed if not resident[e]))
+    keep = torch.zeros(E, dtype=torch.bool)
+    keep[sorted(fixed | set(held[:room]))] = True
+    assert int(keep.sum()) >= policy.resolved_min_keep(ROUTER)  # the min_keep fallback is not exercised here
+    return reference.reroute(ROUTER, logits.float(), ids, weights.float(), sel, votes.row_ok, keep)
+
+
+@pytest.mark.parametrize("budget", [0, 3, 6])
+def test_a_page_budget_bounds_each_step_and_trims_by_routed_weight(paged, budget):
+    """Steps in time order on SGLang's residency: each step pages at most max(budget, its non-resident best
+    picks) experts, its ids are the row-by-row oracle's, and the budget binds (it pages fewer than without)."""
+    cap = 0.6
+    layer = _paged_layer(paged, 0)
+    dr = layer.quant_method.device_executor.residency
+    opts = _options("prefer", residency_max_moved_weight=cap, residency_page_budget=budget)
+    st, unbounded = _stage(opts, dr.expert_slot), _stage(_options("prefer", residency_max_moved_weight=cap),
+                                                          dr.expert_slot)
+    bound_binds = 0
+    for step in range(16):
+        out = _batch(100 + step)
+        resident = dr.expert_slot >= 0
+        ids, w = _run(st, out)
+        want_ids, want_w, _ = _budget_oracle(LynxPolicy(max_moved_weight=cap), budget, out.router_logits,
+                                             out.topk_ids, out.topk_weights, resident)
+        assert torch.equal(ids, want_ids) and torch.equal(w, want_w.to(w.dtype)), step
+        pages = {e for e in ids.flatten().tolist() if not resident[e]}
+        best = {int(row[0]) for row in out.topk_ids}  # _batch's ids are sorted best first
+        assert len(pages) <= max(budget, len({e for e in best if not resident[e]})), step
+        free_ids, _ = _run(unbounded, out)
+        bound_binds += len(pages) < len({e for e in free_ids.flatten().tolist() if not resident[e]})
+        _eager_step(paged, layer, ids)
+    assert bound_binds >= 8
+
+
+def test_a_page_budget_of_every_expert_changes_nothing(paged):
+    layer = _paged_layer(paged, 0)
+    dr = layer.quant_method.device_executor.residency
+    _eager_step(paged, layer, torch.tensor([[9, 17, 30, 2]]))
+    with_budget = _stage(_options("prefer", residency_max_moved_weight=0.6, residency_page_budget=E), dr.expert_slot)
+    without = _stage(_options("prefer", residency_max_moved_weight=0.6), dr.expert_slot)
+    for seed in range(6):
+        out = _batch(seed)
+        a, b = _run(with_budget, out), _run(without, out)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_device_state_written_in_place_is_seen_without_a_replan(paged):
     """The decide kernel (GPU) writes expert_slot in place; any in-place write reaches the next step."""
     layer = _paged_layer(paged, 0)
@@ -286,6 +347,12 @@ def test_selector_and_policy_refusals():
         make_policy("lynx", residency="always").validate(ROUTER, 8)
     with pytest.raises(ConfigError, match="applies only with residency"):
         make_policy("lynx", residency_max_moved_weight=0.5).validate(ROUTER, 8)
+    for residency in ("off", "keep"):
+        with pytest.raises(ConfigError, match="residency_page_budget applies only with residency prefer"):
+            make_policy("lynx", residency=residency, residency_page_budget=4).validate(ROUTER, 8)
+    for bad in (-1, E + 1, 2.5):
+        with pytest.raises(ConfigError, match=r"residency_page_budget must be an int in \[0, 32\]"):
+            make_policy("lynx", residency="prefer", residency_page_budget=bad).validate(ROUTER, 8)
     with pytest.raises(ConfigError, match="lynx_ep does not take residency"):
         make_policy("lynx_ep", residency="prefer").validate(ROUTER, 8)
     with pytest.raises(ValueError, match="resident is an input"):
@@ -298,9 +365,10 @@ def test_flags():
     parser = argparse.ArgumentParser()
     add_cli_args(parser)
     args = parser.parse_args(["--moe-backend", "lynx", "--lynx-residency", "prefer",
-                              "--lynx-residency-max-moved-weight", "0.5"])
+                              "--lynx-residency-max-moved-weight", "0.5", "--lynx-residency-page-budget", "12"])
     policy = options_from_args(args).make_policy()
-    assert (policy.residency, policy.residency_max_moved_weight) == ("prefer", 0.5)
+    assert (policy.residency, policy.residency_max_moved_weight, policy.residency_page_budget) == ("prefer", 0.5, 12)
+    assert policy.paged.residency_page_budget == 12
     assert policy.paged.max_moved_weight == 0.5 and policy.max_moved_weight == LynxPolicy().max_moved_weight
     assert options_from_args(parser.parse_args(["--moe-backend", "lynx"])).make_policy().residency == "off"
     with pytest.raises(SystemExit):
@@ -313,11 +381,13 @@ def test_flags():
 # ----------------------------------------------------------------------------- CUDA-graph safety
 
 
-def test_decode_step_with_residency_needs_no_host(paged):
+@pytest.mark.parametrize("budget", [None, 3])
+def test_decode_step_with_residency_needs_no_host(paged, budget):
     layer = _paged_layer(paged, 0)
     dr = layer.quant_method.device_executor.residency
     _eager_step(paged, layer, torch.tensor([[9, 17, 30, 2]]))  # some experts paged in, some evicted
-    st = _stage(_options("prefer", residency_max_moved_weight=0.5), dr.expert_slot)
+    extra = {} if budget is None else {"residency_page_budget": budget}
+    st = _stage(_options("prefer", residency_max_moved_weight=0.5, **extra), dr.expert_slot)
     out, num_valid = _batch(3), torch.tensor(T - 2)  # as SGLang passes it: a device tensor
     with published(DECODE):
         st(out, num_valid)  # warm-up (plan-time allocations)

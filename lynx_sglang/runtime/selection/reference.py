@@ -53,6 +53,10 @@ class Votes:
     mandatory: Optional[torch.Tensor] = None  # [E] bool: rank-0 of a confident row
     oea_core: Optional[torch.Tensor] = None  # [E] bool: in some row's top-k0
     budget_score: Optional[torch.Tensor] = None  # [E] int64: quantised total gate weight
+    # A paged layer under lynx's residency_page_budget (``page_votes``): the same total gate weight, and
+    # [E] bool: the best pick of some voting row.
+    demand: Optional[torch.Tensor] = None
+    row_best: Optional[torch.Tensor] = None
     # 0-d int64: voting rows, the B of the lynx score (None: row_ok.sum()). A reducer sets
     # it to the global count, which row_ok (this shard's rows only) cannot give.
     num_voting: Optional[torch.Tensor] = None
@@ -219,6 +223,17 @@ def _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts
     return out, ids_c
 
 
+def page_votes(votes: Votes, topk_weights: torch.Tensor, ids_c: torch.Tensor, num_experts: int) -> Votes:
+    """Add what ``residency_page_budget`` ranks by to ``votes`` (in place; returned): each expert's
+    total routed weight over voting rows (``demand``, in 1/WEIGHT_Q) and whether it is some voting
+    row's best pick (``row_best``). Sums and ORs over rows, like every other vote."""
+    k = ids_c.shape[1]
+    voting = votes.row_ok[:, None].expand_as(ids_c)
+    votes.demand = _count(ids_c, quantized(torch.where(voting, topk_weights[:, :k].float(), 0.0)), num_experts)
+    votes.row_best = _count(ids_c, (voting & (votes.rank == 0)).long(), num_experts) > 0
+    return votes
+
+
 def quantized(w: torch.Tensor) -> torch.Tensor:
     """int64 weights in units of 1/WEIGHT_Q, rounded half up (as the kernels round)."""
     return torch.floor(w * WEIGHT_SCALE + 0.5).long()
@@ -369,8 +384,10 @@ def residency_keep(policy: LynxPolicy, router: RouterSpec, votes: Votes, residen
     on the device from SGLang's ``DeviceResidency.expert_slot >= 0``). A resident pick costs no PCIe,
     so it is never moved. ``keep``: lynx's kept set | resident picks. ``prefer``: resident picks |
     lynx's mandatory experts (confident rows' best pick, picks the moved-weight cap holds), with lynx's
-    kept set added back when fewer than ``min_keep`` experts remain (no host sync). With every expert
-    resident both keep every pick: nothing moves. ``policy``: the paged layer's (``policy.paged``).
+    kept set added back when fewer than ``min_keep`` experts remain (no host sync). ``prefer`` with a
+    ``residency_page_budget`` first trims the non-resident experts kept beyond rows' best picks to the
+    budget (``within_page_budget``; ``votes`` then carry ``page_votes``). With every expert resident
+    both keep every pick: nothing moves. ``policy``: the paged layer's (``policy.paged``).
     """
     lynx_keep = keep_set(policy, router, votes, consts)
     resident_picked = (votes.picks > 0) & resident
@@ -379,8 +396,25 @@ def residency_keep(policy: LynxPolicy, router: RouterSpec, votes: Votes, residen
     if policy.residency != "prefer":
         raise ValueError(f"residency_keep needs lynx residency keep or prefer, got {policy.residency!r}")
     keep = resident_picked | votes.mandatory
+    if policy.residency_page_budget is not None:
+        keep = within_page_budget(policy.residency_page_budget, keep, resident_picked | votes.row_best, resident,
+                                  votes.demand)
     short = keep.sum() < policy.resolved_min_keep(router)
     return torch.where(short, keep | lynx_keep, keep)
+
+
+def within_page_budget(budget: int, keep: torch.Tensor, fixed: torch.Tensor, resident: torch.Tensor,
+                       demand: torch.Tensor) -> torch.Tensor:
+    """``keep`` [E] bool trimmed so that at most ``budget`` non-resident experts are kept beyond ``fixed``'s:
+    ``fixed`` (resident picks and rows' best picks) always stays; the other non-resident experts of ``keep``
+    stay by ``demand`` (highest first, ties to the lower id) while the budget lasts. Fixed shapes, no sync."""
+    extra = keep & ~fixed & ~resident
+    room = (budget - (fixed & ~resident).sum()).clamp(min=0)
+    score = torch.where(extra, demand, torch.full_like(demand, -1))
+    order = torch.sort(score, descending=True, stable=True).indices  # stable: ties keep the lower id first
+    position = torch.empty_like(order)
+    position[order] = torch.arange(order.numel(), device=order.device)
+    return fixed | (extra & (position < room))
 
 
 def reroute(
@@ -496,7 +530,7 @@ def select(
     like the inputs to write the result into (None: new tensors); they are returned.
     ``resident``: [E] bool, the layer's resident experts before the step on a paged-experts layer
     (lynx with ``residency`` keep/prefer only): the kept set is then ``residency_keep``'s, under the
-    paged cap (``LynxPolicy.paged``). None: not a paged layer, the policy as it is.
+    paged cap (``LynxPolicy.paged``) and page budget. None: not a paged layer, the policy as it is.
     """
     T = logits.shape[0]
     if num_valid is None:
@@ -507,6 +541,8 @@ def select(
         policy = policy.paged
     sel = selection_score(router, logits, correction_bias)
     votes, ids_c = _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)
+    if resident is not None and policy.residency_page_budget is not None:
+        page_votes(votes, topk_weights, ids_c, logits.shape[1])
     rows_voting = votes.row_ok.sum()
     if vote_reduce is not None:
         votes = vote_reduce(votes)

@@ -79,6 +79,7 @@ _POLICY_FLAGS = {
     "lynx_refill_similarity": ("refill_similarity", float),
     "lynx_residency": ("residency", _residency),
     "lynx_residency_max_moved_weight": ("residency_max_moved_weight", float),
+    "lynx_residency_page_budget": ("residency_page_budget", int),
 }
 # Help beyond "policy parameter X" where the parameter's name does not say it.
 _FLAG_HELP = {
@@ -91,6 +92,9 @@ _FLAG_HELP = {
     "lynx_residency_max_moved_weight": "with --lynx-residency keep/prefer: the moved-weight cap on paged layers "
                                        "(default: --lynx-max-moved-weight; at K = E/4, B = 16: 0.55 pages 2.07x "
                                        "fewer experts than off on the bundled qwen3; docs/offload.md)",
+    "lynx_residency_page_budget": "with --lynx-residency prefer: at most N experts paged per paged layer and step "
+                                  "beyond the tokens' best picks (default: no budget); bounds a step's PCIe time. "
+                                  "docs/offload.md",
 }
 _PARAMS_OF = {name: {f.name for f in fields(cls)} for name, cls in POLICIES.items()}
 
