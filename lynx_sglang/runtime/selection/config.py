@@ -151,7 +151,7 @@ class LynxPolicy:
         the budget is spent; the rest move. A row's best pick never moves, so a step pages
         at most max(budget, its distinct non-resident best picks) experts. It bounds the
         PCIe time of a step: on the bundled models it cuts the 99th percentile of page-ins
-        per decode step by 12-20 % at the same mean and accuracy (docs/offload.md).
+        per decode step by 16-25 % at the same mean and accuracy (docs/offload.md).
     """
 
     name = "lynx"
