@@ -2,7 +2,10 @@
 similarity refill, ``lynx+sim``, included) and CUDA-graph replay.
 
 Also ``lynx_ep`` (torch backend only): the same ids, slot ranks and statistics on the GPU as
-on the CPU, and a captured selector's replays equal to eager runs.
+on the CPU, and a captured selector's replays equal to eager runs. And lynx's residency mode on a
+paged layer (``--lynx-residency prefer``, with and without a page budget; torch backend): a captured
+selector reads an ``expert_slot`` written in place between replays, as SGLang's paged experts
+writes it, and decides as an eager one.
 
 Plain Python (no pytest, no sglang): the GPU machine carries only this tree.
 
@@ -166,6 +169,59 @@ def _graph_replay_one(device, name: str, router: RouterSpec, T: int) -> dict:
     return {"check": "cuda_graph_replay", "policy": name, "E": E, "k": k, "T": T, "ok": bool(ok)}
 
 
+RESIDENCY = {"prefer": {"residency": "prefer", "residency_max_moved_weight": 0.6},
+             "prefer+budget": {"residency": "prefer", "residency_max_moved_weight": 0.6, "residency_page_budget": 12}}
+
+
+def residency_graph_replay(device, shapes=((128, 8, 16), (128, 8, 64), (64, 6, 16))) -> list[dict]:
+    """lynx --lynx-residency prefer on a paged layer, captured: each replay follows a new batch and a new
+    resident set written in place into the ``expert_slot`` the selector was planned with (never re-planned),
+    and equals an eager selector reading the same state; the statistics too."""
+    rows = []
+    for label, params in RESIDENCY.items():
+        for E, k, T in shapes:
+            rows.append(_recorded("residency_graph_replay", {"policy": label, "E": E, "k": k, "T": T},
+                                  lambda: _residency_one(device, label, params, RouterSpec(E, k), T)))
+    return rows
+
+
+def _residency_one(device, label: str, params: dict, router: RouterSpec, T: int) -> dict:
+    E = router.num_experts
+    policy = make_policy("lynx", **params)
+    slot = torch.full((E,), -1, dtype=torch.int32, device=device)  # SGLang's DeviceResidency.expert_slot
+    captured = ExpertSelector(router, policy, T, device, backend="torch", residency=slot)
+    eager = ExpertSelector(router, policy, T, device, backend="torch", residency=slot)
+    g = torch.Generator().manual_seed(E + T)
+
+    def resident_set():  # E/4 resident experts in random slots, written in place
+        slot.fill_(-1)
+        chosen = torch.randperm(E, generator=g)[: E // 4].to(device)
+        slot[chosen] = torch.arange(E // 4, dtype=torch.int32, device=device)
+
+    resident_set()
+    first = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
+    static = [t.clone() for t in (first.logits, first.topk_ids, first.topk_weights)]
+    nv = torch.tensor(T, device=device)
+    captured.run(*static, nv)  # warm up (plan-time allocations) outside the graph
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    (out_ids, out_w), replay = capture(lambda: captured.run(*static, nv), device)
+    captured.reset_stats()
+    ok, moved = True, 0
+    for step in range(4):
+        resident_set()
+        b = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
+        for dst, src in zip(static, (b.logits, b.topk_ids, b.topk_weights)):
+            dst.copy_(src)
+        nv.fill_(T - step)
+        replay()
+        want_ids, want_w = eager.run(b.logits, b.topk_ids, b.topk_weights, torch.tensor(T - step, device=device))
+        ok &= torch.equal(out_ids, want_ids) and torch.equal(out_w, want_w)
+        moved += int((want_ids != b.topk_ids).any(dim=1).sum())
+    ok &= captured.stats() == eager.stats() and moved > 0  # the rule did move picks on these batches
+    return {"check": "residency_graph_replay", "policy": label, "E": E, "k": router.top_k, "T": T, "ok": bool(ok)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -179,6 +235,8 @@ def main() -> int:
                                  [(E, k, T) for E in (64, 128, 256) for k in (2, 8) for T in (1, 16, 64, 256)])
     rows += cuda_graph_replay(device, shapes=((16, 4, 8),) if args.quick else ((128, 8, 16), (128, 8, 64),
                                                                                 (256, 8, 64)))
+    rows += residency_graph_replay(device, shapes=((16, 4, 8),) if args.quick else ((128, 8, 16), (128, 8, 64),
+                                                                                    (64, 6, 16)))
     failed = [r for r in rows if not r["ok"]]
     if device.type == "cuda":  # on CPU this only checks the script's logic: not a result to keep
         save("gpu_checks_cuda", {"environment": environment(device), "results": rows,

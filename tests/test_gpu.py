@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from benchmarks.gpu_checks import agreement, cuda_graph_replay, rank_aware_agreement
+from benchmarks.gpu_checks import agreement, cuda_graph_replay, rank_aware_agreement, residency_graph_replay
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -20,4 +20,9 @@ def test_rank_aware_selection_on_cuda_equals_cpu():
 
 def test_cuda_graph_replay_equals_eager():
     rows = cuda_graph_replay(torch.device("cuda"))
+    assert all(r["ok"] for r in rows), rows
+
+
+def test_residency_mode_replays_a_resident_set_written_in_place():
+    rows = residency_graph_replay(torch.device("cuda"))
     assert all(r["ok"] for r in rows), rows
