@@ -1,0 +1,226 @@
+"""An output-aware oracle for paged layers: how far routing-only rules are from the best choice of page-ins.
+
+Every rule measured on paged layers (``bench_offload``; docs/offload.md, section 3) decides from the router
+alone: logits, routed weights, residency, a static expert similarity. This oracle also sees each expert's
+actual output on each row, which no serving rule can (computing it means reading every expert's weights).
+Per (layer, decode step) it keeps the resident picks, then adds, P times, the non-resident picked expert
+whose paging most lowers the layer's routed output error: sum over rows of ||y_full - y||^2, with y the rows
+re-routed onto the kept set as the runtime re-routes (``reference.reroute``: held picks stay, freed slots
+take the best-scored kept expert, gate weights rescaled to the row's sum). So it pages exactly P experts
+per layer-step (fewer only when fewer non-resident experts were picked).
+
+It is a bound of a kind, not an optimum: greedy, and myopic (each layer's error, not the model's loss). Where it
+reaches a point no routing-only rule reaches, the gap is information the selection stage does not have at
+decision time. Batches, LRU replay and the paired accuracy statistic are ``bench_offload``'s.
+
+    python -m benchmarks.explore_paged_oracle --model trained-glm4-moe --pages 15,17 \\
+        --out benchmarks/results/offload_glm4_oracle_cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from benchmarks import bench_offload as bo
+from lynx_sglang import accuracy
+from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.config import LynxPolicy, make_policy
+from lynx_sglang.sere_calibrate import expert_outputs
+
+
+@dataclass(frozen=True)
+class OracleRule(bo.ResidencyRule):
+    """The oracle at ``pages`` page-ins per layer-step (K: ``num_slots``; ``mode`` and ``policy`` unused)."""
+
+    pages: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"oracle pages={self.pages}"
+
+
+def oracle_keep(outputs: torch.Tensor, router, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                resident: torch.Tensor, pages: int, correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[E] bool kept set: the resident picks, then ``pages`` times the non-resident picked expert whose
+    addition most lowers sum_rows ||y_full - y||^2 (ties to the lower id). ``outputs``: [B, E, H], every
+    routed expert's unweighted output on each row."""
+    B, E, H = outputs.shape
+    k = router.top_k
+    out = torch.cat([outputs, outputs.new_zeros(B, 1, H)], dim=1)  # index E: an empty slot
+    ids, w, z = ids[:, :k].long(), weights[:, :k].float(), logits.float()
+
+    def combine(i: torch.Tensor, wt: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        i = torch.where(i < 0, E, i.long())
+        return (wt.float()[..., None] * o.gather(1, i[..., None].expand(-1, -1, H))).sum(1)
+
+    y_full = combine(ids, w, out)
+    picked = torch.zeros(E, dtype=torch.bool)
+    picked[ids.flatten()] = True
+    keep = picked & resident
+    sel = reference.selection_score(router, z, correction_bias)
+    ok = torch.ones(B, dtype=torch.bool)
+    for _ in range(pages):
+        cand = torch.nonzero(picked & ~keep).flatten()  # ascending ids: argmin's ties go to the lower
+        C = cand.numel()
+        if C == 0:
+            break
+        rows = keep[None].repeat(C, 1)
+        rows[torch.arange(C), cand] = True
+        new_ids, new_w, _ = reference.reroute(router, z.repeat(C, 1), ids.repeat(C, 1), w.repeat(C, 1),
+                                              sel.repeat(C, 1), ok.repeat(C), rows.repeat_interleave(B, 0))
+        err = ((combine(new_ids, new_w, out.repeat(C, 1, 1)) - y_full.repeat(C, 1)) ** 2).sum(-1)
+        keep[cand[int(err.view(C, B).sum(1).argmin())]] = True
+    return keep
+
+
+class OraclePatch(bo.OffloadPatch):
+    """``OffloadPatch`` whose ``OracleRule`` decisions see the hidden states entering each MoE block."""
+
+    def __init__(self, model, rule, *args, **kwargs):
+        self._hidden, self._position = {}, {}
+        super().__init__(model, rule, *args, **kwargs)
+
+    def _recording_route(self, layer: int, route):
+        inner = super()._recording_route(layer, route)
+
+        def wrapped(hidden):
+            # Decode steps of this forward call are its positions from decode_start on, in order.
+            self._hidden[layer], self._position[layer] = hidden, self.decode_start
+            return inner(hidden)
+
+        return wrapped
+
+    def _residency_select(self, layer, logits, ids, weights):
+        if not isinstance(self.rule, OracleRule):
+            return super()._residency_select(layer, logits, ids, weights)
+        t = self._position[layer]
+        self._position[layer] += 1
+        E = self.router.num_experts
+        with torch.no_grad():
+            outputs = expert_outputs(self.blocks[layer].experts, self._hidden[layer][:, t].detach()).permute(1, 0, 2)
+            resident = bo.resident_mask(self.lru[layer][self.rule.num_slots], E)
+            bias = self.routers[layer].correction_bias
+            keep = oracle_keep(outputs, self.router, logits, ids, weights, resident, self.rule.pages, bias)
+            sel = reference.selection_score(self.router, logits.float(), bias)
+            new_ids, new_w, changed = reference.reroute(self.router, logits.float(), ids.long(), weights.float(), sel,
+                                                        torch.ones(ids.shape[0], dtype=torch.bool), keep)
+        new_ids = new_ids.to(ids.dtype)
+        self.counts.append((layer, len(bo.distinct_experts(ids)), len(bo.distinct_experts(new_ids))))
+        self.rows[0] += int(changed.sum())
+        self.rows[1] += ids.shape[0]
+        return new_ids, new_w.to(weights.dtype)
+
+
+def run(path: Path, pages: Sequence[int], batch_size: int, batches_per_kind: int, prefix: int, decode_len: int,
+        seed: int, log=print) -> dict:
+    """off, lynx and the oracle at each page count on ``bench_offload``'s batches, K = E/4."""
+    model, tokenizer = accuracy.load_model(path)
+    E, k = accuracy.model_shape(model)
+    (K,) = bo.slot_counts(E, k, (4,))
+    batches = accuracy.make_batches(accuracy.domain_streams(tokenizer), batch_size, batches_per_kind,
+                                    prefix + decode_len + 1, seed=seed)
+    rules = [OracleRule("prefer", K, LynxPolicy(), pages=p) for p in pages]
+    series, t0 = {}, time.time()
+
+    def add(label, res):
+        patch = bo.OffloadPatch.last
+        s = series.setdefault(label, bo.Series(label, K, [], [], []))
+        s.steps.append(patch.steps[K])
+        s.prefill.append(patch.prefill[K])
+        s.results.append(res)
+
+    for i, batch in enumerate(batches):
+        with bo.recording([K]):
+            off = accuracy.off_reference(model, batch, prefix, 0)
+            add("off", accuracy.measure(model, batch, make_policy("off"), off, prefix, 0)[0])
+        with bo.recording([K]):
+            add("lynx", accuracy.measure(model, batch, make_policy("lynx"), off, prefix, 0)[0])
+        for rule in rules:
+            with bo.recording([K]):
+                accuracy.SelectionPatch = OraclePatch  # recording() restores SelectionPatch on exit
+                add(rule.label, accuracy.measure(model, batch, rule, off, prefix, 0)[0])
+        log(f"batch {i + 1}/{len(batches)} ({time.time() - t0:.0f} s)")
+    base = series["off"].mean("loads")
+    rows = []
+    for label, s in series.items():
+        row = {"rule": label, "page_ins_per_layer_step": s.mean("loads"), "distinct_per_layer_step": s.mean("distinct"),
+               "page_ins_vs_off": s.mean("loads") / base, **s.step_tail(), **s.accuracy(),
+               "delta_vs_lynx": s.paired_vs(series["lynx"])}
+        rows.append(row)
+        vs = row["delta_vs_lynx"]
+        log(f"{label}: {row['page_ins_per_layer_step']:.2f} page-ins / layer-step ({base / row['page_ins_per_layer_step']:.2f}x "
+            f"fewer than off), vs lynx {vs['points']:+.2f} [{vs['ci95'][0]:+.2f}, {vs['ci95'][1]:+.2f}], KL {row['kl']:.4f}")
+    return {"model": path.name, "num_experts": E, "top_k": k, "num_slots": K, "batch_size": batch_size,
+            "batches": len(batches), "decode_steps_per_batch": decode_len, "rows": rows}
+
+
+def plot(result: dict, png: Path, rules: Optional[dict] = None) -> None:
+    """KL against page-ins: the oracle's points, and (``rules``: a ``bench_offload`` result of the same model and
+    batches) every routing-only rule's."""
+    from benchmarks.results_io import pyplot, save_png
+
+    plt = pyplot(png)
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if rules is not None:
+        for r in rules["models"][0]["batch_sizes"][str(result["batch_size"])]["rows"]:
+            if r["rule"] not in ("off",):
+                ax.scatter(r["page_ins_per_layer_step"], r["kl"], color="0.6", s=22)
+        ax.scatter([], [], color="0.6", s=22, label="routing-only rules (bench_offload)")
+    pts = [r for r in result["rows"] if r["rule"].startswith("oracle")]
+    ax.scatter([r["page_ins_per_layer_step"] for r in pts], [r["kl"] for r in pts], color="tab:red", s=40,
+               label="output-aware oracle")
+    lynx = next(r for r in result["rows"] if r["rule"] == "lynx")
+    ax.scatter([lynx["page_ins_per_layer_step"]], [lynx["kl"]], color="tab:blue", s=40, label="lynx")
+    for r in pts + [lynx]:
+        vs = r["delta_vs_lynx"]["points"]
+        ax.annotate(f"{vs:+.2f} pts", (r["page_ins_per_layer_step"], r["kl"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("experts paged in per layer and decode step (SGLang LRU)")
+    ax.set_ylabel("KL(off || rule) per token")
+    ax.set_title(f"{result['model']}, K={result['num_slots']}, B={result['batch_size']}, {result['batches']} "
+                 "held-out batches (labels: accuracy vs lynx)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_png(fig, png)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    import json
+
+    from benchmarks.results_io import RESULTS_DIR, environment, write_json
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="trained-glm4-moe", help="bundled model folder under models/")
+    ap.add_argument("--pages", default="15,17", help="page-ins per layer-step, one oracle each")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batches", type=int, default=6, help="batches per kind (each domain, and mixed)")
+    ap.add_argument("--prefix", type=int, default=32)
+    ap.add_argument("--decode-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rules", type=Path, default=None,
+                    help="a bench_offload JSON of the same model and batches, drawn for comparison")
+    ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_glm4_oracle_cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    result = run(bo.ROOT / "models" / args.model, [int(p) for p in args.pages.split(",")], args.batch_size,
+                 args.batches, args.prefix, args.decode_len, args.seed)
+    payload = {**environment(torch.device("cpu")),
+               "command": "python -m benchmarks.explore_paged_oracle " + " ".join(
+                   sys.argv[1:] if argv is None else argv),
+               "seconds": round(time.time() - t0, 1), **result}
+    write_json(args.out, payload)
+    plot(payload, args.out.with_suffix(".png"), json.loads(args.rules.read_text()) if args.rules else None)
+
+
+if __name__ == "__main__":
+    main()
