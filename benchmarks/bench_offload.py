@@ -147,6 +147,17 @@ def parse_page_budgets(text: str) -> List[Tuple[int, float]]:
     return out
 
 
+def add_batch_args(ap, batches: int) -> None:
+    """The held-out batches' options shared by the paged-layer explorations (one model, one B):
+    ``--model --batch-size --batches --prefix --decode-len --seed``."""
+    ap.add_argument("--model", default="trained-glm4-moe", help="bundled model folder under models/")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batches", type=int, default=batches, help="batches per kind (each domain, and mixed)")
+    ap.add_argument("--prefix", type=int, default=32)
+    ap.add_argument("--decode-len", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+
+
 def layer_caps_label(caps: Sequence[float]) -> str:
     """How a per-layer cap vector is named in results: ``layer caps 0.35/0.7/0.7/0.9``."""
     return "layer caps " + "/".join(f"{c:g}" for c in caps)

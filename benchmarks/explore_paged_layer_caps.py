@@ -92,12 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from benchmarks.results_io import RESULTS_DIR, environment, write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="trained-glm4-moe", help="bundled model folder under models/")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--batches", type=int, default=2, help="batches per kind (each domain, and mixed)")
-    ap.add_argument("--prefix", type=int, default=32)
-    ap.add_argument("--decode-len", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    bo.add_batch_args(ap, batches=2)
     ap.add_argument("--caps", default="0.5,0.6,0.7,0.8,0.9,1.0")
     ap.add_argument("--base-cap", type=float, default=bo.DEFAULT_CAP)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_glm4_layer_curves_cpu")

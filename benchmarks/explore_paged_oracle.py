@@ -199,13 +199,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     from benchmarks.results_io import RESULTS_DIR, environment, write_json
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="trained-glm4-moe", help="bundled model folder under models/")
+    bo.add_batch_args(ap, batches=6)
     ap.add_argument("--pages", default="15,17", help="page-ins per layer-step, one oracle each")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--batches", type=int, default=6, help="batches per kind (each domain, and mixed)")
-    ap.add_argument("--prefix", type=int, default=32)
-    ap.add_argument("--decode-len", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rules", type=Path, default=None,
                     help="a bench_offload JSON of the same model and batches, drawn for comparison")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_glm4_oracle_cpu")
