@@ -283,7 +283,8 @@ def test_every_expert_resident_moves_nothing(paged, mode):
 @pytest.mark.parametrize("mode", ["keep", "prefer"])
 def test_a_layer_that_is_not_paged_runs_plain_lynx_bit_for_bit(mode):
     plain = _stage(_options("off"))
-    aware = _stage(_options(mode, residency_max_moved_weight=0.6))  # the paged cap does not apply here
+    budget = {"residency_page_budget": 2} if mode == "prefer" else {}  # nor does a page budget
+    aware = _stage(_options(mode, residency_max_moved_weight=0.6, **budget))  # the paged cap does not apply here
     assert aware.selector.residency is None
     changed = 0
     for seed in range(6):
