@@ -13,6 +13,11 @@ It is a bound of a kind, not an optimum: greedy, and myopic (each layer's error,
 reaches a point no routing-only rule reaches, the gap is information the selection stage does not have at
 decision time. Batches, LRU replay and the paired accuracy statistic are ``bench_offload``'s.
 
+``--sketch-ranks r``: the same greedy on *sketched* outputs, which a server could afford: per expert a rank-r
+linear map fitted on the calibration text (reduced-rank least squares of the expert's output on the hidden states
+entering its block; ``fit_sketches``). A rank-r sketch holds 2·H·r numbers against the expert's 3·H·I (Qwen3-30B,
+r = 16: 1.4 %), so every expert's sketch could stay on the GPU.
+
     python -m benchmarks.explore_paged_oracle --model trained-glm4-moe --pages 15,17 \\
         --out benchmarks/results/offload_glm4_oracle_cpu
 """
@@ -24,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,10 +45,46 @@ class OracleRule(bo.ResidencyRule):
     """The oracle at ``pages`` page-ins per layer-step (K: ``num_slots``; ``mode`` and ``policy`` unused)."""
 
     pages: int = 0
+    sketch_rank: Optional[int] = None  # None: the experts' real outputs; r: their rank-r sketches
 
     @property
     def label(self) -> str:
-        return f"oracle pages={self.pages}"
+        return f"oracle pages={self.pages}" if self.sketch_rank is None else \
+            f"sketch r={self.sketch_rank} pages={self.pages}"
+
+
+def fit_sketches(model, tokenizer, ranks: Sequence[int], tokens: int = 4096,
+                 window: int = 128) -> Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]]:
+    """{r: per MoE block (block order): (U [E, H, r], V [E, r, H])} for each r in ``ranks``, with
+    ``h @ U[e] @ V[e]`` the rank-r least-squares fit of expert e's output on the calibration text's hidden
+    states entering the block (reduced-rank regression: the full fit projected on its top-r output directions)."""
+    from lynx_sglang.corpus import read_calibration
+    from lynx_sglang.sere_calibrate import calibration_tokens
+
+    blocks = accuracy.moe_blocks(model)
+    windows = calibration_tokens(read_calibration(), tokenizer, tokens, window)
+    inputs: List[List[torch.Tensor]] = [[] for _ in blocks]
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].reshape(-1, a[0].shape[-1])))
+             for i, b in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            for start in range(0, windows.shape[0], 16):
+                model(input_ids=windows[start:start + 16])
+    finally:
+        for h in hooks:
+            h.remove()
+    sketches: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {r: [] for r in ranks}
+    for block, xs in zip(blocks, inputs):
+        x = torch.cat(xs).float()
+        with torch.no_grad():
+            y = expert_outputs(block.experts, x)  # [E, N, H]
+        gram = x.T @ x + 1e-4 * torch.eye(x.shape[1])  # normal equations, shared by every expert
+        w = torch.linalg.solve(gram, torch.einsum("nh,enk->ehk", x, y))  # [E, H, H]
+        vh = torch.linalg.svd(x @ w, full_matrices=False).Vh  # the fit's output directions, strongest first
+        for r in ranks:
+            v = vh[:, :r]  # [E, r, H]
+            sketches[r].append((w @ v.transpose(1, 2), v))
+    return sketches
 
 
 def oracle_keep(outputs: torch.Tensor, router, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -83,6 +124,8 @@ def oracle_keep(outputs: torch.Tensor, router, logits: torch.Tensor, ids: torch.
 class OraclePatch(bo.OffloadPatch):
     """``OffloadPatch`` whose ``OracleRule`` decisions see the hidden states entering each MoE block."""
 
+    sketches: Optional[dict] = None  # rank -> fit_sketches(model, rank), for sketched oracles
+
     def __init__(self, model, rule, *args, **kwargs):
         self._hidden, self._position = {}, {}
         super().__init__(model, rule, *args, **kwargs)
@@ -104,7 +147,12 @@ class OraclePatch(bo.OffloadPatch):
         self._position[layer] += 1
         E = self.router.num_experts
         with torch.no_grad():
-            outputs = expert_outputs(self.blocks[layer].experts, self._hidden[layer][:, t].detach()).permute(1, 0, 2)
+            h = self._hidden[layer][:, t].detach().float()
+            if self.rule.sketch_rank is None:
+                outputs = expert_outputs(self.blocks[layer].experts, h).permute(1, 0, 2)
+            else:
+                u, v = OraclePatch.sketches[self.rule.sketch_rank][layer]
+                outputs = torch.einsum("bh,ehr,erk->bek", h, u, v)
             resident = bo.resident_mask(self.lru[layer][self.rule.num_slots], E)
             bias = self.routers[layer].correction_bias
             keep = oracle_keep(outputs, self.router, logits, ids, weights, resident, self.rule.pages, bias)
@@ -119,14 +167,17 @@ class OraclePatch(bo.OffloadPatch):
 
 
 def run(path: Path, pages: Sequence[int], batch_size: int, batches_per_kind: int, prefix: int, decode_len: int,
-        seed: int, log=print) -> dict:
-    """off, lynx and the oracle at each page count on ``bench_offload``'s batches, K = E/4."""
+        seed: int, log=print, sketch_ranks: Sequence[int] = (), exact: bool = True) -> dict:
+    """off, lynx and the oracle at each page count on ``bench_offload``'s batches, K = E/4; with ``sketch_ranks``
+    also the sketched oracle at each rank and page count (``exact`` False: only those)."""
     model, tokenizer = accuracy.load_model(path)
     E, k = accuracy.model_shape(model)
     (K,) = bo.slot_counts(E, k, (4,))
     batches = accuracy.make_batches(accuracy.domain_streams(tokenizer), batch_size, batches_per_kind,
                                     prefix + decode_len + 1, seed=seed)
-    rules = [OracleRule("prefer", K, LynxPolicy(), pages=p) for p in pages]
+    rules = [OracleRule("prefer", K, LynxPolicy(), pages=p) for p in pages] if exact else []
+    rules += [OracleRule("prefer", K, LynxPolicy(), pages=p, sketch_rank=r) for r in sketch_ranks for p in pages]
+    OraclePatch.sketches = fit_sketches(model, tokenizer, sketch_ranks) if sketch_ranks else {}
     series, t0 = {}, time.time()
 
     def add(label, res):
@@ -178,6 +229,11 @@ def plot(result: dict, png: Path, rules: Optional[dict] = None) -> None:
     pts = [r for r in result["rows"] if r["rule"].startswith("oracle")]
     ax.scatter([r["page_ins_per_layer_step"] for r in pts], [r["kl"] for r in pts], color="tab:red", s=40,
                label="output-aware oracle")
+    sk = [r for r in result["rows"] if r["rule"].startswith("sketch")]
+    if sk:
+        ax.scatter([r["page_ins_per_layer_step"] for r in sk], [r["kl"] for r in sk], color="tab:orange", s=40,
+                   marker="s", label="oracle on rank-r expert sketches")
+    pts += sk
     lynx = next(r for r in result["rows"] if r["rule"] == "lynx")
     ax.scatter([lynx["page_ins_per_layer_step"]], [lynx["kl"]], color="tab:blue", s=40, label="lynx")
     for r in pts + [lynx]:
@@ -201,6 +257,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     bo.add_batch_args(ap, batches=6)
     ap.add_argument("--pages", default="15,17", help="page-ins per layer-step, one oracle each")
+    ap.add_argument("--sketch-ranks", default="", help="also the oracle on rank-r expert sketches, for each r")
+    ap.add_argument("--sketch-only", action="store_true", help="with --sketch-ranks: skip the exact oracle")
     ap.add_argument("--rules", type=Path, default=None,
                     help="a bench_offload JSON of the same model and batches, drawn for comparison")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_glm4_oracle_cpu")
@@ -208,7 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     result = run(bo.ROOT / "models" / args.model, [int(p) for p in args.pages.split(",")], args.batch_size,
-                 args.batches, args.prefix, args.decode_len, args.seed)
+                 args.batches, args.prefix, args.decode_len, args.seed,
+                 sketch_ranks=[int(r) for r in args.sketch_ranks.split(",") if r], exact=not args.sketch_only)
     payload = {**environment(torch.device("cpu")),
                "command": "python -m benchmarks.explore_paged_oracle " + " ".join(
                    sys.argv[1:] if argv is None else argv),

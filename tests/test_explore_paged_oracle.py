@@ -78,3 +78,34 @@ def test_the_oracle_on_the_bundled_model_pages_its_budget_and_with_every_page_is
     assert all(x <= 3 for layer in tight_loads for x in layer) and tight.kl > 0
     assert sum(map(sum, tight_loads)) < sum(map(sum, off_loads))
     assert ox.OracleRule("prefer", K, LynxPolicy(), pages=3).label == "oracle pages=3"
+
+
+@pytest.mark.skipif(not (ROOT / "models/trained-qwen3-moe/config.json").exists(), reason="bundled model missing")
+def test_expert_sketches_fit_the_experts_better_with_rank():
+    """fit_sketches on the calibration text: per block (U [E, H, r], V [E, r, H]); on held-out hidden states the
+    sketch's error against the expert's real output falls as the rank grows."""
+    from lynx_sglang import accuracy
+    from lynx_sglang.sere_calibrate import expert_outputs
+
+    model, tokenizer = accuracy.load_model(ROOT / "models/trained-qwen3-moe")
+    Em, _ = accuracy.model_shape(model)
+    block = accuracy.moe_blocks(model)[0]
+    H = model.config.hidden_size
+    batch = accuracy.make_batches(accuracy.domain_streams(tokenizer), 4, 1, 24, kinds=("mixed",))[0]
+    seen = []
+    hook = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, H)))
+    with torch.no_grad():
+        model(input_ids=batch.tokens)
+    hook.remove()
+    x = seen[0].float()
+    with torch.no_grad():
+        real = expert_outputs(block.experts, x)  # [E, N, H]
+    errors = []
+    sketches = ox.fit_sketches(model, tokenizer, (2, 32), tokens=2048)
+    for rank in (2, 32):
+        u, v = sketches[rank][0]
+        assert u.shape == (Em, H, rank) and v.shape == (Em, rank, H)
+        approx = torch.einsum("nh,ehr,erk->enk", x, u, v)
+        errors.append(float(((approx - real) ** 2).sum() / (real ** 2).sum()))
+    assert errors[1] < errors[0] < 1.0, errors
+    assert ox.OracleRule("prefer", 8, LynxPolicy(), pages=3, sketch_rank=32).label == "sketch r=32 pages=3"
