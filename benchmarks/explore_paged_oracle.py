@@ -227,8 +227,9 @@ def plot(result: dict, png: Path, rules: Optional[dict] = None) -> None:
                 ax.scatter(r["page_ins_per_layer_step"], r["kl"], color="0.6", s=22)
         ax.scatter([], [], color="0.6", s=22, label="routing-only rules (bench_offload)")
     pts = [r for r in result["rows"] if r["rule"].startswith("oracle")]
-    ax.scatter([r["page_ins_per_layer_step"] for r in pts], [r["kl"] for r in pts], color="tab:red", s=40,
-               label="output-aware oracle")
+    if pts:  # a --sketch-only run has none
+        ax.scatter([r["page_ins_per_layer_step"] for r in pts], [r["kl"] for r in pts], color="tab:red", s=40,
+                   label="output-aware oracle")
     sk = [r for r in result["rows"] if r["rule"].startswith("sketch")]
     if sk:
         ax.scatter([r["page_ins_per_layer_step"] for r in sk], [r["kl"] for r in sk], color="tab:orange", s=40,
