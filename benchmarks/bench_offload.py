@@ -147,6 +147,17 @@ def parse_page_budgets(text: str) -> List[Tuple[int, float]]:
     return out
 
 
+def add_paged_rule_args(ap) -> None:
+    """``--layer-caps`` and ``--page-budgets``: the resident-first variants a paged-layer benchmark adds
+    (read back with ``parse_layer_caps`` / ``parse_page_budgets``)."""
+    ap.add_argument("--layer-caps", default="",
+                    help="also resident-first with one moved-weight cap per MoE layer (what a --lynx-config plan's "
+                         "layer_params serves): vectors separated by ',', caps by '/' (e.g. 0.35/0.7/0.7/0.9)")
+    ap.add_argument("--page-budgets", default="",
+                    help="also resident-first with a page budget over a cap: BUDGET@CAP items separated by ',' "
+                         "(e.g. 20@0.6: --lynx-residency-page-budget 20 --lynx-residency-max-moved-weight 0.6)")
+
+
 def add_batch_args(ap, batches: int) -> None:
     """The held-out batches' options shared by the paged-layer explorations (one model, one B):
     ``--model --batch-size --batches --prefix --decode-len --seed``."""
@@ -336,8 +347,8 @@ class Series:
         return sum(vals) / max(1, len(vals))
 
     def step_tail(self) -> dict:
-        """Page-ins per decode step (all MoE layers together): mean, 99th percentile and maximum over the
-        steps of every batch. A step's PCIe time follows its total, so the tail is a step-time tail."""
+        """Page-ins per decode step (all MoE layers together): 99th percentile and maximum over the steps
+        of every batch. A step's PCIe time follows its total, so the tail is a step-time tail."""
         per_step = torch.tensor([float(sum(col)) for b in self.steps for col in zip(*(
             [c.loads for c in layer] for layer in b))], dtype=torch.float64)
         if per_step.numel() == 0:
@@ -557,12 +568,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--refill-similarity", type=float, default=0.0,
                     help="lynx's refill_similarity for lynx and the residency rules (the server uses 8 where the "
                          "model has a similarity file; 0: refill by router score)")
-    ap.add_argument("--layer-caps", default="",
-                    help="also resident-first with one moved-weight cap per MoE layer: vectors separated by ',', "
-                         "caps by '/' (e.g. 0.35/0.7/0.7/0.9)")
-    ap.add_argument("--page-budgets", default="",
-                    help="also resident-first with a page budget over a cap: BUDGET@CAP items separated by ',' "
-                         "(e.g. 20@0.6: --lynx-residency-page-budget 20 --lynx-residency-max-moved-weight 0.6)")
+    add_paged_rule_args(ap)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

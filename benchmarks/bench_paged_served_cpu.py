@@ -42,7 +42,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from benchmarks.bench_offload import layer_caps_label, parse_layer_caps, parse_page_budgets, slot_counts
+from benchmarks.bench_offload import (add_paged_rule_args, layer_caps_label, parse_layer_caps, parse_page_budgets,
+                                      slot_counts)
 from lynx_sglang import accuracy
 from lynx_sglang.runtime.cpu.support import PAGED_LOG_ENV
 from lynx_sglang.server_process import start_server
@@ -223,12 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--caps", default="0.55", help="resident-first at these paged-layer caps too")
-    ap.add_argument("--layer-caps", default="",
-                    help="resident-first with one paged cap per MoE layer, served from a --lynx-config plan: "
-                         "vectors separated by ',', caps by '/' (e.g. 0.35/0.8/0.7/0.9)")
-    ap.add_argument("--page-budgets", default="",
-                    help="resident-first with a page budget over a cap: BUDGET@CAP items separated by ',' "
-                         "(e.g. 10@0.55)")
+    add_paged_rule_args(ap)  # --layer-caps are served from a --lynx-config plan written per model
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "paged_served_cpu")
     args = ap.parse_args(argv)

@@ -88,10 +88,11 @@ def fit_sketches(model, tokenizer, ranks: Sequence[int], tokens: int = 4096,
 
 
 def oracle_keep(outputs: torch.Tensor, router, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                resident: torch.Tensor, pages: int, correction_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                resident: torch.Tensor, pages: int, sel: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[E] bool kept set: the resident picks, then ``pages`` times the non-resident picked expert whose
     addition most lowers sum_rows ||y_full - y||^2 (ties to the lower id). ``outputs``: [B, E, H], every
-    routed expert's unweighted output on each row."""
+    routed expert's unweighted output on each row; ``sel``: the router's ranking score [B, E] that re-routing
+    refills by (None: ``reference.selection_score`` without a correction bias)."""
     B, E, H = outputs.shape
     k = router.top_k
     out = torch.cat([outputs, outputs.new_zeros(B, 1, H)], dim=1)  # index E: an empty slot
@@ -105,7 +106,8 @@ def oracle_keep(outputs: torch.Tensor, router, logits: torch.Tensor, ids: torch.
     picked = torch.zeros(E, dtype=torch.bool)
     picked[ids.flatten()] = True
     keep = picked & resident
-    sel = reference.selection_score(router, z, correction_bias)
+    if sel is None:
+        sel = reference.selection_score(router, z, None)
     ok = torch.ones(B, dtype=torch.bool)
     for _ in range(pages):
         cand = torch.nonzero(picked & ~keep).flatten()  # ascending ids: argmin's ties go to the lower
@@ -154,9 +156,8 @@ class OraclePatch(bo.OffloadPatch):
                 u, v = OraclePatch.sketches[self.rule.sketch_rank][layer]
                 outputs = torch.einsum("bh,ehr,erk->bek", h, u, v)
             resident = bo.resident_mask(self.lru[layer][self.rule.num_slots], E)
-            bias = self.routers[layer].correction_bias
-            keep = oracle_keep(outputs, self.router, logits, ids, weights, resident, self.rule.pages, bias)
-            sel = reference.selection_score(self.router, logits.float(), bias)
+            sel = reference.selection_score(self.router, logits.float(), self.routers[layer].correction_bias)
+            keep = oracle_keep(outputs, self.router, logits, ids, weights, resident, self.rule.pages, sel)
             new_ids, new_w, changed = reference.reroute(self.router, logits.float(), ids.long(), weights.float(), sel,
                                                         torch.ones(ids.shape[0], dtype=torch.bool), keep)
         new_ids = new_ids.to(ids.dtype)
