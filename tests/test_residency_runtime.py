@@ -418,3 +418,19 @@ def test_build_stages_pairs_each_topk_with_its_paged_layer(sglang_layers, paged)
     assert torch.equal(got.topk_ids, want_ids)
     with pytest.raises(ConfigError, match="no paged-experts MoE layer"):
         stage_mod.build_stages(_Model([_topk(sglang_layers, 0)]), SimpleNamespace(num_experts=16), opts)
+
+
+def test_page_budget_trims_by_demand_with_ties_to_the_lower_id():
+    """within_page_budget on hand-made sets: fixed experts stay, the rest by demand, equal demand to the lower id."""
+    def mask(ids):
+        m = torch.zeros(8, dtype=torch.bool)
+        m[list(ids)] = True
+        return m
+
+    keep, fixed, resident = mask({0, 1, 3, 4, 5, 6}), mask({0, 1}), mask({0})
+    demand = torch.tensor([9, 9, 0, 7, 7, 7, 2, 0])
+    # Budget 3: expert 1 (fixed, not resident) takes one; 3 and 4 win the tie at demand 7 over 5; 6 loses.
+    assert torch.equal(reference.within_page_budget(3, keep, fixed, resident, demand), mask({0, 1, 3, 4}))
+    # Budget 0: the fixed set alone (it may exceed the budget); a large budget keeps everything.
+    assert torch.equal(reference.within_page_budget(0, keep, fixed, resident, demand), fixed)
+    assert torch.equal(reference.within_page_budget(8, keep, fixed, resident, demand), keep)
