@@ -60,6 +60,7 @@ import torch
 
 from lynx_sglang import accuracy
 from lynx_sglang.runtime.selection import reference
+from lynx_sglang.runtime.selection.output_norms import pick_scale
 from lynx_sglang.runtime.selection.config import LynxPolicy, RouterSpec, make_policy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +157,9 @@ def add_paged_rule_args(ap) -> None:
     ap.add_argument("--page-budgets", default="",
                     help="also resident-first with a page budget over a cap: BUDGET@CAP items separated by ',' "
                          "(e.g. 20@0.6: --lynx-residency-page-budget 20 --lynx-residency-max-moved-weight 0.6)")
+    ap.add_argument("--output-norms", action="store_true",
+                    help="also each page-budget rule ranked by predicted output share (--lynx-residency-output-norms "
+                         "with the heads file beside the model: python -m lynx_sglang.output_norm_calibrate)")
 
 
 def add_batch_args(ap, batches: int) -> None:
@@ -191,6 +195,9 @@ class ResidencyRule:
     # ``residency_page_budget`` (--lynx-residency-page-budget): at most this many experts paged per layer-step
     # beyond rows' best picks. None: no budget.
     page_budget: Optional[int] = None
+    # --lynx-residency-output-norms: the budget ranks by routed weight x predicted output norm (the heads file
+    # beside the model, ``OffloadPatch.output_norms``) instead of routed weight.
+    output_norms: bool = False
 
     @property
     def label(self) -> str:
@@ -201,6 +208,8 @@ class ResidencyRule:
             name = f"{name} moved<={self.policy.max_moved_weight:g}"
         if self.page_budget is not None:
             name = f"{name} pages<={self.page_budget}"
+        if self.output_norms:
+            name = f"{name} by output"
         return name if self.policy.keep_top is None else f"{name} keep_top={self.policy.keep_top}"
 
     def at_layer(self, layer: int) -> "ResidencyRule":
@@ -217,20 +226,28 @@ class ResidencyRule:
 
 def residency_select(rule: ResidencyRule, router: RouterSpec, logits: torch.Tensor, ids: torch.Tensor,
                      weights: torch.Tensor, resident: torch.Tensor,
-                     correction_bias: Optional[torch.Tensor] = None, similarity: Optional[torch.Tensor] = None):
+                     correction_bias: Optional[torch.Tensor] = None, similarity: Optional[torch.Tensor] = None,
+                     hidden: Optional[torch.Tensor] = None, head: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
     """One (layer, step): new (ids, weights, changed) under ``rule`` given the resident mask [E] bool.
 
     The runtime rule on its torch path, ``reference.select(..., resident=...)``: what a paged layer's
     selector runs with ``resident = expert_slot >= 0``. ``similarity``: the layer's expert-similarity
-    matrix, for a rule with ``refill_similarity`` > 0 (scaled as the selector scales it at plan time)."""
+    matrix, for a rule with ``refill_similarity`` > 0 (scaled as the selector scales it at plan time).
+    ``hidden`` [B, H] and ``head`` (the layer's output-norm head): for a rule with ``output_norms``."""
     policy = rule.runtime_policy
     refill = None
     if policy.refill_similarity > 0:
         if similarity is None:
             raise ValueError("a residency rule with refill_similarity needs the layer's similarity matrix")
         refill = (similarity * policy.refill_similarity).contiguous()
+    scale = None
+    if rule.output_norms:
+        if hidden is None or head is None:
+            raise ValueError("a residency rule with output_norms needs the step's hidden states and the layer's head")
+        scale = pick_scale(hidden, *head)
     new_ids, new_w, _ = reference.select(policy, router, logits.float(), ids, weights.float(),
-                                         correction_bias=correction_bias, resident=resident, refill_bias=refill)
+                                         correction_bias=correction_bias, resident=resident, refill_bias=refill,
+                                         pick_scale=scale)
     return new_ids, new_w, (new_ids != ids).any(dim=1)
 
 
@@ -253,8 +270,12 @@ class OffloadPatch(accuracy.SelectionPatch):
 
     slots: Sequence[int] = ()
     last: Optional["OffloadPatch"] = None
+    output_norms: Optional[list] = None  # per MoE block: its (weight, bias) output-norm head, for output_norms rules
 
     def __init__(self, model, rule, *args, **kwargs):
+        # Per layer: the hidden states of the forward call in progress, and its next decode position.
+        self._hidden: Dict[int, torch.Tensor] = {}
+        self._position: Dict[int, int] = {}
         super().__init__(model, rule, *args, **kwargs)
         LRUPolicy, _ = sglang_lru()
         ks = [rule.num_slots] if isinstance(rule, ResidencyRule) else list(self.slots)
@@ -270,6 +291,8 @@ class OffloadPatch(accuracy.SelectionPatch):
 
     def _recording_route(self, layer: int, route):
         def wrapped(hidden):
+            # Decode steps of this forward call are its positions from decode_start on, in order.
+            self._hidden[layer], self._position[layer] = hidden, self.decode_start
             logits, weights, ids = route(hidden)
             if hidden.dim() == 3 and self.decode_start > 0:
                 b, s = hidden.shape[:2]
@@ -289,13 +312,22 @@ class OffloadPatch(accuracy.SelectionPatch):
             self.steps[k][layer].append(replay_step(policy, new_ids))
         return new_ids, new_w
 
+    def step_hidden(self, layer: int) -> torch.Tensor:
+        """[B, H] fp32: the hidden states entering MoE layer ``layer`` at the decode step being selected (each
+        call moves to the next step)."""
+        t = self._position[layer]
+        self._position[layer] += 1
+        return self._hidden[layer][:, t].detach().float()
+
     def _residency_select(self, layer, logits, ids, weights):
         rule: ResidencyRule = self.rule.at_layer(layer)
         E = self.router.num_experts
         resident = resident_mask(self.lru[layer][rule.num_slots], E)
         sim = None if self.similarity is None else self.similarity[layer]
+        hidden = self.step_hidden(layer) if rule.output_norms else None
+        head = OffloadPatch.output_norms[layer] if rule.output_norms else None
         new_ids, new_w, _ = residency_select(rule, self.router, logits, ids.contiguous(), weights, resident,
-                                             self.routers[layer].correction_bias, sim)
+                                             self.routers[layer].correction_bias, sim, hidden, head)
         new_w = new_w.to(weights.dtype)
         # The harness's own bookkeeping (what SelectionPatch._select records).
         self.counts.append((layer, len(distinct_experts(ids)), len(distinct_experts(new_ids))))
@@ -391,12 +423,24 @@ def _bootstrap(seqs, reps: int = 1000, seed: int = 0) -> List[float]:
     return [round(lo, 4), round(hi, 4)]
 
 
+def model_output_norms(model, path: Path) -> list:
+    """Per MoE block (block order): the (weight, bias) output-norm head of the file beside the model, as the
+    server loads it (``output_norms.load_output_norms``: refused if made for another model)."""
+    from lynx_sglang.runtime.selection.model_identity import model_identity
+    from lynx_sglang.runtime.selection.output_norms import DEFAULT_NAME, load_output_norms
+
+    layer_ids = accuracy.moe_layer_ids(model)
+    heads = load_output_norms(Path(path) / DEFAULT_NAME, model_identity(model.config), layer_ids).heads
+    return [heads[i] for i in layer_ids]
+
+
 def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
               seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2),
               keep_tops: Sequence[int] = (), refill_similarity: float = 0.0,
               layer_caps: Sequence[Tuple[float, ...]] = (),
-              page_budgets: Sequence[Tuple[int, float]] = ()) -> dict:
+              page_budgets: Sequence[Tuple[int, float]] = (), output_norms: bool = False) -> dict:
     model, tokenizer = accuracy.load_model(path)
+    OffloadPatch.output_norms = model_output_norms(model, path) if output_norms else None
     sim = None
     if refill_similarity > 0:  # lynx's refill by expert similarity (the server's default where the file exists)
         from lynx_sglang.frontier import load_similarity_for
@@ -426,8 +470,8 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
         # resident-first with one cap per MoE layer (a calibration file's layer_params)
         residency += [ResidencyRule("prefer", K, LynxPolicy(**lam), tuple(v)) for K in ks for v in layer_caps]
         # resident-first with a page budget over a cap (--lynx-residency-page-budget)
-        residency += [ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=c, **lam), page_budget=p)
-                      for K in ks for p, c in page_budgets]
+        residency += [ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=c, **lam), page_budget=p, output_norms=o)
+                      for K in ks for p, c in page_budgets for o in ([False, True] if output_norms else [False])]
         series: Dict[tuple, Series] = {}
 
         def add(label, K, patch, res):
@@ -580,7 +624,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         keep_tops=[int(t) for t in args.keep_tops.split(",") if t],
                         refill_similarity=args.refill_similarity,
                         layer_caps=parse_layer_caps(args.layer_caps),
-                        page_budgets=parse_page_budgets(args.page_budgets))
+                        page_budgets=parse_page_budgets(args.page_budgets), output_norms=args.output_norms)
               for name in args.models.split(",")]
     import transformers
 

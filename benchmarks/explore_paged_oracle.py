@@ -37,7 +37,8 @@ from benchmarks import bench_offload as bo
 from lynx_sglang import accuracy
 from lynx_sglang.runtime.selection import reference
 from lynx_sglang.runtime.selection.config import LynxPolicy, make_policy
-from lynx_sglang.sere_calibrate import expert_outputs
+from lynx_sglang.runtime.selection.output_norms import pick_scale
+from lynx_sglang.sere_calibrate import block_inputs, expert_outputs
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,16 @@ class OracleRule(bo.ResidencyRule):
 
     pages: int = 0
     sketch_rank: Optional[int] = None  # None: the experts' real outputs; r: their rank-r sketches
+    # "greedy": the output-error greedy; otherwise the non-resident picks ranked by a contribution score,
+    # sum over the rows that pick e of w * s: "weight" s = 1, "norm" s = ||E_e(x)|| (exact), "norm-fit"
+    # s = the predicted norm of the output-norm heads file beside the model (``output_norms.pick_scale``): what
+    # --lynx-residency-output-norms serves, here without the cap and best-pick guard of the runtime's budget.
+    rank_by: str = "greedy"
 
     @property
     def label(self) -> str:
+        if self.rank_by != "greedy":
+            return f"rank by {self.rank_by} pages={self.pages}"
         return f"oracle pages={self.pages}" if self.sketch_rank is None else \
             f"sketch r={self.sketch_rank} pages={self.pages}"
 
@@ -58,24 +66,9 @@ def fit_sketches(model, tokenizer, ranks: Sequence[int], tokens: int = 4096,
     """{r: per MoE block (block order): (U [E, H, r], V [E, r, H])} for each r in ``ranks``, with
     ``h @ U[e] @ V[e]`` the rank-r least-squares fit of expert e's output on the calibration text's hidden
     states entering the block (reduced-rank regression: the full fit projected on its top-r output directions)."""
-    from lynx_sglang.corpus import read_calibration
-    from lynx_sglang.sere_calibrate import calibration_tokens
-
-    blocks = accuracy.moe_blocks(model)
-    windows = calibration_tokens(read_calibration(), tokenizer, tokens, window)
-    inputs: List[List[torch.Tensor]] = [[] for _ in blocks]
-    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs[i].append(a[0].reshape(-1, a[0].shape[-1])))
-             for i, b in enumerate(blocks)]
-    try:
-        with torch.no_grad():
-            for start in range(0, windows.shape[0], 16):
-                model(input_ids=windows[start:start + 16])
-    finally:
-        for h in hooks:
-            h.remove()
     sketches: Dict[int, List[Tuple[torch.Tensor, torch.Tensor]]] = {r: [] for r in ranks}
-    for block, xs in zip(blocks, inputs):
-        x = torch.cat(xs).float()
+    windows = calibration_windows(tokenizer, tokens, window)
+    for block, x in zip(accuracy.moe_blocks(model), block_inputs(model, windows)):
         with torch.no_grad():
             y = expert_outputs(block.experts, x)  # [E, N, H]
         gram = x.T @ x + 1e-4 * torch.eye(x.shape[1])  # normal equations, shared by every expert
@@ -85,6 +78,31 @@ def fit_sketches(model, tokenizer, ranks: Sequence[int], tokens: int = 4096,
             v = vh[:, :r]  # [E, r, H]
             sketches[r].append((w @ v.transpose(1, 2), v))
     return sketches
+
+
+def calibration_windows(tokenizer, tokens: int = 4096, window: int = 128) -> torch.Tensor:
+    """The calibration text's token windows the sketches and norm heads are fitted on."""
+    from lynx_sglang.corpus import read_calibration
+    from lynx_sglang.sere_calibrate import calibration_tokens
+
+    return calibration_tokens(read_calibration(), tokenizer, tokens, window)
+
+
+def ranked_keep(ids: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, resident: torch.Tensor,
+                pages: int) -> torch.Tensor:
+    """[E] bool kept set: the resident picks, then the ``pages`` non-resident picked experts of highest
+    sum over the rows that pick them of weight * ``scale`` [B, E] (ties to the lower id)."""
+    E = scale.shape[1]
+    ids = ids.long()
+    contrib = weights.float() * scale.gather(1, ids.clamp(min=0))
+    cost = torch.zeros(E).index_add_(0, ids.clamp(min=0).flatten(), torch.where(ids >= 0, contrib, 0.0).flatten())
+    picked = torch.zeros(E, dtype=torch.bool)
+    picked[ids[ids >= 0]] = True
+    keep = picked & resident
+    cand = picked & ~resident
+    order = torch.sort(torch.where(cand, cost, torch.full_like(cost, -1.0)), descending=True, stable=True).indices
+    keep[order[:min(pages, int(cand.sum()))]] = True
+    return keep
 
 
 def oracle_keep(outputs: torch.Tensor, router, logits: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
@@ -124,40 +142,37 @@ def oracle_keep(outputs: torch.Tensor, router, logits: torch.Tensor, ids: torch.
 
 
 class OraclePatch(bo.OffloadPatch):
-    """``OffloadPatch`` whose ``OracleRule`` decisions see the hidden states entering each MoE block."""
+    """``OffloadPatch`` whose ``OracleRule`` decisions see the hidden states entering each MoE block
+    (``step_hidden``) and every expert's output on them."""
 
     sketches: Optional[dict] = None  # rank -> fit_sketches(model, rank), for sketched oracles
-
-    def __init__(self, model, rule, *args, **kwargs):
-        self._hidden, self._position = {}, {}
-        super().__init__(model, rule, *args, **kwargs)
-
-    def _recording_route(self, layer: int, route):
-        inner = super()._recording_route(layer, route)
-
-        def wrapped(hidden):
-            # Decode steps of this forward call are its positions from decode_start on, in order.
-            self._hidden[layer], self._position[layer] = hidden, self.decode_start
-            return inner(hidden)
-
-        return wrapped
+    norm_heads: Optional[list] = None  # per block: the served (weight, bias) head (bench_offload.model_output_norms)
 
     def _residency_select(self, layer, logits, ids, weights):
         if not isinstance(self.rule, OracleRule):
             return super()._residency_select(layer, logits, ids, weights)
-        t = self._position[layer]
-        self._position[layer] += 1
         E = self.router.num_experts
         with torch.no_grad():
-            h = self._hidden[layer][:, t].detach().float()
-            if self.rule.sketch_rank is None:
+            h = self.step_hidden(layer)
+            if self.rule.rank_by == "norm-fit":
+                outputs = None
+                scale = pick_scale(h, *OraclePatch.norm_heads[layer])
+            elif self.rule.rank_by == "weight":
+                outputs, scale = None, torch.ones(h.shape[0], E)
+            elif self.rule.sketch_rank is None:
                 outputs = expert_outputs(self.blocks[layer].experts, h).permute(1, 0, 2)
             else:
                 u, v = OraclePatch.sketches[self.rule.sketch_rank][layer]
                 outputs = torch.einsum("bh,ehr,erk->bek", h, u, v)
             resident = bo.resident_mask(self.lru[layer][self.rule.num_slots], E)
             sel = reference.selection_score(self.router, logits.float(), self.routers[layer].correction_bias)
-            keep = oracle_keep(outputs, self.router, logits, ids, weights, resident, self.rule.pages, sel)
+            if self.rule.rank_by == "norm":
+                scale = outputs.norm(dim=-1)
+            if self.rule.rank_by == "greedy":
+                keep = oracle_keep(outputs, self.router, logits, ids, weights, resident, self.rule.pages, sel)
+            else:
+                k = self.router.top_k
+                keep = ranked_keep(ids[:, :k], weights[:, :k], scale, resident, self.rule.pages)
             new_ids, new_w, changed = reference.reroute(self.router, logits.float(), ids.long(), weights.float(), sel,
                                                         torch.ones(ids.shape[0], dtype=torch.bool), keep)
         new_ids = new_ids.to(ids.dtype)
@@ -168,9 +183,11 @@ class OraclePatch(bo.OffloadPatch):
 
 
 def run(path: Path, pages: Sequence[int], batch_size: int, batches_per_kind: int, prefix: int, decode_len: int,
-        seed: int, log=print, sketch_ranks: Sequence[int] = (), exact: bool = True) -> dict:
+        seed: int, log=print, sketch_ranks: Sequence[int] = (), exact: bool = True,
+        rank_by: Sequence[str] = ()) -> dict:
     """off, lynx and the oracle at each page count on ``bench_offload``'s batches, K = E/4; with ``sketch_ranks``
-    also the sketched oracle at each rank and page count (``exact`` False: only those)."""
+    also the sketched oracle at each rank and page count (``exact`` False: only those); with ``rank_by`` also
+    the ranked rules (``OracleRule.rank_by``) at each page count."""
     model, tokenizer = accuracy.load_model(path)
     E, k = accuracy.model_shape(model)
     (K,) = bo.slot_counts(E, k, (4,))
@@ -178,7 +195,9 @@ def run(path: Path, pages: Sequence[int], batch_size: int, batches_per_kind: int
                                     prefix + decode_len + 1, seed=seed)
     rules = [OracleRule("prefer", K, LynxPolicy(), pages=p) for p in pages] if exact else []
     rules += [OracleRule("prefer", K, LynxPolicy(), pages=p, sketch_rank=r) for r in sketch_ranks for p in pages]
+    rules += [OracleRule("prefer", K, LynxPolicy(), pages=p, rank_by=b) for b in rank_by for p in pages]
     OraclePatch.sketches = fit_sketches(model, tokenizer, sketch_ranks) if sketch_ranks else {}
+    OraclePatch.norm_heads = bo.model_output_norms(model, path) if "norm-fit" in rank_by else None
     series, t0 = {}, time.time()
 
     def add(label, res):
@@ -260,7 +279,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     bo.add_batch_args(ap, batches=6)
     ap.add_argument("--pages", default="15,17", help="page-ins per layer-step, one oracle each")
     ap.add_argument("--sketch-ranks", default="", help="also the oracle on rank-r expert sketches, for each r")
-    ap.add_argument("--sketch-only", action="store_true", help="with --sketch-ranks: skip the exact oracle")
+    ap.add_argument("--sketch-only", action="store_true", help="skip the exact oracle (with --sketch-ranks/--rank-by)")
+    ap.add_argument("--rank-by", default="", help="also ranked rules: weight, norm, norm-fit (comma-separated)")
     ap.add_argument("--rules", type=Path, default=None,
                     help="a bench_offload JSON of the same model and batches, drawn for comparison")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "offload_glm4_oracle_cpu")
@@ -269,7 +289,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     t0 = time.time()
     result = run(bo.ROOT / "models" / args.model, [int(p) for p in args.pages.split(",")], args.batch_size,
                  args.batches, args.prefix, args.decode_len, args.seed,
-                 sketch_ranks=[int(r) for r in args.sketch_ranks.split(",") if r], exact=not args.sketch_only)
+                 sketch_ranks=[int(r) for r in args.sketch_ranks.split(",") if r], exact=not args.sketch_only,
+                 rank_by=[b for b in args.rank_by.split(",") if b])
     payload = {**environment(torch.device("cpu")),
                "command": "python -m benchmarks.explore_paged_oracle " + " ".join(
                    sys.argv[1:] if argv is None else argv),

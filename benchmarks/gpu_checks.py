@@ -170,7 +170,11 @@ def _graph_replay_one(device, name: str, router: RouterSpec, T: int) -> dict:
 
 
 RESIDENCY = {"prefer": {"residency": "prefer", "residency_max_moved_weight": 0.6},
-             "prefer+budget": {"residency": "prefer", "residency_max_moved_weight": 0.6, "residency_page_budget": 12}}
+             "prefer+budget": {"residency": "prefer", "residency_max_moved_weight": 0.6, "residency_page_budget": 12},
+             # --lynx-residency-output-norms: the budget ranked by a head on the hidden states (a replayed input too)
+             "prefer+budget by output": {"residency": "prefer", "residency_max_moved_weight": 0.0,
+                                         "residency_page_budget": 6, "output_norms": True}}
+HIDDEN = 64  # hidden size of the output-norm check's made-up head
 
 
 def residency_graph_replay(device, shapes=((128, 8, 16), (128, 8, 64), (64, 6, 16))) -> list[dict]:
@@ -187,11 +191,15 @@ def residency_graph_replay(device, shapes=((128, 8, 16), (128, 8, 64), (64, 6, 1
 
 def _residency_one(device, label: str, params: dict, router: RouterSpec, T: int) -> dict:
     E = router.num_experts
+    params = dict(params)
+    with_norms = params.pop("output_norms", False)
     policy = make_policy("lynx", **params)
     slot = torch.full((E,), -1, dtype=torch.int32, device=device)  # SGLang's DeviceResidency.expert_slot
-    captured = ExpertSelector(router, policy, T, device, backend="torch", residency=slot)
-    eager = ExpertSelector(router, policy, T, device, backend="torch", residency=slot)
     g = torch.Generator().manual_seed(E + T)
+    head = ((torch.randn(2 * HIDDEN, E, generator=g) / HIDDEN ** 0.5).to(device),
+            torch.randn(E, generator=g).to(device)) if with_norms else None
+    captured = ExpertSelector(router, policy, T, device, backend="torch", residency=slot, output_norms=head)
+    eager = ExpertSelector(router, policy, T, device, backend="torch", residency=slot, output_norms=head)
 
     def resident_set():  # E/4 resident experts in random slots, written in place
         slot.fill_(-1)
@@ -201,11 +209,12 @@ def _residency_one(device, label: str, params: dict, router: RouterSpec, T: int)
     resident_set()
     first = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
     static = [t.clone() for t in (first.logits, first.topk_ids, first.topk_weights)]
+    hidden = torch.randn(T, HIDDEN, generator=g).to(device) if with_norms else None
     nv = torch.tensor(T, device=device)
-    captured.run(*static, nv)  # warm up (plan-time allocations) outside the graph
+    captured.run(*static, nv, hidden)  # warm up (plan-time allocations) outside the graph
     if device.type == "cuda":
         torch.cuda.synchronize()
-    (out_ids, out_w), replay = capture(lambda: captured.run(*static, nv), device)
+    (out_ids, out_w), replay = capture(lambda: captured.run(*static, nv, hidden), device)
     captured.reset_stats()
     ok, moved = True, 0
     for step in range(4):
@@ -213,9 +222,12 @@ def _residency_one(device, label: str, params: dict, router: RouterSpec, T: int)
         b = route(router, random_logits(T, E, skew=1.0, generator=g, device=device))
         for dst, src in zip(static, (b.logits, b.topk_ids, b.topk_weights)):
             dst.copy_(src)
+        if hidden is not None:
+            hidden.copy_(torch.randn(T, HIDDEN, generator=g).to(device))
         nv.fill_(T - step)
         replay()
-        want_ids, want_w = eager.run(b.logits, b.topk_ids, b.topk_weights, torch.tensor(T - step, device=device))
+        want_ids, want_w = eager.run(b.logits, b.topk_ids, b.topk_weights, torch.tensor(T - step, device=device),
+                                     None if hidden is None else hidden.clone())
         ok &= torch.equal(out_ids, want_ids) and torch.equal(out_w, want_w)
         moved += int((want_ids != b.topk_ids).any(dim=1).sum())
     ok &= captured.stats() == eager.stats() and moved > 0  # the rule did move picks on these batches

@@ -81,12 +81,11 @@ def expert_outputs(experts: torch.nn.Module, x: torch.Tensor, chunk: int = 1024)
 
 
 @torch.no_grad()
-def calibrate(model, token_windows: torch.Tensor, method: str = "frobenius",
-              batch: int = 16) -> Dict[int, torch.Tensor]:
-    """{decoder layer index: fp32 [E, E]} from the hidden states entering every MoE block."""
-    from lynx_sglang.accuracy import moe_blocks, moe_layer_ids
+def block_inputs(model, token_windows: torch.Tensor, batch: int = 16) -> List[torch.Tensor]:
+    """Per MoE block (block order): the hidden states entering it on ``token_windows``, [N, H] fp32."""
+    from lynx_sglang.accuracy import moe_blocks
 
-    blocks, layer_ids = moe_blocks(model), moe_layer_ids(model)
+    blocks = moe_blocks(model)
     inputs: List[List[torch.Tensor]] = [[] for _ in blocks]
     hooks = [b.register_forward_pre_hook(lambda m, args, i=i: inputs[i].append(args[0].reshape(-1, args[0].shape[-1])))
              for i, b in enumerate(blocks)]
@@ -96,11 +95,18 @@ def calibrate(model, token_windows: torch.Tensor, method: str = "frobenius",
     finally:
         for h in hooks:
             h.remove()
+    return [torch.cat(xs).float() for xs in inputs]
+
+
+@torch.no_grad()
+def calibrate(model, token_windows: torch.Tensor, method: str = "frobenius",
+              batch: int = 16) -> Dict[int, torch.Tensor]:
+    """{decoder layer index: fp32 [E, E]} from the hidden states entering every MoE block."""
+    from lynx_sglang.accuracy import moe_blocks, moe_layer_ids
+
     out = {}
-    for i, block in enumerate(blocks):
-        x = torch.cat(inputs[i])
-        inputs[i] = []
-        out[layer_ids[i]] = expert_similarity(expert_outputs(block.experts, x), method)
+    for layer_id, block, x in zip(moe_layer_ids(model), moe_blocks(model), block_inputs(model, token_windows, batch)):
+        out[layer_id] = expert_similarity(expert_outputs(block.experts, x), method)
     return out
 
 

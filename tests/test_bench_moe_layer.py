@@ -592,13 +592,14 @@ def test_gpu_checks_graph_replay_logic_on_cpu(monkeypatch):
 
 
 def test_gpu_checks_residency_replay_logic_on_cpu(monkeypatch):
-    """The residency mode's replay check on CPU: prefer and prefer with a page budget pass with a resident set
-    rewritten in place between replays; a capture that re-reads nothing (stale outputs) is caught."""
+    """The residency mode's replay check on CPU: prefer, prefer with a page budget, and the budget ranked by output
+    norms pass with a resident set (and hidden states) rewritten in place between replays; a capture that re-reads
+    nothing (stale outputs) is caught."""
     from benchmarks import gpu_checks as gc
 
     cpu = torch.device("cpu")
     rows = gc.residency_graph_replay(cpu, shapes=((16, 4, 8), (64, 6, 16)))
-    assert [r["policy"] for r in rows] == ["prefer"] * 2 + ["prefer+budget"] * 2
+    assert [r["policy"] for r in rows] == ["prefer"] * 2 + ["prefer+budget"] * 2 + ["prefer+budget by output"] * 2
     assert all(r["ok"] for r in rows), rows
     monkeypatch.setattr(gc, "capture", lambda fn, device: (tuple(t.clone() for t in fn()), lambda: None))
     rows = gc.residency_graph_replay(cpu, shapes=((16, 4, 8),))

@@ -192,18 +192,21 @@ def test_a_per_layer_plan_gives_each_paged_layer_its_own_cap(paged):
     assert not torch.equal(decided[0], decided[1])  # the caps differ, and so do the decisions
 
 
-def _budget_oracle(policy, budget, logits, ids, weights, resident):
+def _budget_oracle(policy, budget, logits, ids, weights, resident, scale=None):
     """resident-first under a page budget, written out row by row: rows' best picks and resident picks stay;
     the other picks the cap holds on non-resident experts stay by total routed weight (then lower id) while
-    the budget lasts; the rest move (``reference.reroute``)."""
+    the budget lasts; the rest move (``reference.reroute``). ``scale`` [T, E]: each pick counts weight * scale
+    and rows' best picks are ranked with the rest (--lynx-residency-output-norms)."""
     sel = reference.selection_score(ROUTER, logits.float(), None)
     votes = reference.vote(policy, ROUTER, logits.float(), ids, weights.float(), ids.shape[0], sel)
     picked = {int(e) for e in ids.flatten()}
     best = {int(ids[t, int(torch.argmax(sel[t, ids[t].long()]))]) for t in range(ids.shape[0])}
-    fixed = {e for e in picked if resident[e]} | best
+    fixed = {e for e in picked if resident[e]} | (best if scale is None else set())
     demand = {}
     for t in range(ids.shape[0]):
         for e, wt in zip(ids[t].tolist(), weights[t].tolist()):
+            if scale is not None:
+                wt = float(torch.tensor(wt, dtype=torch.float32) * scale[t, e])  # fp32, as the runtime multiplies
             demand[e] = demand.get(e, 0) + int(wt * reference.WEIGHT_SCALE + 0.5)
     held = sorted((e for e in picked if bool(votes.mandatory[e]) and e not in fixed and not resident[e]),
                   key=lambda e: (-demand[e], e))

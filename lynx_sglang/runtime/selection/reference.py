@@ -53,8 +53,9 @@ class Votes:
     mandatory: Optional[torch.Tensor] = None  # [E] bool: rank-0 of a confident row
     oea_core: Optional[torch.Tensor] = None  # [E] bool: in some row's top-k0
     budget_score: Optional[torch.Tensor] = None  # [E] int64: quantised total gate weight
-    # A paged layer under lynx's residency_page_budget (``page_votes``): the same total gate weight, and
-    # [E] bool: the best pick of some voting row.
+    # A paged layer under lynx's residency_page_budget (``page_votes``): the same total gate weight (or
+    # predicted output share), and [E] bool: the best pick of some voting row (None when ranking by
+    # predicted output share: a row's best pick is then ranked with the rest).
     demand: Optional[torch.Tensor] = None
     row_best: Optional[torch.Tensor] = None
     # 0-d int64: voting rows, the B of the lynx score (None: row_ok.sum()). A reducer sets
@@ -223,14 +224,24 @@ def _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts
     return out, ids_c
 
 
-def page_votes(votes: Votes, topk_weights: torch.Tensor, ids_c: torch.Tensor, num_experts: int) -> Votes:
+def page_votes(votes: Votes, topk_weights: torch.Tensor, ids_c: torch.Tensor, num_experts: int,
+               pick_scale: Optional[torch.Tensor] = None) -> Votes:
     """Add what ``residency_page_budget`` ranks by to ``votes`` (in place; returned): each expert's
     total routed weight over voting rows (``demand``, in 1/WEIGHT_Q) and whether it is some voting
-    row's best pick (``row_best``). Sums and ORs over rows, like every other vote."""
+    row's best pick (``row_best``). Sums and ORs over rows, like every other vote.
+
+    ``pick_scale``: [T, E] fp32, each row's predicted output norm per expert (``output_norms.pick_scale``);
+    a pick then counts w * scale (its predicted share of the row's output) instead of w, and ``row_best``
+    stays None: no pick is exempt from the ranking (routed weight needs that guard, predicted output share
+    measured better without it: docs/offload.md)."""
     k = ids_c.shape[1]
     voting = votes.row_ok[:, None].expand_as(ids_c)
-    votes.demand = _count(ids_c, quantized(torch.where(voting, topk_weights[:, :k].float(), 0.0)), num_experts)
-    votes.row_best = _count(ids_c, (voting & (votes.rank == 0)).long(), num_experts) > 0
+    w = topk_weights[:, :k].float()
+    if pick_scale is not None:
+        w = w * pick_scale.gather(1, ids_c)
+    votes.demand = _count(ids_c, quantized(torch.where(voting, w, 0.0)), num_experts)
+    if pick_scale is None:
+        votes.row_best = _count(ids_c, (voting & (votes.rank == 0)).long(), num_experts) > 0
     return votes
 
 
@@ -397,8 +408,8 @@ def residency_keep(policy: LynxPolicy, router: RouterSpec, votes: Votes, residen
         raise ValueError(f"residency_keep needs lynx residency keep or prefer, got {policy.residency!r}")
     keep = resident_picked | votes.mandatory
     if policy.residency_page_budget is not None:
-        keep = within_page_budget(policy.residency_page_budget, keep, resident_picked | votes.row_best, resident,
-                                  votes.demand)
+        fixed = resident_picked if votes.row_best is None else resident_picked | votes.row_best
+        keep = within_page_budget(policy.residency_page_budget, keep, fixed, resident, votes.demand)
     short = keep.sum() < policy.resolved_min_keep(router)
     return torch.where(short, keep | lynx_keep, keep)
 
@@ -517,6 +528,7 @@ def select(
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     refill_bias: Optional[torch.Tensor] = None,
     resident: Optional[torch.Tensor] = None,
+    pick_scale: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, SelectionInfo]:
     """Run one policy on one batch; returns new (topk_ids, topk_weights) and the batch's facts.
 
@@ -531,6 +543,8 @@ def select(
     ``resident``: [E] bool, the layer's resident experts before the step on a paged-experts layer
     (lynx with ``residency`` keep/prefer only): the kept set is then ``residency_keep``'s, under the
     paged cap (``LynxPolicy.paged``) and page budget. None: not a paged layer, the policy as it is.
+    ``pick_scale``: [T, E] predicted expert output norms per row (``output_norms.pick_scale``), which the page
+    budget then ranks by (``page_votes``); only with ``resident`` and a page budget.
     """
     T = logits.shape[0]
     if num_valid is None:
@@ -539,10 +553,12 @@ def select(
         if not (isinstance(policy, LynxPolicy) and policy.residency != "off"):
             raise ValueError(f"resident is an input of lynx with residency keep or prefer, not of {policy}")
         policy = policy.paged
+    if pick_scale is not None and (resident is None or policy.residency_page_budget is None):
+        raise ValueError("pick_scale ranks a paged layer's page budget: it needs resident and residency_page_budget")
     sel = selection_score(router, logits, correction_bias)
     votes, ids_c = _vote(policy, router, logits, topk_ids, topk_weights, num_valid, sel, consts)
     if resident is not None and policy.residency_page_budget is not None:
-        page_votes(votes, topk_weights, ids_c, logits.shape[1])
+        page_votes(votes, topk_weights, ids_c, logits.shape[1], pick_scale)
     rows_voting = votes.row_ok.sum()
     if vote_reduce is not None:
         votes = vote_reduce(votes)

@@ -18,6 +18,7 @@ from lynx_sglang.runtime.selection.config import (
     MAX_KERNEL_EXPERTS, ConfigError, LynxPolicy, Policy, RankAwareLynxPolicy, RouterSpec, is_peer,
     needs_similarity,
 )
+from lynx_sglang.runtime.selection.output_norms import pick_scale
 from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats, StatField
 
 BACKENDS = ("auto", "triton", "torch")
@@ -66,6 +67,10 @@ class ExpertSelector:
             written); every step reads ``expert_slot >= 0`` on the device as the resident mask of
             ``reference.residency_keep`` (no host sync). Torch backend only (``auto`` picks it; ``triton``
             is a ConfigError). None: the layer is not paged, and the policy runs as plain lynx.
+        output_norms: with ``residency`` and lynx's ``residency_page_budget`` (``--lynx-residency-output-norms``):
+            the layer's (weight [2H, E], bias [E]) head predicting log expert output norms from the hidden
+            state (``output_norms``); moved to ``device`` as float32 once, here. ``run`` then needs
+            ``hidden_states`` and the budget ranks by predicted output share (``reference.page_votes``).
 
     The peer policies (``lynx_paper``, ``xshare``, ``sere``: ``runtime.selection.peers``) run on the
     torch backend only (``auto`` picks it; ``triton`` is a ConfigError), and not in the expert-parallel
@@ -93,6 +98,7 @@ class ExpertSelector:
         stats: Optional[torch.Tensor] = None,
         similarity: Optional[torch.Tensor] = None,
         residency: Optional[torch.Tensor] = None,
+        output_norms: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     ):
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -149,6 +155,8 @@ class ExpertSelector:
         if residency is not None:
             residency = self._check_residency(policy, router, residency, device, backend)
             backend = "torch"
+        if output_norms is not None:
+            output_norms = self._check_output_norms(policy, router, output_norms, residency, device)
         if backend == "auto":
             backend = default_backend(device, router)
         if backend == "triton" and router.num_experts > MAX_KERNEL_EXPERTS:
@@ -170,6 +178,7 @@ class ExpertSelector:
         self._peer = peer
         self.similarity = similarity
         self.residency = residency  # SGLang's expert_slot [E] (read each step, never written), or None
+        self.output_norms = output_norms  # (weight [2H, E], bias [E]) fp32 on device, or None
         # lynx's refill preference, scaled once here so the step multiplies nothing.
         self._refill_bias = (similarity * policy.refill_similarity).contiguous() if refill else None
         if peer:
@@ -207,6 +216,25 @@ class ExpertSelector:
             raise ConfigError(f"a paged layer's expert_slot is on {expert_slot.device}, the selector on {device}")
         return expert_slot
 
+    @staticmethod
+    def _check_output_norms(policy, router, head, residency, device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The plan-time checks of a paged layer's output-norm head (ConfigError naming what is wrong)."""
+        if residency is None or not (isinstance(policy, LynxPolicy) and policy.residency == "prefer"
+                                     and policy.residency_page_budget is not None):
+            raise ConfigError("output norms rank a paged layer's page budget: they need lynx with residency prefer, "
+                              "a residency_page_budget, and the layer's expert_slot")
+        if not (isinstance(head, tuple) and len(head) == 2 and all(isinstance(t, torch.Tensor) for t in head)):
+            raise ConfigError(f"output_norms must be a (weight [2H, E], bias [E]) pair of tensors, got {type(head)}")
+        w, b = head
+        E = router.num_experts
+        if w.dim() != 2 or w.shape[0] % 2 or w.shape[1] != E or tuple(b.shape) != (E,):
+            raise ConfigError(f"output_norms head must be weight [2H, {E}] and bias [{E}], got {tuple(w.shape)} / "
+                              f"{tuple(b.shape)}")
+        if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(b).all()):  # one sync, at plan time
+            raise ConfigError("output_norms head holds NaN or inf")
+        return (w.to(device=device, dtype=torch.float32).contiguous(),
+                b.to(device=device, dtype=torch.float32).contiguous())
+
     def _check(self, logits, topk_ids, topk_weights, num_valid) -> None:
         T = logits.shape[0] if logits.dim() == 2 else -1
         E, kt = self.router.num_experts, self.router.total_slots
@@ -242,14 +270,27 @@ class ExpertSelector:
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor,
         num_valid: Optional[int | torch.Tensor] = None,
+        hidden_states: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Select experts for one batch; returns views of this selector's output buffers.
 
         Rows at and after ``num_valid`` (padding) and malformed rows come back
-        unchanged; the outputs stay valid until the next ``run``.
+        unchanged; the outputs stay valid until the next ``run``. ``hidden_states`` [T, H]: the
+        MoE block's input rows, needed exactly when the selector was planned with ``output_norms``.
         """
         self._check(router_logits, topk_ids, topk_weights, num_valid)
-        return self._run(router_logits, topk_ids, topk_weights, num_valid)
+        if self.output_norms is None:
+            if hidden_states is not None:
+                raise ValueError("hidden_states is an input of a selector planned with output_norms only")
+            return self._run(router_logits, topk_ids, topk_weights, num_valid)
+        H = self.output_norms[0].shape[0] // 2
+        if hidden_states is None or tuple(hidden_states.shape) != (router_logits.shape[0], H) \
+                or not hidden_states.is_floating_point() or hidden_states.device != self.device:
+            what = "None" if hidden_states is None else f"{hidden_states.dtype} {tuple(hidden_states.shape)} on " \
+                                                         f"{hidden_states.device}"
+            raise ValueError(f"a selector with output_norms needs hidden_states [{router_logits.shape[0]}, {H}] "
+                             f"floating point on {self.device}, got {what}")
+        return self._run(router_logits, topk_ids, topk_weights, num_valid, hidden_states=hidden_states)
 
     def _run(self, router_logits, topk_ids, topk_weights, num_valid, **extra) -> Tuple[torch.Tensor, torch.Tensor]:
         """``run`` after its checks; ``extra`` goes to ``_select_torch`` (a subclass's per-step inputs)."""
@@ -276,7 +317,7 @@ class ExpertSelector:
             self._stats += self._step_stats
         return out_ids, out_w
 
-    def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid):
+    def _select_torch(self, router_logits, topk_ids, topk_weights, num_valid, hidden_states=None):
         """The torch backend on one batch: (ids, weights, ``reference.SelectionInfo``).
 
         Writes ids and weights straight into this selector's output buffers (and returns views of them).
@@ -293,6 +334,7 @@ class ExpertSelector:
             self.policy, self.router, router_logits, topk_ids, topk_weights, num_valid, self.correction_bias,
             consts=self._consts, out=(self._out_ids[:T], self._out_weights[:T]), refill_bias=self._refill_bias,
             resident=None if self.residency is None else self.residency >= 0,
+            pick_scale=None if hidden_states is None else pick_scale(hidden_states, *self.output_norms),
         )
 
     _select_torch.writes_outputs = True
@@ -324,8 +366,10 @@ class ExpertSelector:
                 if T > self.max_tokens:
                     continue
                 logits, ids, w = self._sample_batch(T)
+                extra = {} if self.output_norms is None else {
+                    "hidden_states": torch.zeros(T, self.output_norms[0].shape[0] // 2, device=self.device)}
                 for num_valid in (None, torch.full((), T, dtype=torch.int64, device=self.device)):
-                    compiled(logits, ids, w, num_valid)
+                    compiled(logits, ids, w, num_valid, **extra)
         except Exception as e:  # inductor's errors are many types; the caller decides what to do
             raise RuntimeError(f"torch.compile of the selection step failed: {type(e).__name__}: {e}") from e
         finally:

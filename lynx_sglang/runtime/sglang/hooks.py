@@ -82,7 +82,7 @@ def _topk_forward_around(original, self, hidden_states, router_logits, *args, **
     if num_valid is None:
         # SGLang resolves the bound from the forward context when the caller does not pass it.
         num_valid, _ = self._resolve_routing_inputs(None, kwargs.get("expert_location_dispatch_info"))
-    return layer_stage(out, num_valid)
+    return layer_stage(out, num_valid, hidden_states)
 
 
 def _prepare_moe_topk_after(result, *args, model=None, model_config=None, **kwargs):

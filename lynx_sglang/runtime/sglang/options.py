@@ -116,6 +116,9 @@ class LynxOptions:
     a2a_backend: str = "none"  # "lynx": our all-to-all dispatcher (--moe-a2a-backend lynx)
     preset: Optional[str] = None  # an official Lynx preset of lynx_paper (params override it)
     similarity: Optional[str] = None  # sere: the similarity file (None: <model path>/sere_similarity.safetensors)
+    # --lynx-residency-output-norms: the output-norm heads file (selection.output_norms) that paged layers' page
+    # budgets rank by; None: they rank by routed weight.
+    output_norms: Optional[str] = None
     # A calibration file's per-layer plan: {layer_id: {param: value} (over ``params``) or None (no selection
     # on that layer)}; None: every layer runs ``params``. Keys are SGLang's decoder ``layer_id``.
     layer_params: Optional[dict] = None
@@ -183,6 +186,12 @@ class LynxOptions:
             raise ConfigError(f"--lynx-sere-similarity does not apply to --lynx-policy {self.policy} (only to sere, "
                               f"and to lynx with --lynx-refill-similarity)")
         policy = self.make_policy()
+        if self.output_norms is not None:
+            budgets = [getattr(p, "residency_page_budget", None) for p in
+                       [policy] + [self.make_policy(layer) for layer, own in (self.layer_params or {}).items() if own]]
+            if getattr(policy, "residency", "off") != "prefer" or all(b is None for b in budgets):
+                raise ConfigError("--lynx-residency-output-norms ranks the page budget of paged layers: it needs "
+                                  "--lynx-policy lynx with --lynx-residency prefer and --lynx-residency-page-budget N")
         # Model-dependent bounds (k0 <= k, min_keep <= E, ...) are checked again per layer at load.
         policy.validate(RouterSpec(MAX_EXPERTS, MAX_ROUTED_TOP_K), self.max_batch)
         for layer, own in (self.layer_params or {}).items():
@@ -266,6 +275,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lynx-sere-similarity", type=str, default=None, metavar="PATH",
                    help=f"--lynx-policy sere: the expert-similarity file (python -m lynx_sglang.sere_calibrate; "
                         f"default: <model path>/{SIMILARITY_FILE})")
+    g.add_argument("--lynx-residency-output-norms", type=str, default=None, metavar="PATH",
+                   help="with --lynx-residency prefer and a page budget: rank the budget's experts by predicted "
+                        "output share (routed weight x predicted expert output norm, one small head per layer from "
+                        "python -m lynx_sglang.output_norm_calibrate) instead of routed weight; docs/offload.md")
     g.add_argument("--lynx-layers", type=str, default=None,
                    help="comma-separated MoE layer ids to run selection on (default: all)")
     g.add_argument("--lynx-max-batch", type=int, default=None,
@@ -379,7 +392,11 @@ def options_from_args(args: argparse.Namespace) -> LynxOptions:
         opts.similarity = os.path.abspath(similarity)
     if opts.uses_similarity and opts.similarity is None:
         opts.similarity = default_similarity_path(getattr(args, "model_path", None))
+    norms = getattr(args, "lynx_residency_output_norms", None)
+    if norms is not None:
+        opts.output_norms = os.path.abspath(norms)
     given = [f"--{f.replace('_', '-')}" for f in ("lynx_policy", "lynx_preset", *_POLICY_FLAGS, "lynx_sere_similarity",
+                                                  "lynx_residency_output_norms",
                                                   "lynx_layers", "lynx_max_batch", "lynx_min_batch",
                                                   "lynx_torch_compile")
              if getattr(args, f, None) is not None]

@@ -124,3 +124,24 @@ def paged_expert_slots(model, options, planned: Sequence[Tuple[int, RouterSpec]]
                 options.make_policy(some).residency, len(slots),
                 getattr(layers[some].quant_method, "num_resident", "?"), slots[some].shape[0])
     return slots
+
+
+def layer_output_norms(hf_config, options, slots: Dict[int, torch.Tensor]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """``layer_id`` -> (weight [H, E], bias [E]) for every paged layer (``slots``) whose policy has a page budget,
+    from ``--lynx-residency-output-norms`` (empty without it). ConfigError: the file does not fit the served model
+    (``output_norms.load_output_norms``), or no paged layer has a budget to rank."""
+    if options.output_norms is None:
+        return {}
+    from lynx_sglang.runtime.selection.model_identity import model_identity
+    from lynx_sglang.runtime.selection.output_norms import load_output_norms
+
+    budgeted = sorted(layer_id for layer_id in slots
+                      if getattr(options.make_policy(layer_id), "residency_page_budget", None) is not None)
+    if not budgeted:
+        raise ConfigError("--lynx-residency-output-norms ranks a paged layer's page budget, but no paged layer has "
+                          "one (--lynx-residency-page-budget N, or a per-layer plan's residency_page_budget)")
+    loaded = load_output_norms(options.output_norms, model_identity(hf_config), budgeted)
+    logger.info("lynx-sglang: page budgets on %d paged layer(s) rank by predicted output share (%s)", len(budgeted),
+                options.output_norms)
+    return {layer_id: loaded.heads[layer_id] for layer_id in budgeted}
+

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,7 +34,7 @@ from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats
 from lynx_sglang.runtime.sglang.options import LynxOptions, default_similarity_path
 from lynx_sglang.runtime.sglang.phase import Phase
 from lynx_sglang.runtime.sglang.phase import current as current_phase
-from lynx_sglang.runtime.sglang.residency import paged_expert_slots
+from lynx_sglang.runtime.sglang.residency import layer_output_norms, paged_expert_slots
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ class TopKSelectionStage:
                  correction_bias: Optional[torch.Tensor], physical_ids: bool = False,
                  ep: EpLayout = EpLayout(), output_type: Optional[type] = None,
                  stats: Optional[torch.Tensor] = None, similarity: Optional[torch.Tensor] = None,
-                 expert_slot: Optional[torch.Tensor] = None):
+                 expert_slot: Optional[torch.Tensor] = None,
+                 output_norms: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
         """``output_type``: the top-k output class (default SGLang's ``StandardTopKOutput``; the GPU
         hook check, where SGLang cannot be imported, passes a NamedTuple with its fields).
 
@@ -83,10 +84,14 @@ class TopKSelectionStage:
 
         ``expert_slot``: a paged-experts layer under ``--lynx-residency keep|prefer``: SGLang's
         ``DeviceResidency.expert_slot`` of the layer (``residency.paged_expert_slots``), handed to every
-        selector this stage plans, which reads it each step (never writes it). None: not paged."""
+        selector this stage plans, which reads it each step (never writes it). None: not paged.
+
+        ``output_norms``: such a layer's output-norm head (``residency.layer_output_norms``), with which its
+        page budget ranks by predicted output share; ``__call__`` then needs the block's hidden states."""
         self.layer_id, self.router, self.options = layer_id, router, options
         self.similarity = similarity
         self.expert_slot = expert_slot
+        self.output_norms = output_norms
         self.device, self.correction_bias = device, correction_bias
         # EPLB (or a non-trivial placement) has turned the routed ids into physical replica ids:
         # selection then runs on logical ids (what the router ranked) and maps back (_select_physical).
@@ -149,7 +154,8 @@ class TopKSelectionStage:
             return RankAwareSelector(*common, correction_bias=self.correction_bias,
                                      rank_mask=self.placement.logical_on_rank(), stats=self.stats)
         selector = ExpertSelector(*common, correction_bias=self.correction_bias, stats=self.stats,
-                                  similarity=self.similarity, residency=self.expert_slot)
+                                  similarity=self.similarity, residency=self.expert_slot,
+                                  output_norms=self.output_norms)
         if self.options.torch_compile and selector.backend == "torch":
             t0 = time.monotonic()
             try:
@@ -187,8 +193,10 @@ class TopKSelectionStage:
         self.run_without_tokens()
         return topk_output
 
-    def __call__(self, topk_output, num_token_non_padded: Optional[torch.Tensor]):
-        """Rewrite ``topk_output`` for the decode rows of the current batch."""
+    def __call__(self, topk_output, num_token_non_padded: Optional[torch.Tensor],
+                 hidden_states: Optional[torch.Tensor] = None):
+        """Rewrite ``topk_output`` for the decode rows of the current batch. ``hidden_states``: the MoE block's
+        input [T, H] (what ``TopK.forward`` received); read only by a layer planned with output norms."""
         phase = current_phase()
         if self.ep.global_votes:
             if not self._participates(phase):
@@ -227,6 +235,11 @@ class TopKSelectionStage:
                         self.layer_id, ids.dtype, w.dtype)
             self.selector = self._plan(ids.dtype, w.dtype)
         rank_args = self._rank_args(T, first, ids) if self.rank_aware else {}
+        if self.output_norms is not None:
+            if hidden_states is None:
+                raise RuntimeError(f"lynx-sglang layer {self.layer_id}: output norms need the MoE block's hidden "
+                                   f"states, which TopK.forward did not receive")
+            rank_args["hidden_states"] = hidden_states[first:]
         if self.physical_ids:
             new_ids, new_w = self._select_physical(logits[first:], ids[first:], w[first:], num_valid, rank_args)
         else:
@@ -423,11 +436,13 @@ def build_stages(model, hf_config, options: LynxOptions, physical_ids: bool = Fa
             if options.uses_similarity and planned else {})
     # --lynx-residency: each paged layer's device residency (SGLang's, read-only), refused here if unusable.
     slots = paged_expert_slots(model, options, [(layer_id, router) for _, layer_id, router, _ in planned], device)
+    norms = layer_output_norms(hf_config, options, slots)  # --lynx-residency-output-norms, refused here if unusable
     # Every layer's statistics in one [L, NUM_STATS] table: the metrics read it with one copy per interval.
     table = torch.zeros(len(planned), NUM_STATS, dtype=torch.int64, device=device)
     for row, (module, layer_id, router, bias) in enumerate(planned):
         stage = TopKSelectionStage(layer_id, router, options, device, bias, physical_ids=physical_ids, ep=ep,
-                                   stats=table[row], similarity=sims.get(layer_id), expert_slot=slots.get(layer_id))
+                                   stats=table[row], similarity=sims.get(layer_id), expert_slot=slots.get(layer_id),
+                                   output_norms=norms.get(layer_id))
         object.__setattr__(module, STAGE_ATTR, stage)  # a plain attribute, not a registered submodule
         stages.append(stage)
     if hashed:
