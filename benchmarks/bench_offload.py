@@ -170,7 +170,7 @@ def add_batch_args(ap, batches: int) -> None:
     ap.add_argument("--batches", type=int, default=batches, help="batches per kind (each domain, and mixed)")
     ap.add_argument("--prefix", type=int, default=32)
     ap.add_argument("--decode-len", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", default="0", help="batch seed; several (0,1) pool their batches into one paired set")
 
 
 def layer_caps_label(caps: Sequence[float]) -> str:
@@ -434,8 +434,14 @@ def model_output_norms(model, path: Path) -> list:
     return [heads[i] for i in layer_ids]
 
 
+def held_out_batches(streams, batch_size: int, batches_per_kind: int, length: int, seeds: int | Sequence[int]) -> list:
+    """``accuracy.make_batches`` for each seed, in order: several seeds pool their batches into one paired set."""
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    return [b for s in seeds for b in accuracy.make_batches(streams, batch_size, batches_per_kind, length, seed=s)]
+
+
 def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, prefix: int, decode_len: int,
-              seed: int, caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2),
+              seed: int | Sequence[int], caps: Sequence[float] = (0.5, 0.6), log=print, slot_divisors: Sequence[int] = (8, 4, 2),
               keep_tops: Sequence[int] = (), refill_similarity: float = 0.0,
               layer_caps: Sequence[Tuple[float, ...]] = (),
               page_budgets: Sequence[Tuple[int, float]] = (), output_norms: bool = False) -> dict:
@@ -457,7 +463,7 @@ def run_model(path: Path, batch_sizes: Sequence[int], batches_per_kind: int, pre
            "expert_bytes_bf16": expert_bytes(model), "slots": ks, "batch_sizes": {}}
     for B in batch_sizes:
         t0 = time.time()
-        batches = accuracy.make_batches(streams, B, batches_per_kind, prefix + decode_len + 1, seed=seed)
+        batches = held_out_batches(streams, B, batches_per_kind, prefix + decode_len + 1, seed)
         # Residency-independent rules (one pass feeds every K), then the residency rules per K.
         lam = {"refill_similarity": refill_similarity}
         plain = {"lynx": make_policy("lynx", **lam)}
@@ -604,7 +610,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--batches", type=int, default=2, help="batches per kind (each domain, and mixed)")
     ap.add_argument("--prefix", type=int, default=32)
     ap.add_argument("--decode-len", type=int, default=64)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", default="0", help="batch seed; several (0,1) pool their batches into one paired set")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--caps", default="0.5,0.6", help="extra moved-weight caps: lynx and resident-first at each")
     ap.add_argument("--slot-divisors", default="8,4,2", help="replay K = E/d (at least top-k) for each d")
@@ -618,7 +624,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     models = [run_model(ROOT / "models" / name, [int(b) for b in args.batch_sizes.split(",")], args.batches,
-                        args.prefix, args.decode_len, args.seed,
+                        args.prefix, args.decode_len, [int(x) for x in args.seed.split(",")],
                         [float(c) for c in args.caps.split(",") if c],
                         slot_divisors=[int(d) for d in args.slot_divisors.split(",")],
                         keep_tops=[int(t) for t in args.keep_tops.split(",") if t],

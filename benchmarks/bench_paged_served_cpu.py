@@ -45,6 +45,7 @@ import torch
 from benchmarks.bench_offload import (add_paged_rule_args, layer_caps_label, parse_layer_caps, parse_page_budgets,
                                       slot_counts)
 from lynx_sglang import accuracy
+from lynx_sglang.runtime.selection.output_norms import DEFAULT_NAME as OUTPUT_NORMS_FILE
 from lynx_sglang.runtime.cpu.support import PAGED_LOG_ENV
 from lynx_sglang.server_process import start_server
 
@@ -53,11 +54,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def servers(num_experts: int, num_slots: int, caps: Sequence[float],
             layer_plans: Sequence[Tuple[str, Path]] = (),
-            page_budgets: Sequence[Tuple[int, float]] = ()) -> Dict[str, List[str]]:
+            page_budgets: Sequence[Tuple[int, float]] = (),
+            output_norms: Optional[Path] = None) -> Dict[str, List[str]]:
     """Launch arguments per server: unpaged stock, stock paged with every expert resident (K = E:
     SGLang's paged path without a page-in, the control for its numerics), then every rule paged at
     ``num_slots``; ``layer_plans``: (label, ``--lynx-config`` file) of resident-first with a cap per layer;
-    ``page_budgets``: (budget, cap) of resident-first with ``--lynx-residency-page-budget``."""
+    ``page_budgets``: (budget, cap) of resident-first with ``--lynx-residency-page-budget``, and with
+    ``output_norms`` (the heads file) each also ranked by it (``--lynx-residency-output-norms``)."""
     def resident(n: int) -> List[str]:
         return ["--enable-paged-experts", "--paged-experts-num-resident", str(n)]
 
@@ -71,9 +74,11 @@ def servers(num_experts: int, num_slots: int, caps: Sequence[float],
     for label, path in layer_plans:
         out[label] = paged + lynx + ["--lynx-config", str(path)]
     for p, c in page_budgets:
-        out[f"resident-first moved<={c:g} pages<={p}"] = paged + lynx + [
-            "--lynx-residency", "prefer", "--lynx-residency-max-moved-weight", str(c),
-            "--lynx-residency-page-budget", str(p)]
+        label = f"resident-first moved<={c:g} pages<={p}"
+        out[label] = paged + lynx + ["--lynx-residency", "prefer", "--lynx-residency-max-moved-weight", str(c),
+                                     "--lynx-residency-page-budget", str(p)]
+        if output_norms is not None:
+            out[f"{label} by output"] = out[label] + ["--lynx-residency-output-norms", str(output_norms)]
     return out
 
 
@@ -157,7 +162,7 @@ def summarise(run: dict, batch_size: int, unpaged: List[List[int]], paged_contro
 
 def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_tokens: int, caps: Sequence[float],
               seed: int, log_dir: Path, log=print, layer_caps: Sequence[Tuple[float, ...]] = (),
-              page_budgets: Sequence[Tuple[int, float]] = ()) -> dict:
+              page_budgets: Sequence[Tuple[int, float]] = (), output_norms: bool = False) -> dict:
     model_dir = ROOT / "models" / name
     cfg = json.loads((model_dir / "config.json").read_text())
     E = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg["n_routed_experts"]
@@ -169,7 +174,8 @@ def run_model(name: str, batch_size: int, rounds: int, prompt_len: int, new_toke
         layer_ids = accuracy.moe_layer_ids(accuracy.load_model(model_dir)[0])
         plans = [layer_plan(layer_ids, v, log_dir / f"{name}-plan-{i}.json") for i, v in enumerate(layer_caps)]
     rows, unpaged, control = [], None, None
-    for label, args in servers(E, K, caps, plans, page_budgets).items():
+    norms = model_dir / OUTPUT_NORMS_FILE if output_norms else None
+    for label, args in servers(E, K, caps, plans, page_budgets, norms).items():
         run = serve_once(label, args, model_dir, ids, new_tokens, log_dir)
         if unpaged is None:
             unpaged = run["output_ids"]
@@ -233,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     with tempfile.TemporaryDirectory(prefix="lynx-paged-") as tmp:
         models = [run_model(m, args.batch_size, args.rounds, args.prompt_len, args.new_tokens, caps, args.seed,
                             Path(tmp), layer_caps=parse_layer_caps(args.layer_caps),
-                            page_budgets=parse_page_budgets(args.page_budgets))
+                            page_budgets=parse_page_budgets(args.page_budgets), output_norms=args.output_norms)
                   for m in args.models.split(",")]
     payload = {**environment(torch.device("cpu")),
                "command": "python -m benchmarks.bench_paged_served_cpu " + " ".join(sys.argv[1:] if argv is None

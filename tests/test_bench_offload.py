@@ -289,3 +289,57 @@ def test_page_budget_rules_are_named_and_served_as_given():
     assert (served.residency, served.residency_page_budget, served.max_moved_weight) == ("prefer", 20, 0.6)
     per_layer = bo.ResidencyRule("prefer", 16, LynxPolicy(), (0.4, 0.8), page_budget=12).at_layer(1)
     assert (per_layer.policy.max_moved_weight, per_layer.page_budget) == (0.8, 12)
+
+
+def test_several_seeds_pool_their_batches_in_order():
+    from lynx_sglang import accuracy
+
+    _, tokenizer = accuracy.load_model(ROOT / "models/trained-qwen3-moe")
+    streams = accuracy.domain_streams(tokenizer)
+    one = [bo.held_out_batches(streams, 4, 1, 12, s) for s in (0, 1)]
+    both = bo.held_out_batches(streams, 4, 1, 12, [0, 1])
+    assert len(both) == 2 * len(one[0])
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(both, one[0] + one[1]))
+    assert not torch.equal(one[0][0].tokens, one[1][0].tokens)  # another seed, other text
+
+
+def test_output_norm_rules_rank_each_step_on_the_hidden_states_entering_its_block(monkeypatch):
+    """The replay hands the served head the hidden states the MoE block receives at that decode step (checked
+    against a forward pre-hook on the block), and decides as the served selector with that head decides."""
+    from lynx_sglang import accuracy
+
+    path = ROOT / "models/trained-glm4-moe"
+    model, tokenizer = accuracy.load_model(path)
+    E, k = accuracy.model_shape(model)
+    K, prefix, steps = E // 4, 8, 3
+    batch = accuracy.make_batches(accuracy.domain_streams(tokenizer), 4, 1, prefix + steps + 1, kinds=("mixed",))[0]
+    bo.OffloadPatch.output_norms = heads = bo.model_output_norms(model, path)
+    rule = bo.ResidencyRule("prefer", K, LynxPolicy(max_moved_weight=0.0), page_budget=3, output_norms=True)
+    seen, entering = [], []
+    real = bo.residency_select
+
+    def spy(rule_, router, logits, ids, weights, resident, bias=None, sim=None, hidden=None, head=None):
+        out = real(rule_, router, logits, ids, weights, resident, bias, sim, hidden, head)
+        sel = ExpertSelector(router, rule_.runtime_policy, 8, ids_dtype=ids.dtype, correction_bias=bias,
+                             residency=torch.where(resident, 0, -1).int(), output_norms=head)
+        want, _ = sel.run(logits.float(), ids, weights.float(), None, hidden)
+        assert torch.equal(out[0], want.long() if out[0].dtype == torch.int64 else want)
+        seen.append(hidden.clone())
+        return out
+
+    monkeypatch.setattr(bo, "residency_select", spy)
+    blocks = accuracy.moe_blocks(model)
+    hook = blocks[0].register_forward_pre_hook(lambda m, a: entering.append(a[0].detach().float()))
+    try:
+        with bo.recording([K]):
+            off = accuracy.off_reference(model, batch, prefix, 0)
+            entering.clear()
+            accuracy.measure(model, batch, rule, off, prefix, 0)
+    finally:
+        hook.remove()
+        bo.OffloadPatch.output_norms = None
+    layers = len(blocks)
+    assert len(seen) == steps * layers and len(heads) == layers
+    x = entering[0].reshape(batch.tokens.shape[0], -1, entering[0].shape[-1])  # the teacher-forced pass
+    for t in range(steps):  # each layer selects its decode steps in order as its forward runs: layer 0 first
+        assert torch.equal(seen[t], x[:, prefix + t])

@@ -109,3 +109,18 @@ def test_expert_sketches_fit_the_experts_better_with_rank():
         errors.append(float(((approx - real) ** 2).sum() / (real ** 2).sum()))
     assert errors[1] < errors[0] < 1.0, errors
     assert ox.OracleRule("prefer", 8, LynxPolicy(), pages=3, sketch_rank=32).label == "sketch r=32 pages=3"
+
+
+def test_ranked_keep_pages_the_top_contributions_beyond_the_resident_picks():
+    """Rows pick (0, 1), (1, 2), (2, 3); expert 0 is resident. Contributions w * scale: 1 -> 0.3 + 0.6 = 0.9,
+    2 -> 0.4 * 4 + 0.5 = 2.1, 3 -> 0.5 * 0.5 = 0.25 (by weight alone 2 and 3 would tie with 1 close behind)."""
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3]])
+    w = torch.tensor([[0.7, 0.3], [0.6, 0.4], [0.5, 0.5]])
+    scale = torch.tensor([[1.0, 1.0, 4.0, 0.5]] * 2 + [[1.0, 1.0, 1.0, 0.5]])
+    resident = torch.tensor([True, False, False, False, False])
+    scale = torch.cat([scale, torch.ones(3, 1)], dim=1)
+    keep = ox.ranked_keep(ids, w, scale, resident, 2)
+    assert keep.tolist() == [True, True, True, False, False]
+    assert ox.ranked_keep(ids, w, scale, resident, 1).tolist() == [True, False, True, False, False]
+    # A budget beyond the candidates keeps every pick; an unpicked resident expert is not kept.
+    assert ox.ranked_keep(ids, w, scale, resident, 9).tolist() == [True, True, True, True, False]
