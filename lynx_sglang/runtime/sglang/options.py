@@ -276,9 +276,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                    help=f"--lynx-policy sere: the expert-similarity file (python -m lynx_sglang.sere_calibrate; "
                         f"default: <model path>/{SIMILARITY_FILE})")
     g.add_argument("--lynx-residency-output-norms", type=str, default=None, metavar="PATH",
-                   help="with --lynx-residency prefer and a page budget: rank the budget's experts by predicted "
-                        "output share (routed weight x predicted expert output norm, one small head per layer from "
-                        "python -m lynx_sglang.output_norm_calibrate) instead of routed weight; docs/offload.md")
+                   help="with --lynx-residency prefer and a page budget: rank every non-resident pick by predicted "
+                        "output share (routed weight x predicted expert output norm, a small head per layer from "
+                        "python -m lynx_sglang.output_norm_calibrate) instead of routed weight, so a layer pages at "
+                        "most N experts per step; helps flat routers (glm4: 20%% less KL at the same page-ins), not "
+                        "qwen3's; docs/offload.md")
     g.add_argument("--lynx-layers", type=str, default=None,
                    help="comma-separated MoE layer ids to run selection on (default: all)")
     g.add_argument("--lynx-max-batch", type=int, default=None,
