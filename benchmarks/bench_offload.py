@@ -170,7 +170,7 @@ def add_batch_args(ap, batches: int) -> None:
     ap.add_argument("--batches", type=int, default=batches, help="batches per kind (each domain, and mixed)")
     ap.add_argument("--prefix", type=int, default=32)
     ap.add_argument("--decode-len", type=int, default=64)
-    ap.add_argument("--seed", default="0", help="batch seed; several (0,1) pool their batches into one paired set")
+    ap.add_argument("--seed", type=int, default=0)
 
 
 def layer_caps_label(caps: Sequence[float]) -> str:
