@@ -19,8 +19,6 @@ held-out text); any other model needs ``--data``. Use more tokens for wider mode
 
 from __future__ import annotations
 
-import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,9 +29,7 @@ import torch
 from lynx_sglang import __version__
 from lynx_sglang.runtime.selection.model_identity import model_identity
 from lynx_sglang.runtime.selection.output_norms import DEFAULT_NAME, OutputNorms, features, save_output_norms
-from lynx_sglang.sere_calibrate import (
-    BUNDLED_MODELS, DEFAULT_WINDOW, block_inputs, calibration_tokens, data_hash, expert_outputs, is_bundled,
-)
+from lynx_sglang.sere_calibrate import DEFAULT_WINDOW, block_inputs, calibration_args, calibration_inputs, expert_outputs
 
 TOOL = f"lynx_sglang.output_norm_calibrate {__version__}"
 DEFAULT_TOKENS = 16384
@@ -82,41 +78,18 @@ def fit_heads(model, token_windows: torch.Tensor, ridge: float = RIDGE,
 def run(model_path: Path, data: Optional[Path] = None, tokens: int = DEFAULT_TOKENS, out: Optional[Path] = None,
         window: int = DEFAULT_WINDOW) -> Tuple[Path, Dict[int, float]]:
     """Fit ``model_path``'s heads and write the file; returns (the path written, held-out R^2 per layer)."""
-    from lynx_sglang.accuracy import load_model
-    from lynx_sglang.corpus import CALIBRATION, read_calibration, read_jsonl
-
-    if data is None:
-        if not is_bundled(model_path):
-            raise SystemExit(f"{model_path} is not a bundled model (under {BUNDLED_MODELS}): give its own calibration "
-                             "text with --data FILE.jsonl (our corpus is not what it was trained on)")
-        data, docs = CALIBRATION, read_calibration()
-    else:
-        docs = read_jsonl(data)
     t0 = time.time()
-    model, tokenizer = load_model(model_path)
-    windows = calibration_tokens(docs, tokenizer, tokens, window)
+    model, windows, meta = calibration_inputs(model_path, data, tokens, window)
     heads, quality = fit_heads(model, windows)
-    meta = {
-        "data": str(data), "data_sha256": data_hash(data),
-        "tokens_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
-        "tokens": int(windows.numel()), "window": window, "ridge": RIDGE,
-        "held_out_r2": {str(k): round(v, 4) for k, v in quality.items()}, "tool": TOOL,
-        "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
-    }
+    meta.update(ridge=RIDGE, held_out_r2={str(k): round(v, 4) for k, v in quality.items()}, tool=TOOL,
+                seconds=round(time.time() - t0, 1))
     out = Path(model_path) / DEFAULT_NAME if out is None else Path(out)
     save_output_norms(out, OutputNorms(heads=heads, identity=model_identity(model.config), meta=meta))
     return out, quality
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("model", type=Path)
-    ap.add_argument("--data", type=Path, help="JSON-lines documents (default for bundled models: the calibration split)")
-    ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens (default %(default)s)")
-    ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="tokens per window (default %(default)s)")
-    ap.add_argument("--out", type=Path, help=f"output file (default <model>/{DEFAULT_NAME})")
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
+    args = calibration_args(__doc__, DEFAULT_TOKENS, DEFAULT_NAME).parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()

@@ -30,7 +30,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -114,14 +114,14 @@ def data_hash(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
-def run(model_path: Path, data: Optional[Path] = None, tokens: int = DEFAULT_TOKENS, method: str = "frobenius",
-        out: Optional[Path] = None, window: int = DEFAULT_WINDOW) -> Path:
-    """Calibrate ``model_path`` and write its similarity file; returns the path written."""
+def calibration_inputs(model_path: Path, data: Optional[Path], tokens: int, window: int) -> Tuple[object, torch.Tensor, dict]:
+    """(model, token windows, what they are) for an offline calibration tool: the model loaded, ``tokens``
+    calibration tokens in windows of ``window`` (``data``, or for a bundled model the corpus's calibration
+    split), and the metadata every calibration file records (data and its hash, the windows' hash, tokens,
+    window, torch). SystemExit when ``data`` is None and the model is not bundled."""
     from lynx_sglang.accuracy import load_model
     from lynx_sglang.corpus import CALIBRATION, read_calibration, read_jsonl
 
-    if method not in SIMILARITY_METHODS:
-        raise ValueError(f"unknown method {method!r} (choose from {', '.join(SIMILARITY_METHODS)})")
     if data is None:
         if not is_bundled(model_path):
             raise SystemExit(f"{model_path} is not a bundled model (under {BUNDLED_MODELS}): give its own calibration "
@@ -129,31 +129,44 @@ def run(model_path: Path, data: Optional[Path] = None, tokens: int = DEFAULT_TOK
         data, docs = CALIBRATION, read_calibration()
     else:
         docs = read_jsonl(data)
-    t0 = time.time()
     model, tokenizer = load_model(model_path)
     windows = calibration_tokens(docs, tokenizer, tokens, window)
+    meta = {"data": str(data), "data_sha256": data_hash(data),
+            "tokens_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
+            "tokens": int(windows.numel()), "window": window, "torch": torch.__version__}
+    return model, windows, meta
+
+
+def run(model_path: Path, data: Optional[Path] = None, tokens: int = DEFAULT_TOKENS, method: str = "frobenius",
+        out: Optional[Path] = None, window: int = DEFAULT_WINDOW) -> Path:
+    """Calibrate ``model_path`` and write its similarity file; returns the path written."""
+    if method not in SIMILARITY_METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(SIMILARITY_METHODS)})")
+    t0 = time.time()
+    model, windows, meta = calibration_inputs(model_path, data, tokens, window)
     matrices = calibrate(model, windows, method)
-    meta = {
-        "data": str(data), "data_sha256": data_hash(data),
-        "tokens_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16],
-        "tokens": int(windows.numel()), "window": window, "tool": TOOL,
-        "torch": torch.__version__, "seconds": round(time.time() - t0, 1),
-    }
+    meta.update(tool=TOOL, seconds=round(time.time() - t0, 1))
     out = Path(model_path) / DEFAULT_NAME if out is None else Path(out)
     save_similarity(out, ExpertSimilarity(matrices=matrices, identity=model_identity(model.config), method=method,
                                           meta=meta))
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def calibration_args(doc: str, tokens: int, default_name: str) -> argparse.ArgumentParser:
+    """The options every calibration tool takes: the model, ``--data --tokens --window --out --threads``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", type=Path)
     ap.add_argument("--data", type=Path, help="JSON-lines documents (default for bundled models: the calibration split)")
-    ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="calibration tokens (default %(default)s)")
+    ap.add_argument("--tokens", type=int, default=tokens, help="calibration tokens (default %(default)s)")
     ap.add_argument("--window", type=int, default=DEFAULT_WINDOW, help="tokens per window (default %(default)s)")
-    ap.add_argument("--method", choices=SIMILARITY_METHODS, default="frobenius")
-    ap.add_argument("--out", type=Path, help=f"output file (default <model>/{DEFAULT_NAME})")
+    ap.add_argument("--out", type=Path, help=f"output file (default <model>/{default_name})")
     ap.add_argument("--threads", type=int, default=None)
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = calibration_args(__doc__, DEFAULT_TOKENS, DEFAULT_NAME)
+    ap.add_argument("--method", choices=SIMILARITY_METHODS, default="frobenius")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

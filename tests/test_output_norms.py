@@ -314,3 +314,24 @@ def test_the_shipped_glm4_heads_predict_expert_output_norms_on_held_out_text():
     windows = torch.stack([s[:64] for s in accuracy.domain_streams(tokenizer).values()])
     for head, block, x in zip(heads, accuracy.moe_blocks(model), block_inputs(model, windows)):
         assert r_squared(head, features(x), log_output_norms(block.experts, x)) > 0.5
+
+
+def test_the_calibration_tool_writes_a_file_the_server_loads(tmp_path, capsys):
+    """python -m lynx_sglang.output_norm_calibrate on a bundled model: a file for every MoE layer that loads for
+    that model, whose held-out R^2 (metadata and printout) says the head explains part of the variance."""
+    import json
+
+    from lynx_sglang import accuracy, output_norm_calibrate
+    from lynx_sglang.sere_calibrate import BUNDLED_MODELS
+
+    model_dir = BUNDLED_MODELS / "trained-qwen3-moe"
+    out = tmp_path / "heads.safetensors"
+    output_norm_calibrate.main([str(model_dir), "--tokens", "2048", "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, _ = accuracy.load_model(model_dir)
+    loaded = load_output_norms(out, model_identity(model.config), accuracy.moe_layer_ids(model))
+    assert sorted(loaded.heads) == accuracy.moe_layer_ids(model)
+    assert loaded.meta["tokens"] == 2048 and set(loaded.meta["held_out_r2"]) == {str(i) for i in loaded.heads}
+    assert all(0.2 < r < 1 for r in printed["held_out_r2"].values())
+    with pytest.raises(SystemExit, match="not a bundled model"):
+        output_norm_calibrate.run(tmp_path, out=out)

@@ -21,15 +21,14 @@ model, another hidden size or expert count, non-finite values, or missing layers
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Tuple
 
 import torch
 
+from lynx_sglang.runtime.selection import settings_file
 from lynx_sglang.runtime.selection.config import ConfigError
-from lynx_sglang.runtime.selection.model_identity import check_identity
 
 FORMAT = "lynx-output-norms/1"
 DEFAULT_NAME = "lynx_output_norms.safetensors"
@@ -81,43 +80,22 @@ def _check_head(layer: int, head: Head, hidden_size, num_experts, what: str) -> 
 
 def save_output_norms(path: str | Path, norms: OutputNorms) -> None:
     """Write ``norms`` (checked first; the file is written whole or not at all)."""
-    from safetensors.torch import save_file
-
     if not norms.heads:
         raise ConfigError("no output-norm head to save")
     tensors = {}
     for layer, (w, b) in norms.heads.items():
         _check_head(layer, (w, b), norms.identity.get("hidden_size"), norms.identity.get("num_experts"),
                     "output norms")
-        tensors[f"layer.{layer}.weight"] = w.detach().float().cpu().contiguous()
-        tensors[f"layer.{layer}.bias"] = b.detach().float().cpu().contiguous()
-    meta = {"format": FORMAT, "identity": norms.identity, "meta": norms.meta}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"lynx": json.dumps(meta)})
-    tmp.replace(path)
+        tensors[f"layer.{layer}.weight"], tensors[f"layer.{layer}.bias"] = w, b
+    settings_file.write(path, tensors, {"format": FORMAT, "identity": norms.identity, "meta": norms.meta})
 
 
 def load_output_norms(path: str | Path, identity: Mapping, layer_ids: Iterable[int]) -> OutputNorms:
     """Read an output-norm file for the model with ``identity``, refusing any mismatch (ConfigError).
 
     ``layer_ids``: the paged MoE layers that will rank by it; each must have a head."""
-    from safetensors import safe_open
-
     what = f"output-norm file {path}"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("lynx")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # missing file, not safetensors, truncated
-        raise ConfigError(f"cannot read {what}: {e}") from e
-    try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError as e:
-        raise ConfigError(f"{what}: its metadata is not valid JSON: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{what} is not a {FORMAT} file (format {meta.get('format')!r})")
-    check_identity(meta.get("identity") or {}, identity, what)
+    meta, tensors = settings_file.read(path, FORMAT, identity, what)
     parts: Dict[int, dict] = {}
     for key, t in tensors.items():
         pieces = key.split(".")

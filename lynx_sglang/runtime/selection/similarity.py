@@ -11,15 +11,14 @@ format, another model, another expert count, values outside [-1, 1] or NaN, or m
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, Mapping, Optional
 
 import torch
 
+from lynx_sglang.runtime.selection import settings_file
 from lynx_sglang.runtime.selection.config import ConfigError
-from lynx_sglang.runtime.selection.model_identity import check_identity
 
 FORMAT = "lynx-sere-similarity/1"
 # Default file name beside the model (the server looks there when no path is given).
@@ -52,19 +51,13 @@ def _check_matrix(layer: int, m: torch.Tensor, num_experts: Optional[int], what:
 
 def save_similarity(path: str | Path, sim: ExpertSimilarity) -> None:
     """Write ``sim`` (checked first; the file is written whole or not at all)."""
-    from safetensors.torch import save_file
-
     if not sim.matrices:
         raise ConfigError("no similarity matrix to save")
     E = sim.num_experts
     for layer, m in sim.matrices.items():
         _check_matrix(layer, m, E, "similarity")
-    meta = {"format": FORMAT, "identity": sim.identity, "method": sim.method, "meta": sim.meta}
-    tensors = {f"layer.{layer}": m.detach().float().cpu().contiguous() for layer, m in sim.matrices.items()}
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={"lynx": json.dumps(meta)})
-    tmp.replace(path)
+    settings_file.write(path, {f"layer.{layer}": m for layer, m in sim.matrices.items()},
+                        {"format": FORMAT, "identity": sim.identity, "method": sim.method, "meta": sim.meta})
 
 
 def load_similarity(path: str | Path, identity: Mapping, layer_ids: Iterable[int]) -> ExpertSimilarity:
@@ -72,22 +65,8 @@ def load_similarity(path: str | Path, identity: Mapping, layer_ids: Iterable[int
 
     ``layer_ids``: the MoE layers that will run SERE; each must have a matrix.
     """
-    from safetensors import safe_open
-
     what = f"SERE similarity file {path}"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("lynx")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # missing file, not safetensors, truncated
-        raise ConfigError(f"cannot read {what}: {e}") from e
-    try:
-        meta = json.loads(raw) if raw else {}
-    except ValueError as e:
-        raise ConfigError(f"{what}: its metadata is not valid JSON: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{what} is not a {FORMAT} file (format {meta.get('format')!r})")
-    check_identity(meta.get("identity") or {}, identity, what)
+    meta, tensors = settings_file.read(path, FORMAT, identity, what)
     matrices = {}
     for key, m in tensors.items():
         if not key.startswith("layer.") or not key[6:].isdigit():
