@@ -127,7 +127,7 @@ def paged_expert_slots(model, options, planned: Sequence[Tuple[int, RouterSpec]]
 
 
 def layer_output_norms(hf_config, options, slots: Dict[int, torch.Tensor]) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
-    """``layer_id`` -> (weight [H, E], bias [E]) for every paged layer (``slots``) whose policy has a page budget,
+    """``layer_id`` -> (weight [2H, E], bias [E]) for every paged layer (``slots``) whose policy has a page budget,
     from ``--lynx-residency-output-norms`` (empty without it). ConfigError: the file does not fit the served model
     (``output_norms.load_output_norms``), or no paged layer has a budget to rank."""
     if options.output_norms is None:

@@ -234,16 +234,17 @@ class TopKSelectionStage:
             logger.info("lynx-sglang layer %s: top-k arrives as ids %s / weights %s: re-planning the selector",
                         self.layer_id, ids.dtype, w.dtype)
             self.selector = self._plan(ids.dtype, w.dtype)
-        rank_args = self._rank_args(T, first, ids) if self.rank_aware else {}
+        # The selector's per-step inputs beyond the batch: lynx_ep's ranks, a paged layer's hidden states.
+        step_args = self._rank_args(T, first, ids) if self.rank_aware else {}
         if self.output_norms is not None:
             if hidden_states is None:
                 raise RuntimeError(f"lynx-sglang layer {self.layer_id}: output norms need the MoE block's hidden "
                                    f"states, which TopK.forward did not receive")
-            rank_args["hidden_states"] = hidden_states[first:]
+            step_args["hidden_states"] = hidden_states[first:]
         if self.physical_ids:
-            new_ids, new_w = self._select_physical(logits[first:], ids[first:], w[first:], num_valid, rank_args)
+            new_ids, new_w = self._select_physical(logits[first:], ids[first:], w[first:], num_valid, step_args)
         else:
-            new_ids, new_w = self.selector.run(logits[first:], ids[first:], w[first:], num_valid, **rank_args)
+            new_ids, new_w = self.selector.run(logits[first:], ids[first:], w[first:], num_valid, **step_args)
         if first:
             new_ids = torch.cat([ids[:first], new_ids])
             new_w = torch.cat([w[:first], new_w])
@@ -261,7 +262,7 @@ class TopKSelectionStage:
             args["pick_rank"] = torch.where(routed >= 0, rank, torch.full_like(rank, -1))
         return args
 
-    def _select_physical(self, logits, ids, w, num_valid, rank_args=None):
+    def _select_physical(self, logits, ids, w, num_valid, step_args=None):
         """Selection when ids are physical (EPLB): decide on logical ids, map the result back.
 
         Slots whose logical expert is unchanged keep the physical replica SGLang
@@ -278,7 +279,7 @@ class TopKSelectionStage:
         if self.rank_aware:
             self._refresh_rank_tables(physical_to_logical)
         new_ids, new_w = self.selector.run(logits, torch.cat([logical, ids[:, k:]], dim=1), w, num_valid,
-                                           **(rank_args or {}))
+                                           **(step_args or {}))
         new_logical = new_ids[:, :k]
         target = new_logical.clamp(min=0).long()
         if self.rank_aware:  # the replica on the rank lynx_ep chose for the slot
