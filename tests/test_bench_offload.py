@@ -343,3 +343,14 @@ def test_output_norm_rules_rank_each_step_on_the_hidden_states_entering_its_bloc
     x = entering[0].reshape(batch.tokens.shape[0], -1, entering[0].shape[-1])  # the teacher-forced pass
     for t in range(steps):  # each layer selects its decode steps in order as its forward runs: layer 0 first
         assert torch.equal(seen[t], x[:, prefix + t])
+
+
+def test_the_explore_scripts_batch_options_parse_to_ints():
+    """add_batch_args (explore_paged_oracle, explore_paged_layer_caps) keeps --seed an int: make_batches seeds a
+    torch generator with it (a string there fails only deep inside a run)."""
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    bo.add_batch_args(ap, batches=6)
+    args = ap.parse_args(["--seed", "3", "--batch-size", "8"])
+    assert (args.seed, args.batch_size, args.batches) == (3, 8, 6)
