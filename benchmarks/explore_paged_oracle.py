@@ -81,7 +81,7 @@ def fit_sketches(model, tokenizer, ranks: Sequence[int], tokens: int = 4096,
 
 
 def calibration_windows(tokenizer, tokens: int = 4096, window: int = 128) -> torch.Tensor:
-    """The calibration text's token windows the sketches and norm heads are fitted on."""
+    """The calibration text's token windows the sketches are fitted on."""
     from lynx_sglang.corpus import read_calibration
     from lynx_sglang.sere_calibrate import calibration_tokens
 
@@ -233,7 +233,7 @@ def run(path: Path, pages: Sequence[int], batch_size: int, batches_per_kind: int
 
 
 def plot(result: dict, png: Path, rules: Optional[dict] = None) -> None:
-    """KL against page-ins: the oracle's points, and (``rules``: a ``bench_offload`` result of the same model and
+    """KL against page-ins: the oracle's, the sketches' and the ranked rules' points, and (``rules``: a ``bench_offload`` result of the same model and
     batches) every routing-only rule's."""
     from benchmarks.results_io import pyplot, save_png
 
@@ -246,15 +246,18 @@ def plot(result: dict, png: Path, rules: Optional[dict] = None) -> None:
             if r["rule"] not in ("off",):
                 ax.scatter(r["page_ins_per_layer_step"], r["kl"], color="0.6", s=22)
         ax.scatter([], [], color="0.6", s=22, label="routing-only rules (bench_offload)")
-    pts = [r for r in result["rows"] if r["rule"].startswith("oracle")]
-    if pts:  # a --sketch-only run has none
-        ax.scatter([r["page_ins_per_layer_step"] for r in pts], [r["kl"] for r in pts], color="tab:red", s=40,
-                   label="output-aware oracle")
-    sk = [r for r in result["rows"] if r["rule"].startswith("sketch")]
-    if sk:
-        ax.scatter([r["page_ins_per_layer_step"] for r in sk], [r["kl"] for r in sk], color="tab:orange", s=40,
-                   marker="s", label="oracle on rank-r expert sketches")
-    pts += sk
+    pts = []
+    families = (("oracle", "tab:red", "o", "output-aware oracle"),
+                ("sketch", "tab:orange", "s", "oracle on rank-r expert sketches"),
+                ("rank by weight", "tab:gray", "v", "ranked by routed weight"),
+                ("rank by norm ", "tab:green", "^", "ranked by w x exact output norm"),
+                ("rank by norm-fit", "tab:purple", "D", "ranked by w x predicted output norm (served head)"))
+    for prefix, color, marker, label in families:
+        rows = [r for r in result["rows"] if r["rule"].startswith(prefix)]
+        if rows:  # a run has only the families it was asked for
+            ax.scatter([r["page_ins_per_layer_step"] for r in rows], [r["kl"] for r in rows], color=color, s=40,
+                       marker=marker, label=label)
+            pts += rows
     lynx = next(r for r in result["rows"] if r["rule"] == "lynx")
     ax.scatter([lynx["page_ins_per_layer_step"]], [lynx["kl"]], color="tab:blue", s=40, label="lynx")
     for r in pts + [lynx]:
