@@ -233,8 +233,8 @@ def run(path: Path, pages: Sequence[int], batch_size: int, batches_per_kind: int
 
 
 def plot(result: dict, png: Path, rules: Optional[dict] = None) -> None:
-    """KL against page-ins: the oracle's, the sketches' and the ranked rules' points, and (``rules``: a ``bench_offload`` result of the same model and
-    batches) every routing-only rule's."""
+    """KL against page-ins: the oracle's, the sketches' and the ranked rules' points, and (``rules``: a
+    ``bench_offload`` result of the same model and batches) every routing-only rule's."""
     from benchmarks.results_io import pyplot, save_png
 
     plt = pyplot(png)
