@@ -158,8 +158,10 @@ def test_selector_refusals_and_run_checks():
                               (budget, None)):  # not a paged layer
         with pytest.raises(ConfigError, match="output norms rank a paged layer's page budget"):
             ExpertSelector(ROUTER, policy, 8, residency=residency, output_norms=head)
-    with pytest.raises(ConfigError, match=r"weight \[2H, 32\] and bias \[32\]"):
+    with pytest.raises(ConfigError, match=r"output_norms head has shapes \(16, 31\) / \(32,\)"):
         ExpertSelector(ROUTER, budget, 8, residency=slot, output_norms=(head[0][:, :-1], head[1]))
+    with pytest.raises(ConfigError, match="output_norms head is for 31 experts, the model has 32"):
+        ExpertSelector(ROUTER, budget, 8, residency=slot, output_norms=(head[0][:, :-1], head[1][:-1]))
     with pytest.raises(ConfigError, match="NaN or inf"):
         ExpertSelector(ROUTER, budget, 8, residency=slot, output_norms=(head[0], head[1] * float("nan")))
     sel = ExpertSelector(ROUTER, budget, 32, residency=slot, output_norms=head)

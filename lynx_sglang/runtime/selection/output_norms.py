@@ -64,18 +64,20 @@ def pick_scale(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     return torch.nan_to_num(z, nan=0.0, posinf=LOG_LIMIT, neginf=-LOG_LIMIT).clamp(-LOG_LIMIT, LOG_LIMIT).exp()
 
 
-def _check_head(layer: int, head: Head, hidden_size, num_experts, what: str) -> None:
+def check_head(head: Head, hidden_size, num_experts, what: str) -> None:
+    """Refuse (ConfigError, messages starting with ``what``) a head that is not weight [2 x ``hidden_size``,
+    ``num_experts``] and bias [``num_experts``] of finite values (None: that size is not checked)."""
     w, b = head
     if w.dim() != 2 or b.dim() != 1 or b.shape[0] != w.shape[1]:
-        raise ConfigError(f"{what}: layer {layer}'s head has shapes {tuple(w.shape)} / {tuple(b.shape)}, "
+        raise ConfigError(f"{what} has shapes {tuple(w.shape)} / {tuple(b.shape)}, "
                           f"expected [2 x hidden size, experts] / [experts]")
     if w.shape[0] % 2 or (hidden_size is not None and w.shape[0] != 2 * hidden_size):
-        raise ConfigError(f"{what}: layer {layer}'s head reads {w.shape[0]} features, the model has hidden size "
+        raise ConfigError(f"{what} reads {w.shape[0]} features, the model has hidden size "
                           f"{hidden_size} (a head reads 2 x hidden size)")
     if num_experts is not None and w.shape[1] != num_experts:
-        raise ConfigError(f"{what}: layer {layer}'s head is for {w.shape[1]} experts, the model has {num_experts}")
+        raise ConfigError(f"{what} is for {w.shape[1]} experts, the model has {num_experts}")
     if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(b).all()):
-        raise ConfigError(f"{what}: layer {layer}'s head holds NaN or inf")
+        raise ConfigError(f"{what} holds NaN or inf")
 
 
 def save_output_norms(path: str | Path, norms: OutputNorms) -> None:
@@ -84,8 +86,8 @@ def save_output_norms(path: str | Path, norms: OutputNorms) -> None:
         raise ConfigError("no output-norm head to save")
     tensors = {}
     for layer, (w, b) in norms.heads.items():
-        _check_head(layer, (w, b), norms.identity.get("hidden_size"), norms.identity.get("num_experts"),
-                    "output norms")
+        check_head((w, b), norms.identity.get("hidden_size"), norms.identity.get("num_experts"),
+                   f"output norms: layer {layer}'s head")
         tensors[f"layer.{layer}.weight"], tensors[f"layer.{layer}.bias"] = w, b
     settings_file.write(path, tensors, {"format": FORMAT, "identity": norms.identity, "meta": norms.meta})
 
@@ -107,7 +109,8 @@ def load_output_norms(path: str | Path, identity: Mapping, layer_ids: Iterable[i
         if set(p) != {"weight", "bias"}:
             raise ConfigError(f"{what}: layer {layer} lacks its {'bias' if 'weight' in p else 'weight'}")
         heads[layer] = (p["weight"], p["bias"])
-        _check_head(layer, heads[layer], identity.get("hidden_size"), identity.get("num_experts"), what)
+        check_head(heads[layer], identity.get("hidden_size"), identity.get("num_experts"),
+                   f"{what}: layer {layer}'s head")
     missing = sorted(set(layer_ids) - set(heads))
     if missing:
         raise ConfigError(f"{what} has no head for MoE layer(s) {missing}")

@@ -18,7 +18,7 @@ from lynx_sglang.runtime.selection.config import (
     MAX_KERNEL_EXPERTS, ConfigError, LynxPolicy, Policy, RankAwareLynxPolicy, RouterSpec, is_peer,
     needs_similarity,
 )
-from lynx_sglang.runtime.selection.output_norms import pick_scale
+from lynx_sglang.runtime.selection.output_norms import check_head, pick_scale
 from lynx_sglang.runtime.selection.stats import NUM_STATS, SelectionStats, StatField
 
 BACKENDS = ("auto", "triton", "torch")
@@ -225,13 +225,8 @@ class ExpertSelector:
                               "a residency_page_budget, and the layer's expert_slot")
         if not (isinstance(head, tuple) and len(head) == 2 and all(isinstance(t, torch.Tensor) for t in head)):
             raise ConfigError(f"output_norms must be a (weight [2H, E], bias [E]) pair of tensors, got {type(head)}")
+        check_head(head, None, router.num_experts, "output_norms head")  # one sync, at plan time
         w, b = head
-        E = router.num_experts
-        if w.dim() != 2 or w.shape[0] % 2 or w.shape[1] != E or tuple(b.shape) != (E,):
-            raise ConfigError(f"output_norms head must be weight [2H, {E}] and bias [{E}], got {tuple(w.shape)} / "
-                              f"{tuple(b.shape)}")
-        if not bool(torch.isfinite(w).all()) or not bool(torch.isfinite(b).all()):  # one sync, at plan time
-            raise ConfigError("output_norms head holds NaN or inf")
         return (w.to(device=device, dtype=torch.float32).contiguous(),
                 b.to(device=device, dtype=torch.float32).contiguous())
 
