@@ -41,7 +41,7 @@ def fit_head(f: torch.Tensor, log_norms: torch.Tensor, ridge: float = RIDGE) -> 
     (the bias unpenalised in effect: its column is all ones, ``ridge`` is small against N)."""
     xb = torch.cat([f.float(), torch.ones(f.shape[0], 1)], dim=1)
     gram = xb.T @ xb + ridge * torch.eye(xb.shape[1])
-    sol = torch.linalg.solve(gram, xb.T @ log_norms.T.float())  # [H + 1, E]
+    sol = torch.linalg.solve(gram, xb.T @ log_norms.T.float())  # [F + 1, E]
     return sol[:-1].contiguous(), sol[-1].contiguous()
 
 
@@ -59,16 +59,14 @@ def r_squared(head: Tuple[torch.Tensor, torch.Tensor], f: torch.Tensor, log_norm
 @torch.no_grad()
 def fit_heads(model, token_windows: torch.Tensor, ridge: float = RIDGE,
               held_out: float = 0.25) -> Tuple[Dict[int, Tuple[torch.Tensor, torch.Tensor]], Dict[int, float]]:
-    """({decoder layer id: (weight [H, E], bias [E])}, {layer id: held-out R^2}). The last ``held_out`` share of
+    """({decoder layer id: (weight [2H, E], bias [E])}, {layer id: held-out R^2}). The last ``held_out`` share of
     ``token_windows`` measures the fit; the heads returned are then refitted on every window."""
     from lynx_sglang.accuracy import moe_blocks, moe_layer_ids
 
-    n_fit = max(1, int(round(token_windows.shape[0] * (1 - held_out))))
+    cut = max(1, int(round(token_windows.shape[0] * (1 - held_out)))) * token_windows.shape[1]  # rows fitted
     heads, quality = {}, {}
-    per_window = token_windows.shape[1]
     for layer_id, block, x in zip(moe_layer_ids(model), moe_blocks(model), block_inputs(model, token_windows)):
         y, f = log_output_norms(block.experts, x), features(x)
-        cut = n_fit * per_window
         if cut < x.shape[0]:
             quality[layer_id] = r_squared(fit_head(f[:cut], y[:, :cut], ridge), f[cut:], y[:, cut:])
         heads[layer_id] = fit_head(f, y, ridge)
